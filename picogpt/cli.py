@@ -1,0 +1,168 @@
+"""Command lines: `python -m picogpt` (generate) and tools/convert_tf_checkpoint.py (fetch and convert).
+
+Argument parsing and printing only; the work is done by the package's Python API. A user mistake or a
+fault (PicogptError) prints one line on stderr and exits 1; --debug shows the traceback instead.
+"""
+
+import argparse
+import sys
+import time
+
+from .errors import PicogptError
+from .store import DEFAULT_BASE_URL, MODEL_SIZES
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def run(prog, command, args):
+    """Run command(args), turning PicogptError and Ctrl-C into one line on stderr and an exit status."""
+    try:
+        return command(args) or 0
+    except PicogptError as e:
+        if args.debug:
+            raise
+        print(f"\n{prog}: error: {e}" if getattr(args, "mid_line", False) else f"{prog}: error: {e}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------------
+# python -m picogpt "prompt" -n 20
+
+def generate_parser():
+    p = argparse.ArgumentParser(prog="picogpt", description="Generate text with GPT-2, computed in NumPy.")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="text to continue (default: read standard input if it is not a terminal; "
+                        "an empty prompt starts from <|endoftext|>)")
+    p.add_argument("-n", "--n-tokens", type=positive_int, default=20, metavar="N",
+                   help="number of tokens to generate (default: 20)")
+    p.add_argument("--model", default="124M",
+                   help=f"{', '.join(MODEL_SIZES)} or a path to a model.dat (default: 124M)")
+    p.add_argument("--models-dir", default=None,
+                   help="where model sizes are looked up (default: $PICOGPT_MODELS_DIR or ./models)")
+    p.add_argument("--download", action="store_true",
+                   help="download and convert the model if it is missing (needs picogpt[convert])")
+    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="mirror of OpenAI's checkpoints, for --download")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole sequence for every token instead of using the KV cache")
+    p.add_argument("-v", "--verbose", action="store_true", help="report the model, tokens and timings on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def generate_command(args, started=None):
+    from .generate import check_fits, generate
+    from .store import load
+    from .tokenizer import EOT, StreamDecoder, load_tokenizer
+
+    t0 = time.perf_counter()
+    model = load(args.model, models_dir=args.models_dir, download=args.download, base_url=args.base_url)
+    t1 = time.perf_counter()
+    tokenizer = load_tokenizer()
+    prompt = args.prompt if args.prompt is not None else ("" if sys.stdin.isatty() else sys.stdin.read())
+    ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+    check_fits(model, len(ids), args.n_tokens)
+    t2 = time.perf_counter()
+
+    stream = StreamDecoder(tokenizer)
+    new_ids, step_times = [], []
+    t_step = time.perf_counter()
+    for token in generate(model, ids, args.n_tokens, use_cache=not args.no_cache):
+        step_times.append(time.perf_counter() - t_step)
+        new_ids.append(token)
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+        args.mid_line = True
+        t_step = time.perf_counter()
+    sys.stdout.write(stream.flush() + "\n")
+    sys.stdout.flush()
+
+    if args.verbose:
+        h = model.hparams
+        decode = step_times[1:]
+        lines = [
+            f"model: {model.path} ({model.n_params / 1e6:.1f}M parameters, n_layer {h['n_layer']}, "
+            f"n_embd {h['n_embd']}, n_head {h['n_head']}, n_ctx {h['n_ctx']}, n_vocab {h['n_vocab']})",
+            f"input tokens ({len(ids)}): {' '.join(map(str, ids))}",
+            f"output tokens ({len(new_ids)}): {' '.join(map(str, new_ids))}",
+        ]
+        if started is not None:
+            lines.append(f"imports: {t0 - started:.3f} s")
+        lines += [
+            f"load: {t1 - t0:.3f} s",
+            f"tokenizer: {t2 - t1:.3f} s",
+            f"{'prefill' if not args.no_cache else 'first token'}: {step_times[0] if step_times else 0:.3f} s",
+        ]
+        if decode:
+            lines.append(f"decode: {sum(decode):.3f} s for {len(decode)} tokens, "
+                         f"{1000 * sum(decode) / len(decode):.1f} ms/token, {len(decode) / sum(decode):.1f} tokens/s")
+        lines.append(f"total generation: {sum(step_times):.3f} s")
+        print("\n".join(lines), file=sys.stderr)
+
+
+def main(argv=None, started=None):
+    """`picogpt`; `started` is when the process began importing, for -v's timings."""
+    return run("picogpt", lambda args: generate_command(args, started), generate_parser().parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------------
+# python tools/convert_tf_checkpoint.py --model-size 124M
+
+def convert_parser():
+    p = argparse.ArgumentParser(
+        prog="convert_tf_checkpoint",
+        description="Download OpenAI's TensorFlow GPT-2 checkpoint and convert it to picogpt's model.dat.")
+    p.add_argument("--model-size", default="124M", help=f"one of {', '.join(MODEL_SIZES)} (default: 124M)")
+    p.add_argument("--models-dir", default=None,
+                   help="checkpoints go to MODELS_DIR/SIZE/, model.dat beside them "
+                        "(default: $PICOGPT_MODELS_DIR or ./models)")
+    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"where to download from (default: {DEFAULT_BASE_URL})")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="convert the checkpoint already in this folder, with no network at all")
+    p.add_argument("--out", default=None, help="where to write model.dat (default: next to the checkpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def convert_command(args):
+    from pathlib import Path
+
+    from .convert_tf import convert_checkpoint
+    from .download import download_checkpoint
+    from .store import check_model_size, default_models_dir
+
+    started = time.perf_counter()
+    if args.checkpoint_dir is not None:
+        checkpoint_dir = Path(args.checkpoint_dir)
+        if not checkpoint_dir.is_dir():
+            raise PicogptError(f"checkpoint folder {checkpoint_dir} does not exist")
+    else:
+        size = check_model_size(args.model_size)
+        models_dir = Path(args.models_dir) if args.models_dir is not None else default_models_dir()
+        checkpoint_dir = models_dir / size
+        download_checkpoint(size, checkpoint_dir, args.base_url, progress=not args.no_progress)
+        print(f"checkpoint: {checkpoint_dir}/ ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    out = Path(args.out) if args.out is not None else checkpoint_dir / "model.dat"
+    t = time.perf_counter()
+    hparams = convert_checkpoint(checkpoint_dir, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB: n_layer {hparams['n_layer']}, n_embd "
+          f"{hparams['n_embd']}, n_head {hparams['n_head']}, n_ctx {hparams['n_ctx']}, n_vocab "
+          f"{hparams['n_vocab']}) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+
+
+def convert_main(argv=None):
+    return run("convert_tf_checkpoint", convert_command, convert_parser().parse_args(argv))

@@ -1,0 +1,120 @@
+"""GPT-2's byte-level BPE tokenizer, through tiktoken, built entirely offline.
+
+The vocabulary is OpenAI's GPT-2 vocabulary (data/gpt2/encoder.json and vocab.bpe, from the gpt-2
+release; see data/gpt2/LICENSE). picogpt ships it a second time as gpt2.tiktoken, tiktoken's rank file
+(base64 token bytes and rank per line, byte-identical to tiktoken's r50k_base), made from the original
+two files by tools/make_tiktoken_ranks.py. Reading the rank file takes about 25 ms; re-deriving the
+ranks from the merges list and cross-checking them against encoder.json takes about 0.2 s, which would
+be most of the tokenizer's start-up. The originals stay alongside as the provenance of the vocabulary.
+
+tiktoken.get_encoding("gpt2") is never called: it downloads the vocabulary and caches it under /tmp.
+We build the same Encoding from the shipped file, verify its SHA-256 ourselves and write nothing.
+"""
+
+import binascii
+import codecs
+import functools
+import hashlib
+import sys
+from pathlib import Path
+
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str
+
+from .errors import PicogptError
+
+EOT = 50256  # <|endoftext|>, the token GPT-2 saw between documents; also its only special token
+N_VOCAB = 50257
+RANKS_FILE = "gpt2.tiktoken"
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # = r50k_base
+
+
+def data_dirs() -> list[Path]:
+    """Folders that may hold gpt2.tiktoken, in the order they are tried.
+
+    The source checkout first (an editable install runs from it), then where setup.cfg's data_files
+    puts the vocabulary in a regular install. Tests monkeypatch this function.
+    """
+    return [Path(__file__).resolve().parent.parent / "data" / "gpt2",
+            Path(sys.prefix) / "share" / "picogpt" / "gpt2"]
+
+
+def _read_ranks() -> dict[bytes, int]:
+    """Find, verify and parse gpt2.tiktoken; raise PicogptError if it is missing or damaged."""
+    dirs = data_dirs()
+    path = next((d / RANKS_FILE for d in dirs if (d / RANKS_FILE).is_file()), None)
+    if path is None:
+        raise PicogptError(f"GPT-2 vocabulary file {RANKS_FILE} not found in {' or '.join(map(str, dirs))}; "
+                           "reinstall picogpt, or in a source checkout run python tools/make_tiktoken_ranks.py")
+    try:
+        contents = path.read_bytes()
+    except OSError as error:
+        raise PicogptError(f"cannot read GPT-2 vocabulary file {path} ({error.strerror}); "
+                           "check its permissions or reinstall picogpt") from None
+    # Parsing it ourselves rather than via tiktoken.load.load_tiktoken_bpe: that function checks the hash
+    # only when it caches a copy under /tmp, and we want both the check and no writes.
+    actual = hashlib.sha256(contents).hexdigest()
+    if actual != RANKS_SHA256:
+        raise PicogptError(f"GPT-2 vocabulary file {path} is damaged (sha256 {actual}, expected {RANKS_SHA256}); "
+                           "re-create it with python tools/make_tiktoken_ranks.py or reinstall picogpt")
+    # Each line is "<base64 token bytes> <rank>"; splitting the whole file on whitespace and decoding in
+    # bulk is twice as fast as a loop over lines, and the hash check guarantees the format.
+    fields = contents.split()
+    return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2])))
+
+
+@functools.cache
+def load_tokenizer() -> tiktoken.Encoding:
+    """GPT-2's tokenizer as a tiktoken Encoding; built once per process, later calls return the same object."""
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=_read_ranks(),
+        special_tokens={"<|endoftext|>": EOT},
+        explicit_n_vocab=N_VOCAB,
+    )
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of text.
+
+    The literal string "<|endoftext|>" becomes the special token EOT rather than the six ordinary tokens
+    that spell it: a user who types it into a prompt means the document separator GPT-2 was trained
+    with. (tiktoken's own default would raise an error on it instead.) Every other string is ordinary
+    text; decode(encode(text)) == text for any text without lone surrogates.
+    """
+    return load_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+
+
+def decode(ids) -> str:
+    """Text of a sequence of token ids; bytes that are not valid UTF-8 become U+FFFD."""
+    return load_tokenizer().decode(list(ids))
+
+
+class StreamDecoder:
+    """Turns token ids arriving one at a time into text that is safe to print at once.
+
+    A GPT-2 token is a run of bytes, not of characters: an emoji or a CJK character is often split over
+    two or three tokens, and a token's bytes alone can be an incomplete UTF-8 sequence. push() returns
+    only the characters completed so far and holds back the bytes of a partial one until the tokens that
+    finish it arrive. flush() ends the stream: it returns what was held back, with any bytes that never
+    formed a character as U+FFFD, and leaves the decoder ready for a new stream. The pieces, joined,
+    equal decode() of the whole sequence.
+
+        stream = StreamDecoder()
+        for token in tokens:
+            print(stream.push(token), end="", flush=True)
+        print(stream.flush())
+    """
+
+    def __init__(self, encoding: tiktoken.Encoding | None = None):
+        self._encoding = encoding or load_tokenizer()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly "")."""
+        return self._utf8.decode(self._encoding.decode_single_token_bytes(token_id))
+
+    def flush(self) -> str:
+        """End the stream; return the held-back remainder ("" when every character was complete)."""
+        return self._utf8.decode(b"", final=True)

@@ -1,0 +1,19 @@
+import sys
+from pathlib import Path
+
+# Test helpers (tf_fixture, httpserver, hf_reference) are plain modules beside the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+GPT2_124M_SHAPE = dict(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12)
+
+
+@pytest.fixture(scope="session")
+def model_124m_shape(tmp_path_factory):
+    """A model.dat of GPT-2 124M's exact shape with random weights (fixed seed), and those weights."""
+    from hf_reference import random_tensors, write_model_dat
+    tensors = random_tensors(GPT2_124M_SHAPE, seed=124)
+    path = write_model_dat(tmp_path_factory.mktemp("124M") / "model.dat", GPT2_124M_SHAPE, tensors)
+    return path, tensors

@@ -1,0 +1,140 @@
+"""Parity with Hugging Face GPT-2 (PyTorch, float32) on the same weights, and the model's own invariants.
+
+Tolerance: logits agree within 1e-4 absolute (they differ by ~1e-6 in practice: float32 sums in a
+different order), and greedy decoding picks identical tokens.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import picogpt.model as M
+from conftest import GPT2_124M_SHAPE
+from hf_reference import hf_model, random_tensors, write_model_dat
+from picogpt.errors import PicogptError
+from picogpt.generate import generate
+from picogpt.model import GPT2
+
+LOGITS_TOLERANCE = 1e-4
+PROMPT = [36235, 39141, 18765, 1143, 326, 9061, 561, 530, 1110, 1716, 845, 3665, 11, 475, 772, 339, 714, 407, 5967]
+
+# The four released sizes' widths and head counts, with 2 layers and a smaller vocabulary and context
+# to keep the suite fast; the full 124M shape is checked once below.
+FAMILIES = {
+    "124M": dict(n_embd=768, n_head=12),
+    "355M": dict(n_embd=1024, n_head=16),
+    "774M": dict(n_embd=1280, n_head=20),
+    "1558M": dict(n_embd=1600, n_head=25),
+}
+
+
+def hf_logits(reference, ids):
+    with torch.no_grad():
+        return reference(torch.tensor([ids])).logits[0].numpy()
+
+
+def hf_greedy(reference, ids, n_tokens):
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def check_parity(model, reference, prompt, n_tokens=20):
+    ours = model(prompt, all_logits=True)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, hf_logits(reference, prompt), atol=LOGITS_TOLERANCE, rtol=0)
+
+    # The cache gives the same logits: prefill half the prompt, then decode the rest one token at a time.
+    cache = model.new_cache()
+    half = len(prompt) // 2
+    cached = [model(prompt[:half], cache=cache, all_logits=True)]
+    cached += [model([t], cache=cache) for t in prompt[half:]]
+    np.testing.assert_allclose(np.concatenate(cached), ours, atol=1e-5, rtol=0)
+
+    greedy = list(generate(model, prompt, n_tokens))
+    assert greedy == list(generate(model, prompt, n_tokens, use_cache=False))
+    assert greedy == hf_greedy(reference, prompt, n_tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_hugging_face_for_each_size_family(tmp_path, family):
+    hparams = dict(n_vocab=8192, n_ctx=128, n_layer=2, **FAMILIES[family])
+    tensors = random_tensors(hparams, seed=sum(map(ord, family)))
+    model = GPT2.from_file(write_model_dat(tmp_path / "model.dat", hparams, tensors))
+    check_parity(model, hf_model(model.hparams, tensors), [i % 8192 for i in PROMPT])
+
+
+def test_matches_hugging_face_at_the_full_124m_shape(model_124m_shape):
+    path, tensors = model_124m_shape
+    model = GPT2.from_file(path)
+    assert model.n_params == 124_439_808
+    check_parity(model, hf_model(model.hparams, tensors), PROMPT)
+
+
+@pytest.fixture
+def small_model(tmp_path):
+    hparams = dict(n_vocab=300, n_ctx=32, n_embd=48, n_head=6, n_layer=3)
+    return GPT2.from_file(write_model_dat(tmp_path / "model.dat", hparams, random_tensors(hparams, seed=3)))
+
+
+def test_every_step_stays_float32(small_model, monkeypatch):
+    """No silent float64 promotion anywhere: masks, constants and scalars keep the arrays at float32."""
+    seen = []
+    for name in ["gelu", "softmax", "layer_norm", "linear", "attention", "causal_mask", "mha", "mlp", "block"]:
+        original = getattr(M, name)
+
+        def checked(*args, _original=original, _name=name, **kwargs):
+            out = _original(*args, **kwargs)
+            assert out.dtype == np.float32, f"{_name} returned {out.dtype}"
+            seen.append(_name)
+            return out
+        monkeypatch.setattr(M, name, checked)
+    cache = small_model.new_cache()
+    small_model([1, 2, 3], cache=cache)
+    small_model([4], cache=cache)
+    assert {"gelu", "softmax", "layer_norm", "linear", "attention", "causal_mask", "mha", "mlp", "block"} <= set(seen)
+
+
+def test_only_the_last_position_gets_logits_unless_asked(small_model):
+    last = small_model([5, 6, 7])
+    every = small_model([5, 6, 7], all_logits=True)
+    assert last.shape == (1, 300) and every.shape == (3, 300)
+    np.testing.assert_allclose(last[0], every[-1], atol=1e-6)
+
+
+def test_the_cache_fills_in_place(small_model):
+    cache = small_model.new_cache()
+    keys = cache[0].keys
+    small_model([1, 2, 3, 4], cache=cache)
+    small_model([5], cache=cache)
+    assert all(layer.length == 5 for layer in cache)
+    assert cache[0].keys is keys and np.any(keys[:, 4] != 0) and not np.any(keys[:, 5:])
+
+
+def test_causal_mask():
+    mask = M.causal_mask(2, 3)  # 2 new tokens at positions 3 and 4, after 3 cached ones
+    assert mask.dtype == np.float32
+    assert np.isneginf(mask).tolist() == [[False] * 4 + [True], [False] * 5]
+
+
+def test_context_and_vocabulary_limits_are_clear_errors(small_model):
+    with pytest.raises(PicogptError, match="exceed the model's context of 32"):
+        small_model(list(range(33)))
+    cache = small_model.new_cache()
+    small_model(list(range(32)), cache=cache)
+    with pytest.raises(PicogptError, match="context"):
+        small_model([1], cache=cache)
+    with pytest.raises(PicogptError, match="outside this model's vocabulary of 300"):
+        small_model([300])
+    with pytest.raises(PicogptError, match="prompt .30 tokens. plus 3 new tokens exceed"):
+        next(generate(small_model, list(range(30)), 3))
+
+
+def test_model_dat_names_map_to_the_nested_parameters(small_model):
+    p = small_model.params
+    assert p["blocks"][2]["attn"]["c_attn"]["w"].shape == (48, 144)
+    assert p["blocks"][0]["mlp"]["c_proj"]["b"].shape == (48,)
+    assert set(p) == {"wte", "wpe", "blocks", "ln_f"} and len(p["blocks"]) == 3
+    assert GPT2_124M_SHAPE["n_layer"] == 12
