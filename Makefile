@@ -1,19 +1,36 @@
-# `make test` on a fresh clone: make a virtual environment, install picogpt with its test extras, run pytest.
+# Two entry points on a fresh clone:
+#   make run    virtual environment + picogpt, GPT-2 124M fetched and converted if missing, then generate
+#   make test   virtual environment + picogpt with its test extras, then the whole pytest suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PROMPT ?= Alan Turing theorized that computers would one day become very powerful, but even he could not imagine
+N ?= 20
+MODEL ?= 124M
 
-.PHONY: test install clean
+.PHONY: run test install install-test clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+
+# picogpt and the converter's TensorFlow (to fetch a missing model)
+$(VENV)/.installed: $(VENV)/bin/python setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet -e '.[convert]'
 	touch $@
 
-install: $(VENV)/.installed
+# ... plus the test tools and the PyTorch reference (torch 2.13.0, the CPU wheel)
+$(VENV)/.installed-test: $(VENV)/bin/python setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
 
-test: $(VENV)/.installed
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: $(VENV)/.installed
+	$(PY) -m picogpt "$(PROMPT)" -n $(N) --model $(MODEL) --download
+
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 clean:
