@@ -10,10 +10,14 @@
 The model's math is in picogpt.model; the file format in picogpt.modelfile.
 """
 
-from .errors import PicogptError
-from .generate import generate
-from .model import GPT2
-from .store import load
-from .tokenizer import load_tokenizer
+import time as _time
+
+_import_started = _time.perf_counter()  # for `python -m picogpt -v`: how long importing picogpt took
+
+from .errors import PicogptError  # noqa: E402
+from .generate import generate  # noqa: E402
+from .model import GPT2  # noqa: E402
+from .store import load  # noqa: E402
+from .tokenizer import load_tokenizer  # noqa: E402
 
 __all__ = ["GPT2", "PicogptError", "generate", "load", "load_tokenizer"]

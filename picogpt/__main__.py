@@ -1,9 +1,7 @@
-import time
+import sys
 
-started = time.perf_counter()
+import picogpt
+from picogpt.cli import main
 
-import sys  # noqa: E402
-
-from picogpt.cli import main  # noqa: E402
-
-sys.exit(main(started=started))
+# `python -m picogpt` imported the package before this line: time the imports from its first line.
+sys.exit(main(started=picogpt._import_started))

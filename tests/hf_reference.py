@@ -11,6 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from picogpt.modelfile import ModelFileWriter
+from tf_fixture import random_weights, to_model_dat_names
 
 torch.set_num_threads(2)
 
@@ -43,19 +44,8 @@ def hf_model(hparams, tensors):
 
 
 def random_tensors(hparams, seed=0):
-    """Random float32 weights with GPT-2's scale for every model.dat tensor; biases and gains are not trivial."""
-    from picogpt.modelfile import gpt2_tensor_specs
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, (shape, _) in gpt2_tensor_specs(hparams).items():
-        if name.endswith("/g"):
-            values = 1 + 0.1 * rng.standard_normal(shape)
-        elif name == "wpe":
-            values = 0.01 * rng.standard_normal(shape)
-        else:
-            values = 0.02 * rng.standard_normal(shape)
-        tensors[name] = values.astype(np.float32)
-    return tensors
+    """Random float32 weights of GPT-2's scale for every model.dat tensor (gains and biases not trivial)."""
+    return to_model_dat_names(random_weights(hparams, seed))
 
 
 def write_model_dat(path, hparams, tensors):

@@ -149,3 +149,16 @@ def test_golden_tokens_of_the_real_gpt2_124m(prompt, golden):
     """fastGPT's golden tokens: OpenAI's real 124M weights must continue these prompts exactly so."""
     model = GPT2.from_file(REAL_124M)
     assert list(generate(model, encode(prompt), len(golden))) == golden
+
+
+def test_the_readme_python_example_runs(model_path, capsys, monkeypatch):
+    """The README's API example, run as written except that "124M" is a small random model here."""
+    import picogpt
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    real_load = picogpt.load
+    monkeypatch.setattr(picogpt, "load", lambda name, **kw: real_load(model_path if name == "124M" else name, **kw))
+    namespace = {}
+    exec(code, namespace)
+    assert capsys.readouterr().out == expected_text(model_path, "San Francisco is", 8)
+    assert namespace["logits"].shape == (1, 50257) and namespace["cache"][0].length == len(namespace["ids"]) + 1

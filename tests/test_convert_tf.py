@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tf_fixture import write_tf_checkpoint  # before anything imports TensorFlow: keeps its logging quiet
+from tf_fixture import to_model_dat_names, write_tf_checkpoint  # before anything imports TensorFlow: keeps its logging quiet
 from httpserver import Fault, serve_directory
 from picogpt import convert_tf
 from picogpt.cli import convert_main
@@ -23,15 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(n_vocab=500, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
 
 
-def as_model_dat_names(tf_variables):
-    """TF variables -> model.dat's tensors: drop "model/" and the conv1d kernels' leading 1."""
-    return {name.removeprefix("model/"): array[0] if name.endswith("/w") else array
-            for name, array in tf_variables.items()}
-
-
 def assert_model_dat_equals(path, tf_variables):
     model_file = open_model_file(path)
-    expected = as_model_dat_names(tf_variables)
+    expected = to_model_dat_names(tf_variables)
     assert set(model_file.tensors) == set(expected)
     for name, array in expected.items():
         np.testing.assert_array_equal(model_file.tensors[name], array, err_msg=name)
@@ -67,7 +61,7 @@ def test_converted_model_matches_hugging_face_on_the_tf_weights(mirror, tmp_path
     root, tf_variables = mirror
     convert_tf.convert_checkpoint(root / "124M", tmp_path / "model.dat")
     model = GPT2.from_file(tmp_path / "model.dat")
-    check_parity(model, hf_model(model.hparams, as_model_dat_names(tf_variables)), [t % 500 for t in PROMPT])
+    check_parity(model, hf_model(model.hparams, to_model_dat_names(tf_variables)), [t % 500 for t in PROMPT])
 
 
 def test_a_cut_download_resumes_to_identical_bytes(mirror, tmp_path):

@@ -92,6 +92,12 @@ def random_weights(hparams: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+def to_model_dat_names(variables: dict) -> dict[str, np.ndarray]:
+    """TF variables -> model.dat's tensors: drop "model/" and the conv1d kernels' leading 1."""
+    return {name.removeprefix("model/"): array[0] if name.endswith("/w") else array
+            for name, array in variables.items()}
+
+
 def _normalise_hparams(hparams: dict) -> dict[str, int]:
     missing = [k for k in HPARAM_KEYS if k not in hparams]
     if missing:
