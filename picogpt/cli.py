@@ -1,7 +1,8 @@
-"""Command lines: `python -m picogpt` (generate) and tools/convert_tf_checkpoint.py (fetch and convert).
+"""Command lines: `python -m picogpt` (generate, verify) and tools/convert_tf_checkpoint.py (fetch, convert).
 
 Argument parsing and printing only; the work is done by the package's Python API. A user mistake or a
-fault (PicogptError) prints one line on stderr and exits 1; --debug shows the traceback instead.
+fault (PicogptError) prints one line on stderr and exits 1, a bad argument one line and exits 2, Ctrl-C
+exits 130; --debug shows the traceback instead.
 """
 
 import argparse
@@ -10,6 +11,18 @@ import time
 
 from .errors import PicogptError
 from .store import DEFAULT_BASE_URL, MODEL_SIZES
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (argparse's default prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}; see {self.prog} --help\n")
+
+
+def one_line(message):
+    """A message that prints as one line even if it quotes user input holding line breaks."""
+    return " ".join(str(message).splitlines())
 
 
 def positive_int(text):
@@ -29,13 +42,16 @@ def run(prog, command, args):
     except PicogptError as e:
         if args.debug:
             raise
-        print(f"\n{prog}: error: {e}" if getattr(args, "mid_line", False) else f"{prog}: error: {e}",
-              file=sys.stderr)
+        if getattr(args, "mid_line", False):  # end the half-printed continuation first
+            print(flush=True)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+        if getattr(args, "mid_line", False):
+            print(flush=True)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 
@@ -43,10 +59,13 @@ def run(prog, command, args):
 # python -m picogpt "prompt" -n 20
 
 def generate_parser():
-    p = argparse.ArgumentParser(prog="picogpt", description="Generate text with GPT-2, computed in NumPy.")
+    p = ArgumentParser(prog="picogpt", description="Generate text with GPT-2, computed in NumPy. "
+                       "`picogpt verify MODEL` checks a model file instead.")
     p.add_argument("prompt", nargs="?", default=None,
                    help="text to continue (default: read standard input if it is not a terminal; "
                         "an empty prompt starts from <|endoftext|>)")
+    p.add_argument("-f", "--prompt-file", default=None, metavar="FILE",
+                   help="read the prompt from a UTF-8 text file ('-' for standard input)")
     p.add_argument("-n", "--n-tokens", type=positive_int, default=20, metavar="N",
                    help="number of tokens to generate (default: 20)")
     p.add_argument("--model", default="124M",
@@ -63,6 +82,30 @@ def generate_parser():
     return p
 
 
+def read_prompt(args):
+    """The prompt: the argument, else the file (or standard input), decoded as strict UTF-8."""
+    if args.prompt is not None:
+        if args.prompt_file is not None:
+            raise PicogptError("give the prompt as an argument or with --prompt-file, not both")
+        return args.prompt
+    if args.prompt_file in (None, "-"):
+        if args.prompt_file is None and sys.stdin.isatty():
+            return ""
+        name, data = "standard input", sys.stdin.buffer.read()
+    else:
+        name = args.prompt_file
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise PicogptError(f"cannot read the prompt file {name}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PicogptError(f"the prompt in {name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                           f"{e.start}); save it as UTF-8") from None
+
+
 def generate_command(args, started=None):
     from .generate import check_fits, generate
     from .store import load
@@ -72,8 +115,7 @@ def generate_command(args, started=None):
     model = load(args.model, models_dir=args.models_dir, download=args.download, base_url=args.base_url)
     t1 = time.perf_counter()
     tokenizer = load_tokenizer()
-    prompt = args.prompt if args.prompt is not None else ("" if sys.stdin.isatty() else sys.stdin.read())
-    ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+    ids = tokenizer.encode(read_prompt(args), allowed_special={"<|endoftext|>"}) or [EOT]
     check_fits(model, len(ids), args.n_tokens)
     t2 = time.perf_counter()
 
@@ -113,8 +155,40 @@ def generate_command(args, started=None):
         print("\n".join(lines), file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------------
+# picogpt verify MODEL
+
+def verify_parser():
+    p = ArgumentParser(prog="picogpt verify",
+                       description="Check a model.dat: structure, SHA-256 checksum, and no NaN or infinite weights.")
+    p.add_argument("model", help="a size name (looked up under --models-dir) or a path to a model.dat")
+    p.add_argument("--models-dir", default=None, help="where model sizes are looked up")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def verify_command(args):
+    from .modelfile import open_model_file
+    from .store import model_path
+
+    model_file = open_model_file(model_path(args.model, args.models_dir))
+    model_file.verify()
+    n_params = sum(t.size for t in model_file.tensors.values())
+    print(f"{model_file.path}: OK ({len(model_file.tensors)} tensors, {n_params / 1e6:.1f}M parameters, "
+          f"sha256 {model_file.sha256.hex()})")
+
+
+SUBCOMMANDS = {"verify": (verify_parser, verify_command)}
+
+
 def main(argv=None, started=None):
-    """`picogpt`; `started` is when the process began importing, for -v's timings."""
+    """`picogpt [generate] ...` or `picogpt verify ...`; `started` is when the imports began, for -v."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        make_parser, command = SUBCOMMANDS[argv[0]]
+        return run(f"picogpt {argv[0]}", command, make_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "generate":  # explicit, for a prompt that is itself "verify"
+        argv = argv[1:]
     return run("picogpt", lambda args: generate_command(args, started), generate_parser().parse_args(argv))
 
 
@@ -122,7 +196,7 @@ def main(argv=None, started=None):
 # python tools/convert_tf_checkpoint.py --model-size 124M
 
 def convert_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="convert_tf_checkpoint",
         description="Download OpenAI's TensorFlow GPT-2 checkpoint and convert it to picogpt's model.dat.")
     p.add_argument("--model-size", default="124M", help=f"one of {', '.join(MODEL_SIZES)} (default: 124M)")

@@ -28,6 +28,9 @@ def generate(model, ids, n_tokens, use_cache=True):
     inputs = ids
     for _ in range(n_tokens):
         logits = model(inputs, cache=cache)  # [1, n_vocab]: the next token's logits
+        if not np.isfinite(logits).all():  # damaged weights: stop rather than decode garbage
+            raise PicogptError(f"the model produced NaN or infinite logits after {len(ids)} tokens; its weights "
+                               f"are damaged: check them with picogpt verify {model.path or 'MODEL'}")
         next_id = int(np.argmax(logits[-1]))
         yield next_id
         ids.append(next_id)

@@ -1,0 +1,248 @@
+"""Bad input and faults: every failure is one line naming the problem and the fix, with a non-zero exit
+and no traceback, and nothing half-written is left looking valid. The README's "When things go wrong"
+table lists these cases; each row names the test here that checks it."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hf_reference import random_tensors, write_model_dat
+from httpserver import Fault, serve_directory
+from picogpt import cli
+from picogpt.errors import PicogptError
+from picogpt.modelfile import PREAMBLE, open_model_file
+
+REPO = Path(__file__).resolve().parent.parent
+HPARAMS = dict(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1)
+
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory):
+    return write_model_dat(tmp_path_factory.mktemp("good") / "model.dat", HPARAMS, random_tensors(HPARAMS, seed=2))
+
+
+def damaged_copy(good_model, tmp_path, damage):
+    path = tmp_path / "model.dat"
+    path.write_bytes(damage(good_model.read_bytes()))
+    return path
+
+
+def header_edit(edit):
+    def damage(raw):
+        raw = bytearray(raw)
+        _, _, header_len, _, _ = PREAMBLE.unpack(raw[:PREAMBLE.size])
+        header = json.loads(raw[PREAMBLE.size:PREAMBLE.size + header_len])
+        edit(header)
+        raw[PREAMBLE.size:PREAMBLE.size + header_len] = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+        return bytes(raw)
+    return damage
+
+
+def error_line(capsys, status, expected_status=1):
+    """The one line a failing command printed on stderr (and that it printed nothing else)."""
+    out, err = capsys.readouterr()
+    assert status == expected_status, err
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+MODEL_FILE_CASES = {
+    "truncated": (lambda raw: raw[:-100], "truncated"),
+    "wrong magic": (lambda raw: b"NOTAMODEL" + raw[9:], "bad magic"),
+    "newer format version": (lambda raw: raw[:8] + (7).to_bytes(4, "little") + raw[12:], "newer than this picogpt"),
+    "hparams contradict the tensor table": (header_edit(lambda h: h["hparams"].update(n_layer=2)),
+                                            "tensor names do not match"),
+    "empty file": (lambda raw: b"", "bad magic"),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_FILE_CASES)
+def test_damaged_model_files(good_model, tmp_path, capsys, case):
+    damage, message = MODEL_FILE_CASES[case]
+    path = damaged_copy(good_model, tmp_path, damage)
+    err = error_line(capsys, cli.main(["Hello", "--model", str(path)]))
+    assert message in err and str(path) in err and ("convert_tf_checkpoint" in err or "upgrade" in err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["Hi", "--model", "125M"], "unknown model '125M'"),
+    (["Hi", "--model", "124M", "--models-dir", "/nonexistent-models"], "convert_tf_checkpoint.py --model-size 124M"),
+    (["Hi", "--model", "/nonexistent/model.dat"], "does not exist"),
+])
+def test_unknown_or_missing_models(capsys, argv, message):
+    assert message in error_line(capsys, cli.main(argv))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["Hi", "-n", "-3"], "-3 is negative"),
+    (["Hi", "-n", "many"], "'many' is not a whole number"),
+    (["Hi", "--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_arguments_are_one_line_with_status_2(good_model, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--model", str(good_model)])
+    assert message in error_line(capsys, e.value.code, expected_status=2)
+
+
+def test_prompt_plus_tokens_beyond_the_context(good_model, capsys):
+    err = error_line(capsys, cli.main(["word " * 30, "-n", "5", "--model", str(good_model)]))
+    assert "exceed the model's context of 32 tokens" in err
+
+
+def test_prompt_files(good_model, tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    err = error_line(capsys, cli.main(["-f", str(tmp_path / "latin1.txt"), "--model", str(good_model)]))
+    assert "not UTF-8 text (byte 0xe9 at offset 3)" in err
+    err = error_line(capsys, cli.main(["-f", str(tmp_path / "missing.txt"), "--model", str(good_model)]))
+    assert "cannot read the prompt file" in err
+    (tmp_path / "ok.txt").write_text("café ☕", encoding="utf-8")
+    assert cli.main(["-f", str(tmp_path / "ok.txt"), "-n", "2", "--model", str(good_model)]) == 0
+
+
+def test_non_utf8_standard_input(good_model):
+    done = subprocess.run([sys.executable, "-m", "picogpt", "--model", str(good_model)], input=b"\xff\xfe bad",
+                          capture_output=True)
+    assert done.returncode == 1 and b"standard input is not UTF-8" in done.stderr
+    assert done.stderr.count(b"\n") == 1
+
+
+def test_output_path_that_cannot_be_written(tmp_path, capsys):
+    from tf_fixture import write_tf_checkpoint
+    write_tf_checkpoint(tmp_path / "ckpt", dict(HPARAMS, n_vocab=100), seed=1)
+    (tmp_path / "a-file").write_text("not a folder")
+    status = cli.convert_main(["--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a-file" / "m.dat")])
+    assert "cannot write in" in error_line(capsys, status)
+
+
+def test_models_dir_on_a_full_disk(tmp_path, capsys, monkeypatch):
+    """A full disk, simulated: the space reservation fails the way a full file system fails it."""
+    from tf_fixture import write_tf_checkpoint
+    write_tf_checkpoint(tmp_path / "models" / "124M", dict(HPARAMS, n_vocab=100), seed=1)
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    status = cli.convert_main(["--checkpoint-dir", str(tmp_path / "models" / "124M")])
+    err = error_line(capsys, status)
+    assert "No space left on device" in err and "MB needed" in err
+    assert not [p for p in (tmp_path / "models" / "124M").iterdir() if "model.dat" in p.name]
+
+
+def test_download_onto_a_full_disk(tmp_path, capsys, monkeypatch):
+    from tf_fixture import write_tf_checkpoint
+    write_tf_checkpoint(tmp_path / "mirror" / "124M", dict(HPARAMS, n_vocab=100), seed=1)
+    real_open = open
+
+    def open_full(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if str(file).endswith(".partial") and ("a" in mode or "w" in mode):
+            def write(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            handle.write = write
+        return handle
+    monkeypatch.setattr("builtins.open", open_full)
+    with serve_directory(tmp_path / "mirror") as server:
+        status = cli.convert_main(["--models-dir", str(tmp_path / "models"), "--base-url", server.url, "--no-progress"])
+    err = error_line(capsys, status)
+    assert "No space left on device" in err or "no space left on device" in err
+    assert not (tmp_path / "models" / "124M" / "model.dat").exists()
+
+
+def test_ctrl_c_during_download_leaves_no_model(tmp_path):
+    from tf_fixture import write_tf_checkpoint
+    write_tf_checkpoint(tmp_path / "mirror" / "124M", dict(HPARAMS, n_vocab=100), seed=1)
+    with serve_directory(tmp_path / "mirror") as server:
+        server.faults["/124M/model.ckpt.data-00000-of-00001"] = Fault(stall=30)
+        child = subprocess.Popen([sys.executable, str(REPO / "tools" / "convert_tf_checkpoint.py"), "--models-dir",
+                                  str(tmp_path / "models"), "--base-url", server.url, "--no-progress"],
+                                 stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while "/124M/model.ckpt.data-00000-of-00001" not in server.paths() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and err.strip() == "convert_tf_checkpoint: interrupted"
+    left = sorted(p.name for p in (tmp_path / "models" / "124M").iterdir())
+    assert "model.dat" not in left and "model.ckpt.data-00000-of-00001" not in left
+
+
+def test_verify_command(good_model, tmp_path, capsys):
+    assert cli.main(["verify", str(good_model)]) == 0
+    assert "OK (" in capsys.readouterr().out
+    flipped = damaged_copy(good_model, tmp_path, lambda raw: raw[:-9] + bytes([raw[-9] ^ 1]) + raw[-8:])
+    assert "checksum mismatch" in error_line(capsys, cli.main(["verify", str(flipped)]))
+
+
+def with_nan_weight(good_model, tmp_path):
+    """A copy whose weights hold a NaN but whose checksum is right (as other software might write it)."""
+    import hashlib
+    raw = bytearray(good_model.read_bytes())
+    wpe = open_model_file(good_model).tensors["ln_f/g"]
+    offset = wpe.__array_interface__["data"][0] - np.asarray(wpe.base).__array_interface__["data"][0]
+    raw[offset:offset + 4] = np.float32(np.nan).tobytes()
+    raw[24:56] = hashlib.sha256(raw[PREAMBLE.size:]).digest()
+    path = tmp_path / "nan.dat"
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_nan_weights_are_reported_not_decoded(good_model, tmp_path, capsys):
+    path = with_nan_weight(good_model, tmp_path)
+    assert "ln_f/g contains NaN" in error_line(capsys, cli.main(["verify", str(path)]))
+    err = error_line(capsys, cli.main(["Hello", "-n", "3", "--model", str(path)]))
+    assert "NaN or infinite logits" in err and "picogpt verify" in err
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_reader_never_reads_out_of_bounds_on_mutated_headers(good_model, tmp_path, data):
+    """Random byte changes in the preamble and header either give a PicogptError or a file whose every
+    tensor lies inside it; never another exception, never a read past the end."""
+    raw = bytearray(good_model.read_bytes())
+    _, _, header_len, _, _ = PREAMBLE.unpack(raw[:PREAMBLE.size])
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, PREAMBLE.size + header_len - 1))
+        raw[position] = data.draw(st.integers(0, 255))
+    path = tmp_path / "mutated.dat"
+    path.write_bytes(bytes(raw))
+    try:
+        model_file = open_model_file(path)
+    except PicogptError as e:
+        assert "\n" not in str(e)
+        return
+    size = path.stat().st_size
+    for array in model_file.tensors.values():
+        start = array.__array_interface__["data"][0] - np.asarray(array.base).__array_interface__["data"][0]
+        assert 0 <= start and start + array.nbytes <= size
+
+
+@settings(max_examples=200, deadline=None)
+@given(argv=st.lists(st.one_of(st.sampled_from(["-n", "--model", "-v", "--no-cache", "--download", "-f", "verify",
+                                                "generate", "--models-dir", "--debug", "--", "-"]),
+                               st.text(max_size=12)), max_size=6))
+def test_argument_parser_fails_only_with_usage_errors(argv):
+    """Whatever the arguments, parsing ends in a namespace or a one-line usage error with status 2."""
+    import contextlib
+    import io
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            if argv[:1] == ["verify"]:
+                cli.verify_parser().parse_args(argv[1:])
+            else:
+                cli.generate_parser().parse_args(argv[1:] if argv[:1] == ["generate"] else argv)
+        except SystemExit as e:
+            assert e.code in (0, 2)  # 0 for --help
+            if e.code == 2:
+                assert stderr.getvalue().count("\n") == 1
