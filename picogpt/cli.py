@@ -9,6 +9,7 @@ import argparse
 import sys
 import time
 
+from .blas import BACKENDS
 from .errors import PicogptError
 from .store import DEFAULT_BASE_URL, MODEL_SIZES
 
@@ -77,7 +78,15 @@ def generate_parser():
     p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="mirror of OpenAI's checkpoints, for --download")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence for every token instead of using the KV cache")
-    p.add_argument("-v", "--verbose", action="store_true", help="report the model, tokens and timings on stderr")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS,
+                   help="which BLAS multiplies the matrices: NumPy's own (default), an OpenBLAS found "
+                        "automatically, or Apple's Accelerate (macOS)")
+    p.add_argument("--blas-lib", default=None, metavar="PATH",
+                   help="use this CBLAS shared library (MKL's libmkl_rt, BLIS, a system OpenBLAS...)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="BLAS threads (default: the library's own choice, usually one per core)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="report the model, BLAS, tokens and timings on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -107,10 +116,14 @@ def read_prompt(args):
 
 
 def generate_command(args, started=None):
+    from . import blas
     from .generate import check_fits, generate
     from .store import load
     from .tokenizer import EOT, StreamDecoder, load_tokenizer
 
+    if args.threads == 0:
+        raise PicogptError("--threads must be at least 1")
+    blas.use(args.backend, lib=args.blas_lib, threads=args.threads)
     t0 = time.perf_counter()
     model = load(args.model, models_dir=args.models_dir, download=args.download, base_url=args.base_url)
     t1 = time.perf_counter()
@@ -138,6 +151,7 @@ def generate_command(args, started=None):
         lines = [
             f"model: {model.path} ({model.n_params / 1e6:.1f}M parameters, n_layer {h['n_layer']}, "
             f"n_embd {h['n_embd']}, n_head {h['n_head']}, n_ctx {h['n_ctx']}, n_vocab {h['n_vocab']})",
+            f"blas: {blas.describe()}",
             f"input tokens ({len(ids)}): {' '.join(map(str, ids))}",
             f"output tokens ({len(new_ids)}): {' '.join(map(str, new_ids))}",
         ]

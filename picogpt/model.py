@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from .blas import matmul  # a @ b through the selected BLAS library (picogpt.blas.use)
 from .errors import PicogptError
 from .modelfile import open_model_file
 
@@ -41,7 +42,7 @@ def layer_norm(x, g, b, eps):
 
 def linear(x, w, b):
     """A fully connected layer: [n, n_in] @ [n_in, n_out] + [n_out] -> [n, n_out]."""
-    return x @ w + b
+    return matmul(x, w) + b
 
 
 def causal_mask(n_seq, n_past):
@@ -55,8 +56,8 @@ def attention(q, k, v, mask):
     q [n_head, n_seq, head_dim], k and v [n_head, n_kv, head_dim], mask [n_seq, n_kv]
     -> [n_head, n_seq, head_dim]. With a cache n_kv = n_past + n_seq, without one n_kv = n_seq.
     """
-    scores = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])  # [n_head, n_seq, n_kv]
-    return softmax(scores + mask) @ v
+    scores = matmul(q, k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])  # [n_head, n_seq, n_kv]
+    return matmul(softmax(scores + mask), v)
 
 
 def split_heads(x, n_head):
@@ -113,7 +114,7 @@ def gpt2(ids, wte, wpe, blocks, ln_f, n_head, eps, cache=None, all_logits=False)
     if not all_logits:
         x = x[-1:]  # generating needs the next token after the last position only
     x = layer_norm(x, **ln_f, eps=eps)
-    return x @ wte.T  # the output projection shares the token embedding: [n, n_embd] -> [n, n_vocab]
+    return matmul(x, wte.T)  # the output projection shares the token embedding: [n, n_embd] -> [n, n_vocab]
 
 
 class LayerCache:
