@@ -247,10 +247,43 @@ def convert_command(args):
     out = Path(args.out) if args.out is not None else checkpoint_dir / "model.dat"
     t = time.perf_counter()
     hparams = convert_checkpoint(checkpoint_dir, out)
+    report_written(out, hparams, time.perf_counter() - t)
+
+
+def report_written(out, hparams, seconds):
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB: n_layer {hparams['n_layer']}, n_embd "
           f"{hparams['n_embd']}, n_head {hparams['n_head']}, n_ctx {hparams['n_ctx']}, n_vocab "
-          f"{hparams['n_vocab']}) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+          f"{hparams['n_vocab']}) in {seconds:.1f} s", file=sys.stderr)
 
 
 def convert_main(argv=None):
     return run("convert_tf_checkpoint", convert_command, convert_parser().parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------------
+# python tools/convert_hf_checkpoint.py DIR
+
+def convert_hf_parser():
+    p = ArgumentParser(prog="convert_hf_checkpoint", description="Convert a Hugging Face GPT-2 model folder "
+                       "(config.json and model.safetensors, or shards with model.safetensors.index.json) to "
+                       "picogpt's model.dat. Needs safetensors only: no PyTorch, no TensorFlow.")
+    p.add_argument("folder", metavar="DIR", help="the model folder, e.g. one filled by "
+                   "`hf download openai-community/gpt2 config.json model.safetensors --local-dir DIR`")
+    p.add_argument("--out", default=None, help="where to write model.dat (default: DIR/model.dat)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def convert_hf_command(args):
+    from pathlib import Path
+
+    from .convert_hf import convert_hf_checkpoint
+
+    out = Path(args.out) if args.out is not None else Path(args.folder) / "model.dat"
+    t = time.perf_counter()
+    hparams = convert_hf_checkpoint(args.folder, out)
+    report_written(out, hparams, time.perf_counter() - t)
+
+
+def convert_hf_main(argv=None):
+    return run("convert_hf_checkpoint", convert_hf_command, convert_hf_parser().parse_args(argv))

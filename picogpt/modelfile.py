@@ -56,7 +56,7 @@ ALIGN = 64
 DTYPE = "<f4"
 HPARAM_NAMES = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 DEFAULT_LAYER_NORM_EPSILON = 1e-5
-REMAKE_HINT = "re-create it with tools/convert_tf_checkpoint.py"
+REMAKE_HINT = "re-create it with tools/convert_tf_checkpoint.py (or tools/convert_hf_checkpoint.py)"
 
 
 def gpt2_tensor_specs(hparams):
@@ -254,7 +254,8 @@ def open_model_file(path):
     """Map a model.dat, checking everything about its structure before any tensor is touched."""
     path = Path(path)
     if not path.is_file():
-        raise PicogptError(f"model file {path} does not exist; create it with tools/convert_tf_checkpoint.py")
+        raise PicogptError(f"model file {path} does not exist; create it with tools/convert_tf_checkpoint.py "
+                           "(or tools/convert_hf_checkpoint.py)")
     size = path.stat().st_size
 
     def bad(problem):

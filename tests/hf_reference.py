@@ -10,19 +10,11 @@ import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from picogpt.convert_hf import model_dat_to_hf_name
 from picogpt.modelfile import ModelFileWriter
 from tf_fixture import random_weights, to_model_dat_names
 
 torch.set_num_threads(2)
-
-
-def hf_name(name):
-    """model.dat name -> Hugging Face state-dict name."""
-    parts = name.split("/")
-    if parts[0].startswith("h") and parts[0][1:].isdigit():
-        parts = ["h", parts[0][1:]] + parts[1:]
-    leaf = {"g": "weight", "b": "bias", "w": "weight"}.get(parts[-1], "weight")
-    return "transformer." + ".".join(parts[:-1] + [leaf]) if len(parts) > 1 else f"transformer.{name}.weight"
 
 
 def hf_model(hparams, tensors):
@@ -33,7 +25,7 @@ def hf_model(hparams, tensors):
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     with torch.device("meta"):
         model = GPT2LMHeadModel(config)
-    state = {hf_name(name): torch.from_numpy(np.array(array, dtype=np.float32)) for name, array in tensors.items()}
+    state = {model_dat_to_hf_name(name): torch.from_numpy(np.array(array, dtype=np.float32)) for name, array in tensors.items()}
     state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
