@@ -7,6 +7,7 @@ Conversion drops the "model/" prefix and the leading 1 and writes each tensor st
 one at a time, so even 1558M is never held in memory twice.
 """
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -19,13 +20,17 @@ from .store import DEFAULT_BASE_URL, check_model_size
 PREFIX = "model/"
 
 
-def _import_tensorflow():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
-    try:
-        import tensorflow as tf
-    except ImportError:
+def require_tensorflow():
+    """Fail at once, without importing it (4 s), if TensorFlow is not installed."""
+    if importlib.util.find_spec("tensorflow") is None:
         raise PicogptError("reading TensorFlow checkpoints needs TensorFlow: "
-                           "pip install 'picogpt[convert]' (or tensorflow-cpu)") from None
+                           "pip install -e '.[convert]' (or pip install tensorflow-cpu)")
+
+
+def _import_tensorflow():
+    require_tensorflow()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
+    import tensorflow as tf
     return tf
 
 
@@ -81,6 +86,7 @@ def fetch_model(size, models_dir, base_url=DEFAULT_BASE_URL, progress=True):
     to models_dir/size/model.dat, and return that path. The layout is OpenAI's download script's, so a
     folder it filled is converted without downloading anything."""
     size = check_model_size(size)
+    require_tensorflow()
     checkpoint_dir = Path(models_dir) / size
     download_checkpoint(size, checkpoint_dir, base_url, progress=progress)
     out_path = checkpoint_dir / "model.dat"

@@ -155,6 +155,9 @@ class ModelFileWriter:
         except OSError as e:
             raise PicogptError(f"cannot write in {self.path.parent}: {e.strerror}; choose a writable folder") from e
         self.tmp_path = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; a model is as readable as any file
         self.file = os.fdopen(fd, "w+b")
         try:
             if hasattr(os, "posix_fallocate"):  # fail now, not after minutes of writing, if the disk is full

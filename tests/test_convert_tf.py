@@ -172,3 +172,14 @@ def test_the_script_runs_as_a_command(mirror, tmp_path):
 def test_the_engine_never_imports_tensorflow():
     code = "import sys, picogpt, picogpt.cli, picogpt.store; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_without_tensorflow_nothing_is_downloaded(mirror, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real_find_spec(name, *a))
+    root, _ = mirror
+    with serve_directory(root) as server:
+        status = convert_main(["--models-dir", str(tmp_path), "--base-url", server.url, "--no-progress"])
+        assert server.requests == []
+    assert status == 1 and "pip install -e '.[convert]'" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 import time
 
@@ -148,3 +149,13 @@ def test_opening_a_124m_shape_file_takes_milliseconds(model_124m_shape):
     elapsed = time.perf_counter() - t
     assert sum(a.size for a in mf.tensors.values()) == 124_439_808
     assert elapsed < 0.5, f"opening took {elapsed:.3f} s"
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """The temporary file is private while written; the finished model.dat follows the umask like any file."""
+    umask = os.umask(0o022)
+    try:
+        path = write_model_dat(tmp_path / "model.dat", HPARAMS, random_tensors(HPARAMS))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

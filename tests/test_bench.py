@@ -1,0 +1,48 @@
+"""tools/bench.py runs end to end (--quick: a tiny random model, 4 tokens, one repeat) and writes its JSON.
+
+No timing is asserted here; this checks the script works, its output has the promised structure, and
+every contestant generated the same tokens as PyTorch (the benchmark refuses to time wrong output).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_writes_consistent_results(tmp_path):
+    out = tmp_path / "x.json"
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--quick", "--json", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr
+    results = json.loads(out.read_text())
+    assert {"machine", "prompt_ids", "n_tokens", "sections", "seconds"} <= set(results)
+    assert {"cpu", "cores", "numpy", "blas", "torch"} <= set(results["machine"])
+    (section,) = results["sections"].values()
+    assert {"source", "hparams", "tokens", "rows", "bandwidth", "decode_steps", "targets", "model_bytes",
+            "decode_step_bytes", "kv_cache_bytes", "notes"} <= set(section)
+    assert len(section["tokens"]) == results["n_tokens"] == 4
+
+    rows = section["rows"]
+    systems = {r["system"] for r in rows}
+    assert {"picogpt", "PyTorch", "picogpt process", "PyTorch process"} <= systems
+    for r in rows:
+        assert r["runs"] and r["median_s"] > 0 and r["tokens_per_s"] > 0 and "threads" in r
+        for run in r["runs"]:
+            if r["system"] in ("picogpt", "PyTorch"):
+                assert run["tokens"] == section["tokens"], r["name"]
+    assert any(r["system"] == "picogpt" and r["backend"] == "numpy" and r["cache"] for r in rows)
+    assert {(r["system"], r["cache"]) for r in rows if "cache" in r} == {
+        ("picogpt", True), ("picogpt", False), ("PyTorch", True), ("PyTorch", False)}
+    # The whole-process rows printed the same text, and measured the child's own memory.
+    procs = [r for r in rows if r["system"].endswith("process")]
+    assert len({run["text"] for r in procs for run in r["runs"]}) == 1
+    assert all(r["peak_rss_bytes"] > 0 for r in procs)
+
+    assert all(b > 0 for b in section["bandwidth"].values())
+    for step in section["decode_steps"]:
+        assert {"backend", "threads", "decode_step_s", "prefill_s", "floor_s"} <= set(step)
+    assert all({"what", "target", "passed"} <= set(t) for t in section["targets"])
+    assert "PASS" in p.stdout or "FAIL" in p.stdout
