@@ -8,7 +8,7 @@ PROMPT ?= Return a new list containing
 N ?= 20
 MODEL ?=
 
-.PHONY: run test install install-test clean
+.PHONY: run test bench install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
+
+# picogpt against PyTorch on the same weights, 1 and 2 threads, and the memory-bandwidth floor (about 10 min)
+bench: $(VENV)/.installed-test
+	$(PY) tools/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

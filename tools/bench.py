@@ -1,0 +1,387 @@
+#!/usr/bin/env python3
+"""Benchmark picogpt against PyTorch + Hugging Face transformers on the same weights (`make bench`).
+
+Workload: GPT-2's shape, the 19-token Alan Turing prompt, 20 greedy tokens (1 prefill + 19 decode steps).
+Every contestant runs in this one process, round-robin: one warm-up round, then each repeat runs every
+contestant once, so drift on a noisy machine hits all of them alike and ratios come from the same run.
+Every contestant's tokens must equal PyTorch's, or the benchmark stops: timing wrong output is worthless.
+
+Also measured in the same rounds: read bandwidth (a float32 matrix-vector product over a large matrix,
+NumPy's BLAS), hence the floor of a decode step (it reads every weight once), and whole processes
+(`python -m picogpt` vs the same job in a PyTorch script: imports, loading, tokenizing, generating).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from picogpt.errors import PicogptError
+from picogpt.modelfile import ModelFileWriter, gpt2_tensor_specs, open_model_file
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = ("Alan Turing theorized that computers would one day become very powerful, "
+          "but even he could not imagine")
+PROMPT_IDS = [36235, 39141, 18765, 1143, 326, 9061, 561, 530, 1110, 1716, 845, 3665, 11, 475, 772, 339, 714, 407, 5967]
+SHAPES = {"124M": dict(n_embd=768, n_head=12, n_layer=12), "355M": dict(n_embd=1024, n_head=16, n_layer=24),
+          "tiny": dict(n_embd=64, n_head=4, n_layer=2)}  # tiny: --quick, the smoke test
+SEEDS = {"124M": 124, "355M": 355, "tiny": 1}
+LOOP, STEP, PROCESS, PROCESS_S, MEMORY = 0.65, 1.15, 0.2, 1.2, 1.25  # the targets, see targets()
+LAUNCHER = """import os, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status), file=open(sys.argv[1], "w"))"""
+TORCH_CHILD = "import sys; sys.path.insert(0, {tools!r}); import bench; bench.torch_job({path!r}, {n}, {threads})"
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+def random_model(path, hparams, seed):
+    """Write a model.dat of random weights at GPT-2's scale (gains near 1, std 0.02), one tensor at a time."""
+    rng = np.random.default_rng(seed)
+    with ModelFileWriter(path, hparams) as out:
+        for name, (shape, _) in gpt2_tensor_specs(hparams).items():
+            x = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01 if name == "wpe" else 0.02)
+            out.write(name, x * np.float32(5) + np.float32(1) if name.endswith("/g") else x)
+    return path
+
+
+def find_model(size, args, tmp):
+    """(model.dat path, where its weights come from): the real model if there is one, else random weights."""
+    if args.model:
+        return Path(args.model), f"weights from {args.model}"
+    real = Path(args.models_dir) / size / "model.dat"
+    if real.exists():
+        return real, f"real GPT-2 {size} weights ({real})"
+    hparams = dict(n_vocab=50257, n_ctx=1024, **SHAPES[size])
+    path = random_model(Path(tmp) / size / "model.dat", hparams, SEEDS[size])
+    return path, f"random weights, seed {SEEDS[size]} (no {real}), in a temporary model.dat"
+
+
+def hf_model(model_file):
+    """GPT2LMHeadModel (eval mode, float32) holding a copy of the model file's weights, in C order as usual."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from picogpt.convert_hf import model_dat_to_hf_name
+    h = model_file.hparams
+    config = GPT2Config(vocab_size=h["n_vocab"], n_positions=h["n_ctx"], n_embd=h["n_embd"], n_layer=h["n_layer"],
+                        n_head=h["n_head"], layer_norm_epsilon=h["layer_norm_epsilon"], activation_function="gelu_new",
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    state = {model_dat_to_hf_name(name): torch.from_numpy(np.array(array, order="C"))
+             for name, array in model_file.tensors.items()}
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def hf_generate(model, ids, n, use_cache):
+    """Hugging Face greedy generate of exactly n tokens; the new token ids."""
+    import torch
+    ids = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=use_cache,
+                             max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def torch_job(path, n, threads):
+    """The PyTorch side of the whole-process row, run in a child: import, load, tokenize, generate, print."""
+    import torch
+    import transformers
+    from picogpt.tokenizer import decode, encode  # the same tokenizer as picogpt's (no GPT-2 vocab.json here)
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()
+    model = hf_model(open_model_file(path))
+    print(decode(hf_generate(model, encode(PROMPT), n, use_cache=True)))
+
+
+# --- contestants: setup() untimed, then run() timed, returning what it produced --------------------
+
+def contestant(name, threads, setup, run, repeats, **tags):
+    return dict(name=name, threads=threads, setup=setup, run=run, repeats=repeats, runs=[], **tags)
+
+
+def picogpt_generate(model, n, use_cache):
+    """picogpt.generate, timing each yielded token: steps[0] is the prefill, the rest single-token steps."""
+    from picogpt.generate import generate
+    tokens, steps, t = [], [], time.perf_counter()
+    for token in generate(model, PROMPT_IDS, n, use_cache=use_cache):
+        now = time.perf_counter()
+        tokens.append(token)
+        steps.append(now - t)
+        t = now
+    return dict(tokens=tokens, steps=steps)
+
+
+def sgemv_reads(x, a, calls):
+    """Time `calls` products x @ a (a row-major [k, n] matrix: read once, front to back, like the model's)."""
+    steps = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        x @ a
+        steps.append(time.perf_counter() - t)
+    return dict(steps=steps)
+
+
+def child_process(cmd, threads):
+    """Run a command to completion: its stdout, wall time and peak resident memory.
+
+    A lean launcher process forks it and reads wait4's ru_maxrss: Linux carries the peak of the process
+    that forked a child into the child's, so forking it from this big process would report our size.
+    """
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    with tempfile.NamedTemporaryFile("r") as report, tempfile.TemporaryFile() as err:
+        p = subprocess.run([sys.executable, "-c", LAUNCHER, report.name] + cmd, stdout=subprocess.PIPE, stderr=err,
+                           env=env, cwd=REPO)
+        seconds, peak, status = report.read().split() or (0, 0, p.returncode)
+        if p.returncode or int(status):
+            err.seek(0)
+            sys.exit(f"bench: {' '.join(cmd[:3])}... failed:\n{err.read().decode()}")
+    kib = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return dict(text=p.stdout.decode(), peak_rss=int(peak) * kib, wall=float(seconds))
+
+
+def contestants(model, hf, path, args, n):
+    """Every contestant of one section, in the order each round runs them; and notes (backends skipped, why)."""
+    import torch
+    import picogpt.model
+    from picogpt import blas
+    rows, notes = [], []
+    if not any(v is blas or getattr(v, "__module__", None) == blas.__name__ for v in vars(picogpt.model).values()):
+        notes.append("note: picogpt.model does not call picogpt.blas, so every backend row runs NumPy's matmul")
+    for backend in blas.BACKENDS:
+        try:
+            blas.use(backend)
+        except PicogptError as e:
+            notes.append(f"picogpt {backend}: skipped, {e}")
+            continue
+        for cache in (True, False):
+            rows += [contestant(f"picogpt {backend}, {'cache' if cache else 'no cache'}", t,
+                                partial(blas.use, backend, threads=t), partial(picogpt_generate, model, n, cache),
+                                args.repeats if cache else args.no_cache_repeats, system="picogpt", backend=backend,
+                                cache=cache) for t in args.threads]
+    for cache in (True, False):
+        rows += [contestant(f"PyTorch, {'cache' if cache else 'no cache'}", t, partial(torch.set_num_threads, t),
+                            partial(hf_generate, hf, PROMPT_IDS, n, cache),
+                            args.repeats if cache else args.no_cache_repeats, system="PyTorch", cache=cache)
+                 for t in args.threads]
+    a = np.full((256 if args.quick else 8192, 16384), 0.5, np.float32)  # 512 MiB, far beyond any cache
+    rows += [contestant("read bandwidth", t, partial(blas.use, "numpy", threads=t),
+                        partial(sgemv_reads, np.ones(len(a), np.float32), a, 3), args.repeats, system="bandwidth",
+                        bytes=a.nbytes) for t in args.threads]
+    for t in args.process_threads:
+        pico = [sys.executable, "-m", "picogpt", PROMPT, "-n", str(n), "--model", str(path), "--threads", str(t)]
+        torch_cmd = [sys.executable, "-c", TORCH_CHILD.format(tools=str(REPO / "tools"), path=str(path), n=n, threads=t)]
+        rows += [contestant(f"{system} process", t, lambda: None, partial(child_process, cmd, t),
+                            args.process_repeats, system=f"{system} process")
+                 for system, cmd in (("picogpt", pico), ("PyTorch", torch_cmd))]
+    blas.use("numpy")
+    return rows, notes
+
+
+def run_rounds(rows, warmup, settle, expected_tokens, expected_text):
+    """Round-robin: each round runs every contestant once (those with repeats left), checking its output."""
+    rounds = max(c["repeats"] for c in rows)
+    for r in range(-warmup, rounds):
+        print(f"round {r + 1}/{rounds}" if r >= 0 else "warm-up round", file=sys.stderr, flush=True)
+        for c in rows:
+            if r >= c["repeats"]:
+                continue
+            c["setup"]()
+            time.sleep(settle)  # idle BLAS and OpenMP threads spin a while after a job: let the last one's stop
+            t = time.perf_counter()
+            out = c["run"]()
+            elapsed = time.perf_counter() - t
+            if not isinstance(out, dict):  # hf_generate returns the token list itself
+                out = dict(tokens=out)
+            got, want = (out["tokens"], expected_tokens) if "tokens" in out else (out.get("text"), expected_text)
+            if got is not None and got != want:
+                sys.exit(f"bench: {c['name']} ({c['threads']} threads) produced {got!r}, PyTorch {want!r}")
+            if r >= 0:  # a process's own wall time excludes starting the launcher
+                c["runs"].append(dict(seconds=out.pop("wall", elapsed), **out))
+
+
+# --- summary ---------------------------------------------------------------------------------------
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def summarize(rows, mf, n):
+    """Medians, ratios, bandwidth, the decode-step floor and memory of one section, as a dict."""
+    h, tensors = mf.hparams, mf.tensors
+    model_bytes = sum(t.nbytes for t in tensors.values())
+    s = dict(model_bytes=model_bytes, bandwidth={}, rows=[], decode_steps=[],
+             # a decode step reads every weight once, except wpe: one row of it
+             decode_step_bytes=model_bytes - tensors["wpe"].nbytes + tensors["wpe"][0].nbytes,
+             kv_cache_bytes=2 * h["n_layer"] * (len(PROMPT_IDS) + n) * h["n_embd"] * 4)  # the positions filled
+    seconds = {id(c): median([run["seconds"] for run in c["runs"]]) for c in rows}
+    refs = {(c["system"], c["threads"]): seconds[id(c)] for c in rows if c.get("cache", True)}
+    for c in rows:
+        if c["system"] == "bandwidth":
+            s["bandwidth"][c["threads"]] = c["bytes"] / median([x for run in c["runs"] for x in run["steps"]])
+    for c in (c for c in rows if c["system"] != "bandwidth"):
+        ref = refs.get(("PyTorch process" if c["system"].endswith("process") else "PyTorch", c["threads"]))
+        row = {k: v for k, v in c.items() if k not in ("setup", "run")}
+        row.update(median_s=seconds[id(c)], ratio=ref and seconds[id(c)] / ref, tokens_per_s=n / seconds[id(c)])
+        if c["system"].endswith("process"):
+            row["peak_rss_bytes"] = median([run["peak_rss"] for run in c["runs"]])
+        if c["system"] == "picogpt" and c["cache"]:
+            step = median([x for run in c["runs"] for x in run["steps"][1:]])
+            s["decode_steps"].append(dict(backend=c["backend"], threads=c["threads"], loop_s=row["median_s"],
+                                          ratio=row["ratio"], prefill_s=median([run["steps"][0] for run in c["runs"]]),
+                                          decode_step_s=step, floor_s=s["decode_step_bytes"] / s["bandwidth"][c["threads"]]))
+        s["rows"].append(row)
+    s["targets"] = [dict(what=w, target=t, passed=bool(ok)) for w, t, ok in targets(s, h)]
+    return s
+
+
+def targets(s, h):
+    """(what, target, passed) for the issue's targets; the loop and step ones for the best backend."""
+    for t in sorted({d["threads"] for d in s["decode_steps"]}):
+        steps = [d for d in s["decode_steps"] if d["threads"] == t]
+        best = min(steps, key=lambda d: d["loop_s"])
+        if best["ratio"] is not None:
+            yield f"cached loop, {best['backend']}, {t}t: {best['ratio']:.2f}x PyTorch's", f"<= {LOOP}x", \
+                best["ratio"] <= LOOP
+        best = min(steps, key=lambda d: d["decode_step_s"])
+        x = best["decode_step_s"] / best["floor_s"]
+        yield f"decode step, {best['backend']}, {t}t: {x:.2f}x the floor", f"<= {STEP}x", x <= STEP
+    procs = {r["system"]: r for r in s["rows"] if r["system"].endswith("process")}  # the last: most threads
+    if "picogpt process" in procs:
+        p = procs["picogpt process"]
+        if p["ratio"] is not None:
+            yield f"whole process, {p['threads']}t: {p['ratio']:.2f}x PyTorch's", f"<= {PROCESS}x", p["ratio"] <= PROCESS
+        if (h["n_layer"], h["n_embd"]) == (12, 768):
+            yield f"whole process, {p['threads']}t: {p['median_s']:.2f} s", f"< {PROCESS_S} s", p["median_s"] < PROCESS_S
+        x = p["peak_rss_bytes"] / (s["model_bytes"] + s["kv_cache_bytes"])
+        yield f"peak memory {p['peak_rss_bytes'] / 1e6:.0f} MB: {x:.2f}x model + KV cache", f"<= {MEMORY}x", x <= MEMORY
+
+
+def print_section(title, s, notes, n):
+    print(f"\n== {title}")
+    print(f"{'contestant':<26}{'threads':>8}{'median s':>10}{'vs PyTorch':>12}{'tokens/s':>10}{'runs':>6}")
+    for r in s["rows"]:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        print(f"{r['name']:<26}{r['threads']:>8}{r['median_s']:>10.3f}{ratio:>12}{r['tokens_per_s']:>10.1f}"
+              f"{len(r['runs']):>6}" + (f"   peak {r['peak_rss_bytes'] / 1e6:.0f} MB" if "peak_rss_bytes" in r else ""))
+    print("\n".join(notes))
+    print(f"(vs PyTorch: loops against PyTorch's cached loop, processes against the PyTorch process, at the "
+          f"same thread count; tokens/s = {n} / median)")
+    bw = ", ".join(f"{t}t {b / 1e9:.1f} GB/s" for t, b in s["bandwidth"].items())
+    print(f"read bandwidth (NumPy sgemv over a float32 matrix): {bw}")
+    print(f"a decode step reads {s['decode_step_bytes'] / 1e6:.1f} MB of weights (all but wpe's unused rows):")
+    for d in s["decode_steps"]:
+        print(f"  picogpt {d['backend']}, {d['threads']}t: decode step {1e3 * d['decode_step_s']:.1f} ms, floor "
+              f"{1e3 * d['floor_s']:.1f} ms ({d['floor_s'] / d['decode_step_s']:.0%} of bandwidth); "
+              f"prefill {1e3 * d['prefill_s']:.0f} ms")
+    print(f"model {s['model_bytes'] / 1e6:.1f} MB + KV cache {s['kv_cache_bytes'] / 1e6:.1f} MB "
+          f"({len(PROMPT_IDS)} + {n} positions)")
+    for t in s["targets"]:
+        print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['what']} (target {t['target']})")
+    print(f"(this section took {s['seconds']:.0f} s)")
+
+
+def machine():
+    import threadpoolctl
+    import torch
+    import transformers
+    from picogpt import blas
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    libs = [f"{i['internal_api']} {i['version']} ({os.path.basename(i['filepath'])}, {i.get('architecture')})"
+            for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    return dict(cpu=cpu, cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                platform=platform.platform(), python=platform.python_version(), numpy=np.__version__,
+                blas=libs, picogpt_blas=blas.describe(), torch=torch.__version__, transformers=transformers.__version__,
+                load_average=round(os.getloadavg()[0], 2))
+
+
+def threads_list(text):
+    return [int(t) for t in text.split(",") if t]
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        "Defaults: the 124M shape only, 5 repeats (3 for the no-cache loops, which take seconds each) after one "
+        "warm-up round: a few minutes on an idle 2-core machine. --sizes 124M,355M adds the 355M shape, about 3x "
+        "the 124M section's time (both took 42 minutes on a 2-core machine that other jobs kept busy)."))
+    p.add_argument("--sizes", default="124M", help="GPT-2 shapes to run: 124M, 355M or 124M,355M (default: 124M)")
+    p.add_argument("--model", help="benchmark this model.dat alone instead of --sizes")
+    p.add_argument("--models-dir", default=os.environ.get("PICOGPT_MODELS_DIR") or str(REPO / "models"),
+                   help="where real models are found as SIZE/model.dat; missing ones get random weights")
+    p.add_argument("--threads", type=threads_list, default=[1, 2], help="thread counts for the loops (default 1,2)")
+    p.add_argument("--process-threads", type=threads_list, default=[2],
+                   help="thread counts for the whole-process rows (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per contestant (default 5)")
+    p.add_argument("--no-cache-repeats", type=int, default=3, help="timed runs of the no-cache loops (default 3)")
+    p.add_argument("--process-repeats", type=int, default=5, help="timed whole-process runs (default 5)")
+    p.add_argument("--tokens", type=int, default=20, help="tokens to generate (default 20)")
+    p.add_argument("--json", default="bench-results.json", help="where to write every timing (default %(default)s)")
+    p.add_argument("--check", action="store_true", help="exit 1 if a target is missed (default: informational)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: a tiny random model, 4 tokens, 1 repeat, no warm-up, 1 process run")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    warmup = 1
+    if args.quick:
+        args.sizes, args.tokens, args.repeats, args.no_cache_repeats, args.process_repeats = "tiny", 4, 1, 1, 1
+        args.process_threads, warmup = args.process_threads[-1:], 0
+    import transformers
+    transformers.logging.set_verbosity_error()
+    started, n = time.perf_counter(), args.tokens
+    results = dict(machine=machine(), prompt_ids=PROMPT_IDS, n_tokens=n, warmup_rounds=warmup, sections={},
+                   settings={k: v for k, v in vars(args).items() if k not in ("json", "check")})
+    print("\n".join(f"{k}: {v}" for k, v in results["machine"].items()))
+    print(f"workload: {len(PROMPT_IDS)}-token prompt, {n} greedy tokens; median of {args.repeats} runs "
+          f"({args.no_cache_repeats} without cache, {args.process_repeats} whole processes) after {warmup} "
+          f"warm-up round, all contestants interleaved; the PyTorch process tokenizes with picogpt's tokenizer")
+    if results["machine"]["load_average"] > 0.5:
+        print("warning: other processes are using the CPU (load average above); timings suffer, 2-thread ones most")
+    from picogpt.model import GPT2
+    from picogpt.tokenizer import decode
+    with tempfile.TemporaryDirectory(prefix="picogpt-bench-") as tmp:
+        for size in [args.model] if args.model else args.sizes.split(","):
+            section_started = time.perf_counter()
+            path, source = find_model(size, args, tmp)
+            mf = open_model_file(path)
+            model, hf = GPT2(mf.hparams, mf.tensors, path=mf.path), hf_model(mf)
+            expected = hf_generate(hf, PROMPT_IDS, n, use_cache=True)
+            rows, notes = contestants(model, hf, path, args, n)
+            run_rounds(rows, warmup, 0 if args.quick else 0.2, expected, decode(expected) + "\n")
+            s = summarize(rows, mf, n)
+            title = f"{size}: {source}; n_layer {mf.hparams['n_layer']}, n_embd {mf.hparams['n_embd']}"
+            s["seconds"] = time.perf_counter() - section_started
+            print_section(title, s, notes, n)
+            results["sections"][size] = dict(source=source, hparams=mf.hparams, tokens=expected, notes=notes, **s)
+            del model, hf, mf, rows
+    results["seconds"], results["load_average_at_end"] = time.perf_counter() - started, round(os.getloadavg()[0], 2)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"\ntook {results['seconds']:.0f} s; every timing in {args.json}")
+    failed = [t for s in results["sections"].values() for t in s["targets"] if not t["passed"]]
+    return 1 if args.check and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
