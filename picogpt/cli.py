@@ -11,7 +11,7 @@ import time
 
 from .blas import BACKENDS
 from .errors import PicogptError
-from .store import DEFAULT_BASE_URL, DEMO, MODEL_SIZES
+from .store import DEFAULT_BASE_URL, MODEL_SIZES
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -69,9 +69,8 @@ def generate_parser():
                    help="read the prompt from a UTF-8 text file ('-' for standard input)")
     p.add_argument("-n", "--n-tokens", type=positive_int, default=20, metavar="N",
                    help="number of tokens to generate (default: 20)")
-    p.add_argument("--model", default=None,
-                   help=f"{', '.join(MODEL_SIZES)}, {DEMO} (a small model shipped with picogpt) or a path to a "
-                        f"model.dat (default: 124M if it has been fetched, else {DEMO})")
+    p.add_argument("--model", default="124M",
+                   help=f"{', '.join(MODEL_SIZES)} or a path to a model.dat (default: 124M)")
     p.add_argument("--models-dir", default=None,
                    help="where model sizes are looked up (default: $PICOGPT_MODELS_DIR or ./models)")
     p.add_argument("--download", action="store_true",
@@ -119,18 +118,12 @@ def read_prompt(args):
 def generate_command(args, started=None):
     from . import blas
     from .generate import check_fits, generate
-    from .store import default_model, load
+    from .store import load
     from .tokenizer import EOT, StreamDecoder, load_tokenizer
 
     if args.threads == 0:
         raise PicogptError("--threads must be at least 1")
     blas.use(args.backend, lib=args.blas_lib, threads=args.threads)
-    if args.model is None and args.download:
-        args.model = "124M"
-    if args.model is None:  # an explicit --model 124M that is missing is an error, never a substitution
-        args.model, notice = default_model(args.models_dir)
-        if notice:
-            print(f"picogpt: {notice}", file=sys.stderr)
     t0 = time.perf_counter()
     model = load(args.model, models_dir=args.models_dir, download=args.download, base_url=args.base_url)
     t1 = time.perf_counter()

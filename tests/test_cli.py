@@ -162,23 +162,3 @@ def test_the_readme_python_example_runs(model_path, capsys, monkeypatch):
     exec(code, namespace)
     assert capsys.readouterr().out == expected_text(model_path, "San Francisco is", 8)
     assert namespace["logits"].shape == (1, 50257) and namespace["cache"][0].length == len(namespace["ids"]) + 1
-
-
-def test_without_model_it_uses_124m_if_fetched_else_the_demo_with_a_notice(model_path, tmp_path, capsys):
-    from picogpt.store import demo_model_path
-    assert cli.main(["Hello", "-n", "3", "--models-dir", str(tmp_path)]) == 0
-    out, err = capsys.readouterr()
-    assert out == expected_text(demo_model_path(), "Hello", 3) + "\n"
-    assert err.count("\n") == 1 and "demo model" in err and "convert_tf_checkpoint.py --model-size 124M" in err
-    assert cli.main(["Hello", "-n", "3", "--model", "demo", "--models-dir", str(tmp_path)]) == 0
-    assert capsys.readouterr() == (out, "")  # asked for by name: no notice
-    (tmp_path / "124M").mkdir()
-    os.link(model_path, tmp_path / "124M" / "model.dat")
-    assert cli.main(["Hello", "-n", "3", "--models-dir", str(tmp_path)]) == 0
-    assert capsys.readouterr() == (expected_text(model_path, "Hello", 3) + "\n", "")
-
-
-def test_an_explicit_124m_that_is_missing_is_an_error_not_the_demo(tmp_path, capsys):
-    assert cli.main(["Hello", "--model", "124M", "--models-dir", str(tmp_path)]) == 1
-    out, err = capsys.readouterr()
-    assert out == "" and "model 124M is not in" in err
