@@ -87,11 +87,20 @@ def test_unknown_or_missing_models(capsys, argv, message):
     (["Hi", "-n", "-3"], "-3 is negative"),
     (["Hi", "-n", "many"], "'many' is not a whole number"),
     (["Hi", "--no-such-flag"], "unrecognized arguments"),
+    (["Hi", "--backend", "mkl"], "invalid choice: 'mkl'"),
 ])
 def test_bad_arguments_are_one_line_with_status_2(good_model, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         cli.main(argv + ["--model", str(good_model)])
     assert message in error_line(capsys, e.value.code, expected_status=2)
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Accelerate exists on macOS")
+def test_unavailable_backends(good_model, capsys):
+    err = error_line(capsys, cli.main(["Hi", "--backend", "accelerate", "--model", str(good_model)]))
+    assert "needs macOS" in err and "openblas or numpy" in err
+    err = error_line(capsys, cli.main(["Hi", "--blas-lib", "/nonexistent/libblas.so", "--model", str(good_model)]))
+    assert "no BLAS library at /nonexistent/libblas.so" in err
 
 
 def test_prompt_plus_tokens_beyond_the_context(good_model, capsys):
