@@ -161,11 +161,8 @@ def child_process(cmd, threads):
 def contestants(model, hf, path, args, n):
     """Every contestant of one section, in the order each round runs them; and notes (backends skipped, why)."""
     import torch
-    import picogpt.model
     from picogpt import blas
     rows, notes = [], []
-    if not any(v is blas or getattr(v, "__module__", None) == blas.__name__ for v in vars(picogpt.model).values()):
-        notes.append("note: picogpt.model does not call picogpt.blas, so every backend row runs NumPy's matmul")
     for backend in blas.BACKENDS:
         try:
             blas.use(backend)
