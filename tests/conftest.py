@@ -4,7 +4,6 @@ from pathlib import Path
 # Test helpers (tf_fixture, httpserver, hf_reference) are plain modules beside the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 GPT2_124M_SHAPE = dict(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12)
@@ -17,3 +16,17 @@ def model_124m_shape(tmp_path_factory):
     tensors = random_tensors(GPT2_124M_SHAPE, seed=124)
     path = write_model_dat(tmp_path_factory.mktemp("124M") / "model.dat", GPT2_124M_SHAPE, tensors)
     return path, tensors
+
+
+@pytest.fixture
+def ctrl_c_during_writing(monkeypatch):
+    """Make ModelFileWriter.write raise KeyboardInterrupt at its fifth tensor, as a Ctrl-C would."""
+    from picogpt.modelfile import ModelFileWriter
+    written = []
+
+    def write_then_interrupt(self, name, array):
+        written.append(name)
+        if len(written) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ModelFileWriter, "write", write_then_interrupt)

@@ -1,7 +1,6 @@
 """The Hugging Face importer: folders written by transformers' save_pretrained -> model.dat, run against the
 same folder loaded by transformers' from_pretrained; refusals are one line and leave no model.dat."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from picogpt.convert_hf import convert_hf_checkpoint, hf_to_model_dat_name, mode
 from picogpt.errors import PicogptError  # noqa: E402
 from picogpt.generate import generate  # noqa: E402
 from picogpt.model import GPT2  # noqa: E402
-from picogpt.modelfile import ModelFileWriter, gpt2_tensor_specs, open_model_file  # noqa: E402
+from picogpt.modelfile import gpt2_tensor_specs, open_model_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "gpt2"
@@ -347,15 +346,7 @@ def test_damaged_and_incomplete_downloads(small, tmp_path, capsys):
     assert_refused(capsys, sharded, "but neither model.safetensors nor model.safetensors.index.json")
 
 
-def test_an_interrupted_conversion_leaves_nothing(small, tmp_path, monkeypatch):
-    written = []
-
-    def write_then_interrupt(self, name, array):
-        written.append(name)
-        if len(written) == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ModelFileWriter, "write", write_then_interrupt)
+def test_an_interrupted_conversion_leaves_nothing(small, tmp_path, ctrl_c_during_writing):
     with pytest.raises(KeyboardInterrupt):
         convert_hf_checkpoint(small[0], tmp_path / "out" / "model.dat")
     assert list((tmp_path / "out").iterdir()) == []

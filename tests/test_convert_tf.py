@@ -15,9 +15,8 @@ from httpserver import Fault, serve_directory
 from picogpt import convert_tf
 from picogpt.cli import convert_main
 from picogpt.download import CHECKPOINT_FILES
-from picogpt.errors import PicogptError
 from picogpt.model import GPT2
-from picogpt.modelfile import ModelFileWriter, open_model_file
+from picogpt.modelfile import open_model_file
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(n_vocab=500, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
@@ -125,16 +124,8 @@ def test_full_124m_shape_converts_exactly(tmp_path):
     assert_model_dat_equals(tmp_path / "model.dat", tf_variables)
 
 
-def test_interrupted_conversion_leaves_no_model(mirror, tmp_path, monkeypatch):
+def test_interrupted_conversion_leaves_no_model(mirror, tmp_path, ctrl_c_during_writing):
     root, _ = mirror
-    written = []
-
-    def write_then_interrupt(self, name, array):
-        written.append(name)
-        if len(written) == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ModelFileWriter, "write", write_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         convert_tf.convert_checkpoint(root / "124M", tmp_path / "model.dat")
     assert list(tmp_path.iterdir()) == []
