@@ -256,5 +256,16 @@ _matmul = np.matmul
 
 
 def matmul(a, b):
-    """a @ b (float32) through the selected backend."""
+    """a @ b (float32) through the selected backend.
+
+    The model's products are batched: [..., m, k] @ [k, n] runs as one [rows, k] @ [k, n] product with
+    every row stacked (one sgemm for a whole batch, not one per sequence), and [b, h, m, k] @
+    [b, h, k, n] as h*b products of one batched call. Merging axes is free for the model's arrays.
+    """
+    if a.ndim > 2 and b.ndim == 2:
+        return _matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+    if a.ndim > 3 and a.shape[:-2] == b.shape[:-2]:
+        lead = a.shape[:-2]
+        product = _matmul(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+        return product.reshape(*lead, *product.shape[-2:])
     return _matmul(a, b)

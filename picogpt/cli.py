@@ -6,12 +6,13 @@ exits 130; --debug shows the traceback instead.
 """
 
 import argparse
+import math
 import sys
 import time
 
 from .blas import BACKENDS
 from .errors import PicogptError
-from .store import DEFAULT_BASE_URL, MODEL_SIZES
+from .store import DEFAULT_BASE_URL, DEMO, MODEL_SIZES
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -59,25 +60,36 @@ def run(prog, command, args):
 # ---------------------------------------------------------------------------------------------------
 # python -m picogpt "prompt" -n 20
 
-def generate_parser():
-    p = ArgumentParser(prog="picogpt", description="Generate text with GPT-2, computed in NumPy. "
-                       "`picogpt verify MODEL` checks a model file instead.")
-    p.add_argument("prompt", nargs="?", default=None,
-                   help="text to continue (default: read standard input if it is not a terminal; "
-                        "an empty prompt starts from <|endoftext|>)")
-    p.add_argument("-f", "--prompt-file", default=None, metavar="FILE",
-                   help="read the prompt from a UTF-8 text file ('-' for standard input)")
-    p.add_argument("-n", "--n-tokens", type=positive_int, default=20, metavar="N",
-                   help="number of tokens to generate (default: 20)")
-    p.add_argument("--model", default="124M",
-                   help=f"{', '.join(MODEL_SIZES)} or a path to a model.dat (default: 124M)")
+def probability(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number >= 0")
+    return value
+
+
+def add_model_arguments(p):
+    """--model and where models come from: shared by generate, score and attention."""
+    p.add_argument("--model", default=None,
+                   help=f"{', '.join(MODEL_SIZES)}, {DEMO} (a small model shipped with picogpt) or a path to a "
+                        f"model.dat (default: 124M if it has been fetched, else {DEMO})")
     p.add_argument("--models-dir", default=None,
                    help="where model sizes are looked up (default: $PICOGPT_MODELS_DIR or ./models)")
     p.add_argument("--download", action="store_true",
                    help="download and convert the model if it is missing (needs picogpt[convert])")
     p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="mirror of OpenAI's checkpoints, for --download")
-    p.add_argument("--no-cache", action="store_true",
-                   help="recompute the whole sequence for every token instead of using the KV cache")
     p.add_argument("--backend", default="numpy", choices=BACKENDS,
                    help="which BLAS multiplies the matrices: NumPy's own (default), an OpenBLAS found "
                         "automatically, or Apple's Accelerate (macOS)")
@@ -85,76 +97,172 @@ def generate_parser():
                    help="use this CBLAS shared library (MKL's libmkl_rt, BLIS, a system OpenBLAS...)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="BLAS threads (default: the library's own choice, usually one per core)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="report the model, BLAS, tokens and timings on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
 
 
-def read_prompt(args):
-    """The prompt: the argument, else the file (or standard input), decoded as strict UTF-8."""
-    if args.prompt is not None:
-        if args.prompt_file is not None:
-            raise PicogptError("give the prompt as an argument or with --prompt-file, not both")
-        return args.prompt
-    if args.prompt_file in (None, "-"):
-        if args.prompt_file is None and sys.stdin.isatty():
-            return ""
-        name, data = "standard input", sys.stdin.buffer.read()
-    else:
-        name = args.prompt_file
-        try:
-            with open(name, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise PicogptError(f"cannot read the prompt file {name}: {e.strerror}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PicogptError(f"the prompt in {name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                           f"{e.start}); save it as UTF-8") from None
-
-
-def generate_command(args, started=None):
+def load_model(args):
+    """Select the BLAS backend, then load the model the arguments name (see add_model_arguments)."""
     from . import blas
-    from .generate import check_fits, generate
-    from .store import load
-    from .tokenizer import EOT, StreamDecoder, load_tokenizer
+    from .store import default_model, load
 
     if args.threads == 0:
         raise PicogptError("--threads must be at least 1")
     blas.use(args.backend, lib=args.blas_lib, threads=args.threads)
+    model = args.model
+    if model is None and args.download:
+        model = "124M"
+    if model is None:  # an explicit --model 124M that is missing is an error, never a substitution
+        model, notice = default_model(args.models_dir)
+        if notice:
+            print(f"picogpt: {notice}", file=sys.stderr)
+    return load(model, models_dir=args.models_dir, download=args.download, base_url=args.base_url)
+
+
+def generate_parser():
+    p = ArgumentParser(prog="picogpt", description="Generate text with GPT-2, computed in NumPy. Other commands: "
+                       "`picogpt score FILE` (log-probability and perplexity of a text), `picogpt attention` "
+                       "(pictures of attention weights), `picogpt verify MODEL` (check a model file).")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="text to continue (default: read standard input if it is not a terminal; "
+                        "an empty prompt starts from <|endoftext|>)")
+    p.add_argument("-f", "--prompt-file", default=None, metavar="FILE",
+                   help="read the prompt from a UTF-8 text file ('-' for standard input)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="continue every line of this UTF-8 file (blank lines skipped), all in one batch")
+    p.add_argument("-n", "--n-tokens", type=positive_int, default=20, metavar="N",
+                   help="number of tokens to generate at most (default: 20)")
+    sampling = p.add_argument_group("sampling (default: greedy, the most likely token every time)")
+    sampling.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
+                          help="sample from softmax(logits / T); 0 is greedy (default: 0)")
+    sampling.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                          help="sample among the K most likely tokens only")
+    sampling.add_argument("--top-p", type=probability, default=None, metavar="P",
+                          help="sample among the most likely tokens holding probability P (nucleus sampling)")
+    sampling.add_argument("--repetition-penalty", type=non_negative_float, default=1.0, metavar="R",
+                          help="divide positive logits of tokens already in the text by R, multiply negative "
+                               "ones (Hugging Face's semantics; 1 is none, 1.2 is typical)")
+    sampling.add_argument("--seed", type=positive_int, default=None,
+                          help="seed for sampling: the same seed gives the same text (default: random)")
+    sampling.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
+                          help="continue the prompt N times, as one batch (default: 1)")
+    stopping = p.add_argument_group("stopping")
+    stopping.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                          help="stop before this text (repeat for several); it is not printed")
+    stopping.add_argument("--ignore-eot", action="store_true",
+                          help="do not stop at <|endoftext|>: generate all N tokens")
+    stopping.add_argument("--sliding-window", action="store_true",
+                          help="when prompt and new tokens exceed the model's context, keep only the last "
+                               "n_ctx tokens (slower once the window is full) instead of failing")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole sequence for every token instead of using the KV cache")
+    add_model_arguments(p)
+    p.add_argument("--trace", action="store_true",
+                   help="print every step of the prompt's forward pass (shapes, mean, std, max |x|) on stderr")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="report the model, BLAS, tokens and timings on stderr")
+    return p
+
+
+def read_text(name, what):
+    """The contents of a UTF-8 file ('-' is standard input), or a one-line error naming the problem."""
+    if name == "-":
+        name, data = "standard input", sys.stdin.buffer.read()
+    else:
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise PicogptError(f"cannot read the {what} file {name}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PicogptError(f"the {what} in {name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                           f"{e.start}); save it as UTF-8") from None
+
+
+def read_prompts(args):
+    """The prompts: the argument, else the file (or standard input); or every line of --prompts-file."""
+    given = [name for name, value in (("a prompt argument", args.prompt), ("--prompt-file", args.prompt_file),
+                                      ("--prompts-file", args.prompts_file)) if value is not None]
+    if len(given) > 1:
+        raise PicogptError(f"give only one of {' and '.join(given)}")
+    if args.prompts_file is not None:
+        prompts = [line for line in read_text(args.prompts_file, "prompts").splitlines() if line.strip()]
+        if not prompts:
+            raise PicogptError(f"{args.prompts_file} holds no prompts (one per line)")
+        return prompts
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompt_file is None and sys.stdin.isatty():
+        return [""]
+    return [read_text(args.prompt_file or "-", "prompt")]
+
+
+def generate_command(args, started=None):
+    from . import blas
+    from .generate import TextStream, check_fits, check_options, decode_steps
+    from .tokenizer import EOT, StreamDecoder, load_tokenizer
+
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty)
+    check_options(**options)
     t0 = time.perf_counter()
-    model = load(args.model, models_dir=args.models_dir, download=args.download, base_url=args.base_url)
+    model = load_model(args)
     t1 = time.perf_counter()
     tokenizer = load_tokenizer()
-    ids = tokenizer.encode(read_prompt(args), allowed_special={"<|endoftext|>"}) or [EOT]
-    check_fits(model, len(ids), args.n_tokens)
+    prompts = read_prompts(args)
+    rows = [tokenizer.encode(p, allowed_special={"<|endoftext|>"}) or [EOT]
+            for p in prompts for _ in range(args.num_samples)]
+    if not args.sliding_window:
+        check_fits(model, max(map(len, rows)), args.n_tokens)
     t2 = time.perf_counter()
+    if args.trace:
+        from .trace import print_trace
+        print_trace(model, rows[0], file=sys.stderr)
 
-    stream = StreamDecoder(tokenizer)
-    new_ids, step_times = [], []
-    t_step = time.perf_counter()
-    for token in generate(model, ids, args.n_tokens, use_cache=not args.no_cache):
+    # One prompt's text is printed as it comes; several are printed once all have finished.
+    streams = [TextStream(args.stop, stop_at_eot=not args.ignore_eot) for _ in rows]
+    texts, streaming = [""] * len(rows), len(rows) == 1
+    step_times, t_step = [], time.perf_counter()
+    steps = decode_steps(model, rows, args.n_tokens, use_cache=not args.no_cache, seed=args.seed,
+                         sliding_window=args.sliding_window, **options)
+    for next_ids in steps:
         step_times.append(time.perf_counter() - t_step)
-        new_ids.append(token)
-        sys.stdout.write(stream.push(token))
-        sys.stdout.flush()
-        args.mid_line = True
+        for row, token in enumerate(next_ids.tolist()):
+            texts[row] += streams[row].push(token)
+        if streaming:
+            sys.stdout.write(texts[0])
+            sys.stdout.flush()
+            texts[0], args.mid_line = "", True
+        if all(stream.finished for stream in streams):
+            break
         t_step = time.perf_counter()
-    sys.stdout.write(stream.flush() + "\n")
+    texts = [text + stream.flush() for text, stream in zip(texts, streams)]
+    if streaming:
+        sys.stdout.write(texts[0] + "\n")
+    else:
+        for row, text in enumerate(texts):
+            prompt, sample = divmod(row, args.num_samples)
+            label = ", ".join(([f"prompt {prompt + 1}/{len(prompts)}"] if len(prompts) > 1 else []) +
+                              ([f"sample {sample + 1}/{args.num_samples}"] if args.num_samples > 1 else []))
+            sys.stdout.write(f"=== {label} ===\n{text}\n")
     sys.stdout.flush()
+    args.mid_line = False
+    new_ids = [stream.tokens for stream in streams]
 
     if args.verbose:
         h = model.hparams
         decode = step_times[1:]
+        n_new = sum(map(len, new_ids))
         lines = [
             f"model: {model.path} ({model.n_params / 1e6:.1f}M parameters, n_layer {h['n_layer']}, "
             f"n_embd {h['n_embd']}, n_head {h['n_head']}, n_ctx {h['n_ctx']}, n_vocab {h['n_vocab']})",
             f"blas: {blas.describe()}",
-            f"input tokens ({len(ids)}): {' '.join(map(str, ids))}",
-            f"output tokens ({len(new_ids)}): {' '.join(map(str, new_ids))}",
         ]
+        for row, (ids, out) in enumerate(zip(rows, new_ids)):
+            which = f" [{row + 1}]" if len(rows) > 1 else ""
+            lines.append(f"input tokens{which} ({len(ids)}): {' '.join(map(str, ids))}")
+            lines.append(f"output tokens{which} ({len(out)}): {' '.join(map(str, out))}")
         if started is not None:
             lines.append(f"imports: {t0 - started:.3f} s")
         lines += [
@@ -163,10 +271,66 @@ def generate_command(args, started=None):
             f"{'prefill' if not args.no_cache else 'first token'}: {step_times[0] if step_times else 0:.3f} s",
         ]
         if decode:
-            lines.append(f"decode: {sum(decode):.3f} s for {len(decode)} tokens, "
-                         f"{1000 * sum(decode) / len(decode):.1f} ms/token, {len(decode) / sum(decode):.1f} tokens/s")
-        lines.append(f"total generation: {sum(step_times):.3f} s")
+            lines.append(f"decode: {sum(decode):.3f} s for {len(decode)} steps of {len(rows)} "
+                         f"sequence{'s' if len(rows) > 1 else ''}, {1000 * sum(decode) / len(decode):.1f} ms/step, "
+                         f"{len(decode) * len(rows) / sum(decode):.1f} tokens/s")
+        lines.append(f"total generation: {sum(step_times):.3f} s, {n_new} new tokens")
         print("\n".join(lines), file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# picogpt score FILE
+
+def score_parser():
+    p = ArgumentParser(prog="picogpt score", description="How probable a text is under the model: its total "
+                       "log-probability, the mean negative log-likelihood per token and the perplexity.")
+    p.add_argument("file", help="a UTF-8 text file ('-' for standard input)")
+    p.add_argument("--no-eot", action="store_true",
+                   help="do not put <|endoftext|> before the text; the first token is then context only")
+    p.add_argument("--stride", type=positive_int, default=None, metavar="N",
+                   help="for a text longer than the context, score it in windows that move N tokens "
+                        "(default: half the context)")
+    add_model_arguments(p)
+    return p
+
+
+def score_command(args):
+    from .generate import score
+    from .tokenizer import EOT, encode
+
+    if args.stride == 0:
+        raise PicogptError("--stride must be at least 1")
+    text = read_text(args.file, "text")
+    model = load_model(args)
+    ids = ([] if args.no_eot else [EOT]) + encode(text)
+    result = score(model, ids, stride=args.stride)
+    print(f"tokens scored: {result.n_tokens}")
+    print(f"log-probability: {result.log_prob:.4f} nats ({result.log_prob / math.log(2):.4f} bits)")
+    print(f"mean negative log-likelihood: {result.mean_nll:.4f} nats per token")
+    print(f"perplexity: {result.perplexity:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# picogpt attention "prompt" --layer L [--head H] --out attn.png
+
+def attention_parser():
+    p = ArgumentParser(prog="picogpt attention", description="Draw one layer's attention weights over a "
+                       "prompt's tokens as a heatmap: one head, or all heads as a grid (needs picogpt[plot]).")
+    p.add_argument("prompt", help="the text whose tokens attend to each other")
+    p.add_argument("--layer", type=positive_int, required=True, metavar="L", help="block number, from 0")
+    p.add_argument("--head", type=positive_int, default=None, metavar="H",
+                   help="one head, from 0 (default: all heads of the layer as a grid)")
+    p.add_argument("--out", default="attn.png", metavar="FILE", help="picture to write: .png, .svg or .pdf "
+                   "(default: attn.png)")
+    add_model_arguments(p)
+    return p
+
+
+def attention_command(args):
+    from .attention_plot import attention_picture
+
+    picture = attention_picture(load_model(args), args.prompt, args.layer, args.head, args.out)
+    print(f"wrote {picture.path}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,7 +356,8 @@ def verify_command(args):
           f"sha256 {model_file.sha256.hex()})")
 
 
-SUBCOMMANDS = {"verify": (verify_parser, verify_command)}
+SUBCOMMANDS = {"verify": (verify_parser, verify_command), "score": (score_parser, score_command),
+               "attention": (attention_parser, attention_command)}
 
 
 def main(argv=None, started=None):

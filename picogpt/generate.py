@@ -1,8 +1,99 @@
-"""Decoding: turning next-token logits into a stream of new tokens."""
+"""Decoding: turning next-token logits into new tokens, and tokens into text.
+
+One loop serves every case: a batch of token sequences (one sequence is a batch of one) runs through
+the model together, each step picks every sequence's next token (greedy, or sampled from the
+distribution that temperature, top-k, top-p and a repetition penalty leave), and the tokens are yielded
+as they are chosen. On top of it: `generate` (one sequence, token ids), `generate_batch` (lists of
+ids), `stream_text` and `complete` (text in, text out, with stop strings), and `score` (how probable a
+text is under the model).
+"""
+
+import math
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import PicogptError
+from .tokenizer import EOT, StreamDecoder, encode
+
+PAD = 0  # the filler in front of shorter prompts in a batch (any id: attention never looks at it)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing the next token
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """Make tokens already in the text less likely (CTRL's penalty, with Hugging Face's semantics).
+
+    logits [n_batch, n_vocab]; seen [n_batch, n_vocab] bool, True for tokens in the prompt or output.
+    A seen token's logit is divided by `penalty` when positive and multiplied by it when negative, so
+    penalty > 1 always lowers it. penalty 1 changes nothing.
+    """
+    penalised = np.where(logits > 0, logits / penalty, logits * penalty)
+    return np.where(seen, penalised, logits)
+
+
+def top_k_filter(logits, k):
+    """Keep each row's k largest logits (and any tied with the k-th), set the rest to -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth_largest = -np.partition(-logits, k - 1, axis=-1)[:, k - 1:k]  # [n_batch, 1]
+    return np.where(logits >= kth_largest, logits, -np.inf)
+
+
+def top_p_filter(logits, p):
+    """Nucleus filtering: keep each row's smallest set of most likely tokens whose probability reaches p.
+
+    A token is kept when the tokens more likely than it hold less than p between them, so the most
+    likely token is always kept and the kept set's mass is >= p.
+    """
+    order = np.argsort(-logits, axis=-1, kind="stable")  # most likely first
+    probs = softmax64(np.take_along_axis(logits, order, axis=-1))
+    mass_before = np.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < p
+    keep = np.empty_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return np.where(keep, logits, -np.inf)
+
+
+def softmax64(logits):
+    """Softmax over the last axis in float64, so that cumulative sums over 50257 tokens stay exact."""
+    x = logits.astype(np.float64)
+    exp_x = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return exp_x / np.sum(exp_x, axis=-1, keepdims=True)
+
+
+def choose_next(logits, rng, temperature=0.0, top_k=None, top_p=None):
+    """The next token of every row of logits [n_batch, n_vocab]: ids [n_batch].
+
+    temperature 0 is greedy (the most likely token; ties go to the lowest id). Otherwise the logits
+    are divided by the temperature, filtered by top-k then top-p, and one token is drawn per row from
+    their softmax by inverting its cumulative distribution with one uniform number from `rng`.
+    """
+    if temperature == 0:
+        return np.argmax(logits, axis=-1)
+    logits = logits / np.float32(temperature)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1:
+        logits = top_p_filter(logits, top_p)
+    cumulative = np.cumsum(softmax64(logits), axis=-1)  # [n_batch, n_vocab]
+    u = rng.random(len(logits))  # [n_batch], uniform in [0, 1)
+    # The first token whose cumulative probability exceeds u: tokens of probability 0 are never chosen.
+    return np.array([np.searchsorted(row, ui * row[-1], side="right") for row, ui in zip(cumulative, u)])
+
+
+def check_options(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0):
+    """Refuse sampling settings that mean nothing, in one sentence, before any work."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise PicogptError(f"temperature must be a number >= 0 (0 is greedy), not {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise PicogptError(f"top-k must be a whole number >= 1, not {top_k}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise PicogptError(f"top-p must be in (0, 1], not {top_p}")
+    if not (isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty)
+            and repetition_penalty > 0):
+        raise PicogptError(f"the repetition penalty must be a number > 0 (1 is none), not {repetition_penalty}")
 
 
 def check_fits(model, n_prompt, n_tokens):
@@ -10,28 +101,256 @@ def check_fits(model, n_prompt, n_tokens):
     n_ctx = model.hparams["n_ctx"]
     if n_prompt + n_tokens > n_ctx:
         raise PicogptError(f"the prompt ({n_prompt} tokens) plus {n_tokens} new tokens exceed the model's "
-                           f"context of {n_ctx} tokens; shorten the prompt or ask for fewer tokens")
+                           f"context of {n_ctx} tokens; shorten the prompt, ask for fewer tokens, or keep "
+                           f"only the last {n_ctx} tokens with --sliding-window")
 
 
-def generate(model, ids, n_tokens, use_cache=True):
-    """Greedy decoding: yield `n_tokens` token ids, each the most likely one after all before it.
+# ---------------------------------------------------------------------------------------------------
+# The decoding loop
 
-    With the cache (the default) the prompt runs through the model once ("prefill") and every new token
-    alone after it ("decode"); without it, every step recomputes the whole sequence, as picoGPT does.
-    Nothing is computed ahead: each token is yielded as soon as it is chosen.
+def left_pad(prompts):
+    """Prompts of different lengths -> one matrix [n_batch, longest] with PAD in front, and n_pad [n_batch]."""
+    longest = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), longest), PAD, dtype=np.int64)
+    for row, prompt in zip(tokens, prompts):
+        row[longest - len(prompt):] = prompt
+    return tokens, np.array([longest - len(p) for p in prompts])
+
+
+def decode_steps(model, prompts, n_tokens, use_cache=True, temperature=0.0, top_k=None, top_p=None,
+                 repetition_penalty=1.0, seed=None, sliding_window=False):
+    """Yield the next token of every prompt, n_tokens times: ids [n_batch] per step.
+
+    Every row keeps going until the last step; callers decide when a row is finished (at
+    <|endoftext|>, a stop string) and may stop iterating early. With the cache, the prompts run through
+    the model once ("prefill"), then each step runs only the new tokens ("decode"); without it, every
+    step recomputes all positions. With sliding_window, a text longer than the model's context keeps its
+    last n_ctx tokens (once the window is full, every step recomputes it, since GPT-2's positions are
+    absolute); without it, prompt plus new tokens must fit.
+    """
+    prompts = [[int(i) for i in p] for p in prompts]
+    if not prompts or not all(prompts):
+        raise ValueError("every prompt needs at least one token id (GPT-2 starts an empty text with <|endoftext|>)")
+    check_options(temperature, top_k, top_p, repetition_penalty)
+    n_ctx = model.hparams["n_ctx"]
+    tokens, n_pad = left_pad(prompts)
+    if not sliding_window:
+        check_fits(model, tokens.shape[1], n_tokens)
+    rng = np.random.default_rng(seed)
+    seen = np.zeros((len(prompts), model.hparams["n_vocab"]), dtype=bool)  # for the repetition penalty
+    for row, prompt in enumerate(prompts):
+        seen[row, prompt] = True
+    cache, cache_start, n_cached = None, 0, 0  # the cache holds the keys and values of tokens[:, cache_start:n_cached]
+    for _ in range(n_tokens):
+        window_start = max(0, tokens.shape[1] - n_ctx)  # the model sees tokens[:, window_start:]
+        window_pad = np.maximum(n_pad - window_start, 0)
+        if not use_cache:
+            logits = model(tokens[:, window_start:], n_pad=window_pad)
+        else:
+            if cache is None or cache_start != window_start:  # first step, or the window slid: refill
+                cache, cache_start, n_cached = model.new_cache(len(prompts)), window_start, window_start
+            logits = model(tokens[:, n_cached:], cache=cache, n_pad=window_pad)
+            n_cached = tokens.shape[1]
+        logits = logits[:, -1]  # [n_batch, n_vocab]
+        if not np.isfinite(logits).all():  # damaged weights: stop rather than decode garbage
+            raise PicogptError(f"the model produced NaN or infinite logits after {tokens.shape[1]} tokens; its "
+                               f"weights are damaged: check them with picogpt verify {model.path or 'MODEL'}")
+        if repetition_penalty != 1:
+            logits = apply_repetition_penalty(logits, seen, np.float32(repetition_penalty))
+        next_ids = choose_next(logits, rng, temperature, top_k, top_p)
+        seen[np.arange(len(prompts)), next_ids] = True
+        tokens = np.concatenate([tokens, next_ids[:, None]], axis=1)
+        yield next_ids
+
+
+def generate(model, ids, n_tokens, stop_at_eot=True, **options):
+    """Yield up to n_tokens new token ids after `ids`, each as soon as it is chosen.
+
+    Greedy unless `options` ask for sampling (temperature, top_k, top_p, repetition_penalty, seed; see
+    choose_next and decode_steps, which also take use_cache and sliding_window). Stops after
+    <|endoftext|>, which is not yielded, unless stop_at_eot is False.
+    """
+    for (next_id,) in decode_steps(model, [ids], n_tokens, **options):
+        if stop_at_eot and next_id == EOT:
+            return
+        yield int(next_id)
+
+
+def generate_batch(model, prompts, n_tokens, stop_at_eot=True, **options):
+    """New token ids for several prompts run as one batch: a list per prompt, as generate gives it.
+
+    Each row's greedy result is the same as running it alone; the batch stops early once every row
+    has ended at <|endoftext|>.
+    """
+    results, finished = [[] for _ in prompts], [False] * len(prompts)
+    for next_ids in decode_steps(model, prompts, n_tokens, **options):
+        for row, next_id in enumerate(next_ids.tolist()):
+            if finished[row]:
+                continue
+            if stop_at_eot and next_id == EOT:
+                finished[row] = True
+            else:
+                results[row].append(next_id)
+        if all(finished):
+            break
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text in, text out
+
+class StopStrings:
+    """Cuts a stream of text pieces at the first of several stop strings, without printing any of it.
+
+    push() returns what is safe to show: text that cannot be the start of a stop string. A piece
+    ending in a prefix of a stop string ("\\n" when "\\n\\n" stops) is held back until the next piece
+    decides. After a stop string appears, `stopped` is True and the text from it on is dropped.
+    """
+
+    def __init__(self, stops=()):
+        self.stops = [s for s in stops if s]
+        self.held, self.stopped = "", False
+
+    def push(self, piece):
+        text = self.held + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.held, self.stopped = "", True
+            return text[:min(found)]
+        keep = max((k for s in self.stops for k in range(1, min(len(s) - 1, len(text)) + 1)
+                    if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def flush(self):
+        held, self.held = self.held, ""
+        return held
+
+
+class TextStream:
+    """One sequence's new tokens -> text that is safe to show as it comes.
+
+    Ends the sequence at <|endoftext|> (unless stop_at_eot is False) and before the first stop string;
+    holds back the bytes of a character split over tokens until it is complete. `tokens` are the ids
+    taken so far, `finished` says whether the sequence has ended.
+    """
+
+    def __init__(self, stop=(), stop_at_eot=True):
+        self.utf8, self.stops, self.stop_at_eot = StreamDecoder(), StopStrings(stop), stop_at_eot
+        self.tokens, self.finished = [], False
+
+    def push(self, token):
+        """Take the next token (ignored once finished); return the text it makes printable."""
+        if self.finished:
+            return ""
+        if self.stop_at_eot and token == EOT:
+            self.finished = True
+            return ""
+        self.tokens.append(token)
+        piece = self.stops.push(self.utf8.push(token))
+        self.finished = self.stops.stopped
+        return piece
+
+    def flush(self):
+        """End the stream: the text held back (a partial character, a possible start of a stop string)."""
+        self.finished = True
+        if self.stops.stopped:
+            return ""
+        rest = self.stops.push(self.utf8.flush())
+        return rest if self.stops.stopped else rest + self.stops.flush()
+
+
+def prompt_ids(prompt):
+    """Token ids of a prompt; an empty prompt starts from <|endoftext|>, as GPT-2's documents do."""
+    return encode(prompt) or [EOT]
+
+
+def stream_text(model, prompt, n_tokens, stop=(), stop_at_eot=True, **options):
+    """Yield the continuation of `prompt` (a string) as text, piece by piece, as tokens are chosen.
+
+    A character split over several tokens (an emoji, most CJK) appears once complete; text is cut
+    before the first of the `stop` strings, which ends generation.
+    """
+    stream = TextStream(stop, stop_at_eot)
+    for (token,) in decode_steps(model, [prompt_ids(prompt)], n_tokens, **options):
+        piece = stream.push(int(token))
+        if piece:
+            yield piece
+        if stream.finished:
+            break
+    rest = stream.flush()
+    if rest:
+        yield rest
+
+
+def complete(model, prompts, n_tokens, stop=(), stop_at_eot=True, num_samples=1, **options):
+    """The continuation of a prompt, or of each prompt of a list (run as one batch), as text.
+
+    num_samples > 1 continues each prompt that many times (sampling makes them differ) and returns a
+    list of num_samples strings per prompt.
+    """
+    single = isinstance(prompts, str)
+    rows = [prompt_ids(p) for p in ([prompts] if single else prompts) for _ in range(num_samples)]
+    streams = [TextStream(stop, stop_at_eot) for _ in rows]
+    texts = [""] * len(rows)
+    for next_ids in decode_steps(model, rows, n_tokens, **options):
+        for row, token in enumerate(next_ids.tolist()):
+            texts[row] += streams[row].push(token)
+        if all(stream.finished for stream in streams):
+            break
+    texts = [text + stream.flush() for text, stream in zip(texts, streams)]
+    if num_samples > 1:
+        texts = [texts[i:i + num_samples] for i in range(0, len(texts), num_samples)]
+    return texts[0] if single else texts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring a text
+
+class Score(NamedTuple):
+    """How probable a text is under the model."""
+
+    n_tokens: int  # tokens scored
+    log_prob: float  # natural log of the probability of all of them: sum of token_log_probs
+    token_log_probs: np.ndarray  # [n_tokens] float64: log p(token | the tokens before it)
+
+    @property
+    def mean_nll(self):
+        """Mean negative log-likelihood per token (nats): the cross-entropy loss."""
+        return -self.log_prob / self.n_tokens
+
+    @property
+    def perplexity(self):
+        return math.exp(self.mean_nll)
+
+
+def log_softmax(logits):
+    """log of softmax over the last axis, computed without forming the probabilities: [..., n_vocab]."""
+    shifted = logits - np.max(logits, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def score(model, ids, stride=None):
+    """Log-probability of ids[1:], each token given all before it (ids[0] is context only).
+
+    A text longer than the model's context is scored in windows of n_ctx tokens that overlap by
+    n_ctx - stride (default: half a window); each token is scored once, in the window where it has the
+    most context, as in Hugging Face's guide to perplexity of fixed-length models.
     """
     ids = [int(i) for i in ids]
-    if not ids:
-        raise ValueError("generate needs at least one token id (GPT-2 starts an empty text with <|endoftext|>)")
-    check_fits(model, len(ids), n_tokens)
-    cache = model.new_cache() if use_cache else None
-    inputs = ids
-    for _ in range(n_tokens):
-        logits = model(inputs, cache=cache)  # [1, n_vocab]: the next token's logits
-        if not np.isfinite(logits).all():  # damaged weights: stop rather than decode garbage
-            raise PicogptError(f"the model produced NaN or infinite logits after {len(ids)} tokens; its weights "
-                               f"are damaged: check them with picogpt verify {model.path or 'MODEL'}")
-        next_id = int(np.argmax(logits[-1]))
-        yield next_id
-        ids.append(next_id)
-        inputs = [next_id] if use_cache else ids
+    if len(ids) < 2:
+        raise PicogptError("scoring needs at least two tokens: the first one is context for the second")
+    n_ctx = model.hparams["n_ctx"]
+    stride = stride or max(1, n_ctx // 2)
+    log_probs = np.empty(len(ids) - 1)
+    scored = 1  # ids[:scored] have been scored (ids[0] never is)
+    start = 0
+    while scored < len(ids):
+        window = ids[start:start + n_ctx]
+        logits = model(window, all_logits=True)  # [len(window), n_vocab]: position j predicts window[j + 1]
+        targets = np.arange(scored - start, len(window))  # positions in the window not yet scored
+        token_log_probs = log_softmax(logits[targets - 1])[np.arange(len(targets)), np.array(window)[targets]]
+        log_probs[scored - 1:scored - 1 + len(targets)] = token_log_probs
+        scored = start + len(window)
+        start += stride
+    return Score(len(ids) - 1, float(log_probs.sum()), log_probs)

@@ -14,6 +14,7 @@ whole computation to float64).
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,93 +46,135 @@ def linear(x, w, b):
     return matmul(x, w) + b
 
 
-def causal_mask(n_seq, n_past):
-    """Additive mask [n_seq, n_past + n_seq]: token i (at position n_past + i) sees positions <= its own."""
-    return np.triu(np.full((n_seq, n_past + n_seq), -np.inf, dtype=np.float32), k=n_past + 1)
+def attention_mask(n_seq, n_past, n_pad):
+    """Which keys each query may see, as an additive mask [n_batch, 1, n_seq, n_past + n_seq]: 0 or -inf.
+
+    Causal: the token at index t sees indices <= t. A batch of prompts of different lengths is padded
+    on the left (row b starts with n_pad[b] filler tokens): no token sees a pad, except that a pad sees
+    itself, so that no row of scores is all -inf (its softmax would be NaN). The mask is the same for
+    every head (axis 1 broadcasts).
+    """
+    query = n_past + np.arange(n_seq)[:, None]  # [n_seq, 1]: index of each query in the sequence
+    key = np.arange(n_past + n_seq)  # [n_kv]
+    is_pad = key < np.asarray(n_pad)[:, None, None]  # [n_batch, 1, n_kv]
+    visible = (key <= query) & (~is_pad | (key == query))  # [n_batch, n_seq, n_kv]
+    return np.where(visible, np.float32(0), np.float32(-np.inf))[:, None]
 
 
 def attention(q, k, v, mask):
-    """Scaled dot-product attention, all heads at once.
+    """Scaled dot-product attention, all sequences and heads at once: (output, weights).
 
-    q [n_head, n_seq, head_dim], k and v [n_head, n_kv, head_dim], mask [n_seq, n_kv]
-    -> [n_head, n_seq, head_dim]. With a cache n_kv = n_past + n_seq, without one n_kv = n_seq.
+    q [n_batch, n_head, n_seq, head_dim], k and v [n_batch, n_head, n_kv, head_dim], mask broadcasting
+    to [n_batch, n_head, n_seq, n_kv] -> output [n_batch, n_head, n_seq, head_dim] and the attention
+    weights [n_batch, n_head, n_seq, n_kv] (each row sums to 1; returned so they can be inspected).
+    With a cache n_kv = n_past + n_seq, without one n_kv = n_seq.
     """
-    scores = matmul(q, k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])  # [n_head, n_seq, n_kv]
-    return matmul(softmax(scores + mask), v)
+    scores = matmul(q, k.swapaxes(-1, -2)) / math.sqrt(q.shape[-1])  # [n_batch, n_head, n_seq, n_kv]
+    weights = softmax(scores + mask)
+    return matmul(weights, v), weights
 
 
 def split_heads(x, n_head):
-    """[n_seq, n_embd] -> [n_head, n_seq, head_dim]"""
-    n_seq, n_embd = x.shape
-    return x.reshape(n_seq, n_head, n_embd // n_head).transpose(1, 0, 2)
+    """[n_batch, n_seq, n_embd] -> [n_batch, n_head, n_seq, head_dim]"""
+    n_batch, n_seq, n_embd = x.shape
+    return x.reshape(n_batch, n_seq, n_head, n_embd // n_head).transpose(0, 2, 1, 3)
 
 
 def merge_heads(x):
-    """[n_head, n_seq, head_dim] -> [n_seq, n_embd]"""
-    n_head, n_seq, head_dim = x.shape
-    return x.transpose(1, 0, 2).reshape(n_seq, n_head * head_dim)
+    """[n_batch, n_head, n_seq, head_dim] -> [n_batch, n_seq, n_embd]"""
+    n_batch, n_head, n_seq, head_dim = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(n_batch, n_seq, n_head * head_dim)
 
 
 def mha(x, c_attn, c_proj, n_head, mask, cache=None):
-    """Multi-head causal self-attention: [n_seq, n_embd] -> [n_seq, n_embd]."""
-    qkv = linear(x, **c_attn)  # [n_seq, 3*n_embd]
-    q, k, v = (split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # 3 x [n_head, n_seq, head_dim]
+    """Multi-head causal self-attention: [n_batch, n_seq, n_embd] -> ([n_batch, n_seq, n_embd], weights)."""
+    qkv = linear(x, **c_attn)  # [n_batch, n_seq, 3*n_embd]
+    q, k, v = (split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # 3 x [n_batch, n_head, n_seq, head_dim]
     if cache is not None:
         # The keys and values of earlier positions were computed by earlier calls: store ours beside
-        # them and attend over all of them.  [n_head, n_seq, head_dim] -> [n_head, n_past + n_seq, head_dim]
+        # them and attend over all of them. k, v -> [n_batch, n_head, n_past + n_seq, head_dim]
         k, v = cache.extend(k, v)
-    heads = attention(q, k, v, mask)  # [n_head, n_seq, head_dim]
-    return linear(merge_heads(heads), **c_proj)  # [n_seq, n_embd]
+    heads, weights = attention(q, k, v, mask)  # [n_batch, n_head, n_seq, head_dim]
+    return linear(merge_heads(heads), **c_proj), weights
 
 
 def mlp(x, c_fc, c_proj):
-    """Position-wise feed-forward network: [n_seq, n_embd] -> [n_seq, 4*n_embd] -> [n_seq, n_embd]."""
+    """Position-wise feed-forward network: [n_batch, n_seq, n_embd] -> [.., 4*n_embd] -> [n_batch, n_seq, n_embd]."""
     return linear(gelu(linear(x, **c_fc)), **c_proj)
 
 
 def block(x, layer, n_head, eps, mask, cache=None):
-    """One transformer block, pre-LN with residual connections: [n_seq, n_embd] -> [n_seq, n_embd].
+    """One transformer block, pre-LN with residual connections: [n_batch, n_seq, n_embd] -> same, and
+    the block's attention weights [n_batch, n_head, n_seq, n_kv].
 
     `layer` holds this block's weights under the checkpoint's names: ln_1, attn, ln_2, mlp.
     """
-    x = x + mha(layer_norm(x, **layer["ln_1"], eps=eps), **layer["attn"], n_head=n_head, mask=mask, cache=cache)
+    attn_out, attn_weights = mha(layer_norm(x, **layer["ln_1"], eps=eps), **layer["attn"], n_head=n_head,
+                                 mask=mask, cache=cache)
+    x = x + attn_out
     x = x + mlp(layer_norm(x, **layer["ln_2"], eps=eps), **layer["mlp"])
-    return x
+    return x, attn_weights
 
 
-def gpt2(ids, wte, wpe, blocks, ln_f, n_head, eps, cache=None, all_logits=False):
-    """GPT-2: token ids [n_seq] -> next-token logits [n_seq, n_vocab], or [1, n_vocab] for the last only.
+class Output(NamedTuple):
+    """What `gpt2` returns. Lists are empty unless asked for."""
 
-    With a cache, `ids` are the tokens after the n_past already in it (the whole prompt on the first
-    call, "prefill"; then one new token per call, "decode"), and the cache grows by n_seq.
+    logits: np.ndarray  # [n_batch, n_seq, n_vocab], or [n_batch, 1, n_vocab] for the last position only
+    hidden_states: list  # n_layer + 1 x [n_batch, n_seq, n_embd]: each block's input, then ln_f's output
+    attentions: list  # n_layer x [n_batch, n_head, n_seq, n_kv]: each block's attention weights
+
+
+def gpt2(ids, wte, wpe, blocks, ln_f, n_head, eps, n_pad=None, cache=None, all_logits=False,
+         output_hidden_states=False, output_attentions=False):
+    """GPT-2: token ids [n_batch, n_seq] -> next-token logits [n_batch, n_seq, n_vocab] (an Output).
+
+    Only the last position's logits are computed unless all_logits: generating needs no others. With a
+    cache, `ids` are the tokens after the n_past already in it (the whole prompt on the first call,
+    "prefill"; then one new token per call, "decode"), and the cache grows by n_seq. n_pad [n_batch]
+    counts the filler tokens each row starts with when prompts of different lengths share a batch.
     """
+    n_batch, n_seq = ids.shape
     n_past = cache[0].length if cache is not None else 0
-    n_seq = len(ids)
-    x = wte[ids] + wpe[n_past:n_past + n_seq]  # token + position embeddings: [n_seq, n_embd]
-    mask = causal_mask(n_seq, n_past)  # [n_seq, n_past + n_seq]
+    n_pad = np.zeros(n_batch, dtype=np.int64) if n_pad is None else np.asarray(n_pad)
+    # Position of each token in its own text: padding does not count. [n_batch, n_seq]
+    positions = np.maximum(n_past + np.arange(n_seq) - n_pad[:, None], 0)
+    x = wte[ids] + wpe[positions]  # token + position embeddings: [n_batch, n_seq, n_embd]
+    mask = attention_mask(n_seq, n_past, n_pad)  # [n_batch, 1, n_seq, n_past + n_seq]
+    hidden_states, attentions = [], []
     for i, layer in enumerate(blocks):
-        x = block(x, layer, n_head=n_head, eps=eps, mask=mask, cache=None if cache is None else cache[i])
-    if not all_logits:
-        x = x[-1:]  # generating needs the next token after the last position only
+        if output_hidden_states:
+            hidden_states.append(x)
+        x, attn_weights = block(x, layer, n_head=n_head, eps=eps, mask=mask,
+                                cache=None if cache is None else cache[i])
+        if output_attentions:
+            attentions.append(attn_weights)
+    if not (all_logits or output_hidden_states):
+        x = x[:, -1:]  # the next token after the last position is all that generating needs
     x = layer_norm(x, **ln_f, eps=eps)
-    return matmul(x, wte.T)  # the output projection shares the token embedding: [n, n_embd] -> [n, n_vocab]
+    if output_hidden_states:
+        hidden_states.append(x)
+    if not all_logits:
+        x = x[:, -1:]
+    logits = matmul(x, wte.T)  # the output projection shares the token embedding: [.., n_embd] -> [.., n_vocab]
+    return Output(logits, hidden_states, attentions)
 
 
 class LayerCache:
     """One layer's keys and values for the positions seen so far, preallocated for n_ctx positions."""
 
-    def __init__(self, n_head, n_ctx, head_dim):
+    def __init__(self, n_batch, n_head, n_ctx, head_dim):
         # np.zeros asks the OS for zeroed pages, which cost no memory until written.
-        self.keys = np.zeros((n_head, n_ctx, head_dim), dtype=np.float32)
-        self.values = np.zeros((n_head, n_ctx, head_dim), dtype=np.float32)
+        self.keys = np.zeros((n_batch, n_head, n_ctx, head_dim), dtype=np.float32)
+        self.values = np.zeros((n_batch, n_head, n_ctx, head_dim), dtype=np.float32)
         self.length = 0  # positions filled
 
     def extend(self, k, v):
-        """Write k, v [n_head, n_seq, head_dim] after the stored ones; return all [n_head, length, head_dim]."""
-        start, self.length = self.length, self.length + k.shape[1]
-        self.keys[:, start:self.length] = k
-        self.values[:, start:self.length] = v
-        return self.keys[:, :self.length], self.values[:, :self.length]
+        """Write k, v [n_batch, n_head, n_seq, head_dim] after the stored ones; return all so far
+        [n_batch, n_head, length, head_dim]."""
+        start, self.length = self.length, self.length + k.shape[2]
+        self.keys[:, :, start:self.length] = k
+        self.values[:, :, start:self.length] = v
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
 
 
 def nest_params(tensors, n_layer):
@@ -168,23 +211,41 @@ class GPT2:
         model_file = open_model_file(path)
         return cls(model_file.hparams, model_file.tensors, path=model_file.path)
 
-    def new_cache(self):
-        """An empty KV cache: one LayerCache per layer."""
+    def new_cache(self, n_batch=1):
+        """An empty KV cache for n_batch sequences: one LayerCache per layer."""
         h = self.hparams
-        return [LayerCache(h["n_head"], h["n_ctx"], h["n_embd"] // h["n_head"]) for _ in range(h["n_layer"])]
+        head_dim = h["n_embd"] // h["n_head"]
+        return [LayerCache(n_batch, h["n_head"], h["n_ctx"], head_dim) for _ in range(h["n_layer"])]
 
-    def __call__(self, ids, cache=None, all_logits=False):
-        """Logits for token ids [n_seq] (after the cache's positions): [n_seq or 1, n_vocab] float32."""
+    def forward(self, ids, cache=None, n_pad=None, all_logits=False, output_hidden_states=False,
+                output_attentions=False):
+        """Run token ids [n_seq] or a batch [n_batch, n_seq] (after the cache's positions): an Output.
+
+        Its arrays have the batch axis only if `ids` had one: logits [n_seq or 1, n_vocab] for one
+        sequence, [n_batch, n_seq or 1, n_vocab] for a batch, and so on. n_pad: see `gpt2`.
+        """
         h = self.hparams
         ids = np.asarray(ids)
-        if ids.ndim != 1 or len(ids) == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError("ids must be a non-empty 1-D sequence of integer token ids")
+        single = ids.ndim == 1
+        if ids.ndim not in (1, 2) or ids.shape[-1] == 0 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError("ids must be a non-empty sequence of integer token ids, [n_seq] or [n_batch, n_seq]")
         if ids.min() < 0 or ids.max() >= h["n_vocab"]:
             raise PicogptError(f"token id {int(ids.max() if ids.max() >= h['n_vocab'] else ids.min())} is "
                                f"outside this model's vocabulary of {h['n_vocab']}")
         n_past = cache[0].length if cache is not None else 0
-        if n_past + len(ids) > h["n_ctx"]:
-            raise PicogptError(f"{n_past + len(ids)} positions exceed the model's context of {h['n_ctx']} "
+        if n_past + ids.shape[-1] > h["n_ctx"]:
+            raise PicogptError(f"{n_past + ids.shape[-1]} positions exceed the model's context of {h['n_ctx']} "
                                f"tokens; use a shorter prompt or fewer new tokens")
-        return gpt2(ids, **self.params, n_head=h["n_head"], eps=h["layer_norm_epsilon"], cache=cache,
-                    all_logits=all_logits)
+        batch = ids[None] if single else ids
+        if cache is not None and cache[0].keys.shape[0] != len(batch):
+            raise ValueError(f"the cache holds {cache[0].keys.shape[0]} sequences, ids {len(batch)}")
+        out = gpt2(batch, **self.params, n_head=h["n_head"], eps=h["layer_norm_epsilon"], n_pad=n_pad,
+                   cache=cache, all_logits=all_logits, output_hidden_states=output_hidden_states,
+                   output_attentions=output_attentions)
+        if single:  # drop the batch axis the caller did not give
+            out = Output(out.logits[0], [x[0] for x in out.hidden_states], [a[0] for a in out.attentions])
+        return out
+
+    def __call__(self, ids, cache=None, all_logits=False, n_pad=None):
+        """Logits for token ids (see forward): [n_seq or 1, n_vocab] float32, or with a batch axis."""
+        return self.forward(ids, cache=cache, n_pad=n_pad, all_logits=all_logits).logits

@@ -72,27 +72,30 @@ def calls(backend):
                if isinstance(getattr(backend, name, None), Counter))
 
 
-def model_products(m, length, seed=0, n_embd=768, n_head=12, n_ctx=64, n_vocab=1031):
-    """(name, a, b) for each product GPT-2 makes on m new tokens with `length` positions cached."""
+def model_products(m, length, n_batch=1, seed=0, n_embd=768, n_head=12, n_ctx=64, n_vocab=1031):
+    """(name, a, b) for each product GPT-2 makes on m new tokens of n_batch sequences with `length`
+    positions cached, with the model's shapes and memory layouts."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((m, n_embd), dtype=np.float32)
+    x = rng.standard_normal((n_batch, m, n_embd), dtype=np.float32)
     w = rng.standard_normal((n_embd, 3 * n_embd), dtype=np.float32) * 0.02
     wte = np.asfortranarray(rng.standard_normal((n_vocab, n_embd), dtype=np.float32) * 0.02)
-    qkv = rng.standard_normal((m, 3 * n_embd), dtype=np.float32)
+    qkv = rng.standard_normal((n_batch, m, 3 * n_embd), dtype=np.float32)
     x_columns = rng.standard_normal((n_embd, m + 2), dtype=np.float32)
-    q = qkv[:, :n_embd].reshape(m, n_head, -1).transpose(1, 0, 2)  # [h, m, hd], rows 3*n_embd apart
-    keys, values = (rng.standard_normal((n_head, n_ctx, n_embd // n_head), dtype=np.float32) for _ in "kv")
-    probs = rng.random((n_head, m, length), dtype=np.float32)
+    q = qkv[..., :n_embd].reshape(n_batch, m, n_head, -1).transpose(0, 2, 1, 3)  # [b, h, m, hd], strided
+    keys, values = (rng.standard_normal((n_batch, n_head, n_ctx, n_embd // n_head), dtype=np.float32) for _ in "kv")
+    probs = rng.random((n_batch, n_head, m, length), dtype=np.float32)
     return [
         ("x @ w", x, w),
-        ("x[-1:] @ w", x[-1:], w),
-        ("qkv columns @ w[:, :n_embd]", qkv[:, :n_embd], w[:, :n_embd]),
+        ("x[-1:] @ w", x[:, -1:], w),
+        ("x as 2-D @ w", x[0], w),
+        ("qkv columns @ w[:, :n_embd]", qkv[..., :n_embd], w[:, :n_embd]),
         ("x @ wte.T, wte F-order", x, wte.T),
         ("x @ wte.T, wte C-order", x, np.ascontiguousarray(wte).T),
         ("columns as rows (TransA) @ w", x_columns[:, :m].T, w),
-        ("q @ k^T, cache slice", q, keys[:, :length].swapaxes(-1, -2)),
-        ("probs @ v, cache slice", probs, values[:, :length]),
-        ("contiguous batch", np.ascontiguousarray(q), np.ascontiguousarray(keys[:, :length].swapaxes(-1, -2))),
+        ("q @ k^T, cache slice", q, keys[:, :, :length].swapaxes(-1, -2)),
+        ("probs @ v, cache slice", probs, values[:, :, :length]),
+        ("contiguous batch", np.ascontiguousarray(q), np.ascontiguousarray(keys[:, :, :length].swapaxes(-1, -2))),
+        ("3-D batch", q[0], keys[0, :, :length].swapaxes(-1, -2)),
     ]
 
 
@@ -105,13 +108,14 @@ def assert_matches(got, a, b):
 @pytest.mark.parametrize("m, length", [(1, 20), (19, 19), (1, 1)], ids=["decode", "prefill", "first"])
 @pytest.mark.parametrize("case, variant", [("numpy", "default")] + [
     (case, variant) for case in CASES[1:] for variant in ("default", "loop", "gemm-only")])
-def test_model_products_match_numpy(case, variant, m, length, monkeypatch):
+@pytest.mark.parametrize("n_batch", [1, 3])
+def test_model_products_match_numpy(case, variant, m, length, n_batch, monkeypatch):
     backend = select(case, variant)
     if case != "numpy":  # every model product must reach the library, not np.matmul
         def fallback(a, b):
             pytest.fail(f"fell back to np.matmul: {a.shape} @ {b.shape}")
         monkeypatch.setattr(blas, "_fallback", fallback)
-    for name, a, b in model_products(m, length):
+    for name, a, b in model_products(m, length, n_batch):
         before = calls(backend)
         assert_matches(matmul(a, b), a, b)
         assert case == "numpy" or calls(backend) > before, name
@@ -123,7 +127,7 @@ def test_other_products_fall_back_to_numpy(case):
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((2, 3, 5)), rng.standard_normal((2, 5, 4))
     c = rng.standard_normal((3, 5), dtype=np.float32)
-    for x, y in [(a, b), (c, c.T.astype(np.float64)), (a.astype(np.float32), c.T), (c, c[0]),
+    for x, y in [(a, b), (c, c.T.astype(np.float64)), (c, c[0]),
                  (c[:, ::-1], c.T), (c[:, :0], c[:0]), (a.astype(np.float32), b[:1].astype(np.float32))]:
         np.testing.assert_allclose(matmul(x, y), np.matmul(x, y), rtol=1e-6)
     assert calls(backend) == 0

@@ -1,7 +1,8 @@
 """Parity with Hugging Face GPT-2 (PyTorch, float32) on the same weights, and the model's own invariants.
 
-Tolerance: logits agree within 1e-4 absolute (they differ by ~1e-6 in practice: float32 sums in a
-different order), and greedy decoding picks identical tokens.
+Tolerance: logits and hidden states agree within 1e-4 absolute, attention weights within 1e-6 (they
+differ by ~1e-6 and ~1e-8 in practice: float32 sums in a different order), and greedy decoding picks
+identical tokens.
 """
 
 import numpy as np
@@ -16,6 +17,8 @@ from picogpt.generate import generate
 from picogpt.model import GPT2
 
 LOGITS_TOLERANCE = 1e-4
+HIDDEN_TOLERANCE = 1e-4  # hidden states are of the order of 1-10 here (the residual stream grows with depth)
+ATTENTION_TOLERANCE = 1e-6  # probabilities in [0, 1]
 PROMPT = [36235, 39141, 18765, 1143, 326, 9061, 561, 530, 1110, 1716, 845, 3665, 11, 475, 772, 339, 714, 407, 5967]
 
 # The four released sizes' widths and head counts, with 2 layers and a smaller vocabulary and context
@@ -53,9 +56,21 @@ def check_parity(model, reference, prompt, n_tokens=20):
     cached += [model([t], cache=cache) for t in prompt[half:]]
     np.testing.assert_allclose(np.concatenate(cached), ours, atol=1e-5, rtol=0)
 
-    greedy = list(generate(model, prompt, n_tokens))
-    assert greedy == list(generate(model, prompt, n_tokens, use_cache=False))
+    greedy = list(generate(model, prompt, n_tokens, stop_at_eot=False))
+    assert greedy == list(generate(model, prompt, n_tokens, stop_at_eot=False, use_cache=False))
     assert greedy == hf_greedy(reference, prompt, n_tokens)
+
+    # Hidden states (each block's input, then the final layer norm's output) and attention weights.
+    out = model.forward(prompt, output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        theirs = reference(torch.tensor([prompt]), output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == len(theirs.hidden_states) == model.hparams["n_layer"] + 1
+    for ours_h, theirs_h in zip(out.hidden_states, theirs.hidden_states):
+        np.testing.assert_allclose(ours_h, theirs_h[0].numpy(), atol=HIDDEN_TOLERANCE, rtol=0)
+    assert len(out.attentions) == len(theirs.attentions) == model.hparams["n_layer"]
+    for ours_a, theirs_a in zip(out.attentions, theirs.attentions):
+        np.testing.assert_allclose(ours_a, theirs_a[0].numpy(), atol=ATTENTION_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(out.logits, ours[-1:], atol=1e-5, rtol=0)  # the last row, as a product of its own
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -81,20 +96,22 @@ def small_model(tmp_path):
 
 def test_every_step_stays_float32(small_model, monkeypatch):
     """No silent float64 promotion anywhere: masks, constants and scalars keep the arrays at float32."""
+    names = ["gelu", "softmax", "layer_norm", "linear", "attention", "attention_mask", "mha", "mlp", "block"]
     seen = []
-    for name in ["gelu", "softmax", "layer_norm", "linear", "attention", "causal_mask", "mha", "mlp", "block"]:
+    for name in names:
         original = getattr(M, name)
 
         def checked(*args, _original=original, _name=name, **kwargs):
             out = _original(*args, **kwargs)
-            assert out.dtype == np.float32, f"{_name} returned {out.dtype}"
+            for array in out if isinstance(out, tuple) else (out,):  # attention, mha, block: (x, weights)
+                assert array.dtype == np.float32, f"{_name} returned {array.dtype}"
             seen.append(_name)
             return out
         monkeypatch.setattr(M, name, checked)
     cache = small_model.new_cache()
     small_model([1, 2, 3], cache=cache)
     small_model([4], cache=cache)
-    assert {"gelu", "softmax", "layer_norm", "linear", "attention", "causal_mask", "mha", "mlp", "block"} <= set(seen)
+    assert set(names) == set(seen)
 
 
 def test_only_the_last_position_gets_logits_unless_asked(small_model):
@@ -110,13 +127,17 @@ def test_the_cache_fills_in_place(small_model):
     small_model([1, 2, 3, 4], cache=cache)
     small_model([5], cache=cache)
     assert all(layer.length == 5 for layer in cache)
-    assert cache[0].keys is keys and np.any(keys[:, 4] != 0) and not np.any(keys[:, 5:])
+    assert cache[0].keys is keys and np.any(keys[0, :, 4] != 0) and not np.any(keys[0, :, 5:])
 
 
-def test_causal_mask():
-    mask = M.causal_mask(2, 3)  # 2 new tokens at positions 3 and 4, after 3 cached ones
-    assert mask.dtype == np.float32
-    assert np.isneginf(mask).tolist() == [[False] * 4 + [True], [False] * 5]
+def test_attention_mask_is_causal_and_hides_left_padding():
+    mask = M.attention_mask(2, 3, n_pad=[0])  # 2 new tokens at indices 3 and 4, after 3 cached ones
+    assert mask.dtype == np.float32 and mask.shape == (1, 1, 2, 5)
+    assert np.isneginf(mask[0, 0]).tolist() == [[False] * 4 + [True], [False] * 5]
+    padded = np.isneginf(M.attention_mask(3, 0, n_pad=[0, 2])[1, 0])  # row 1 starts with 2 pads
+    assert padded.tolist() == [[False, True, True],  # a pad sees only itself, so no row is all -inf
+                               [True, False, True],
+                               [True, True, False]]  # the first real token sees no pad
 
 
 def test_context_and_vocabulary_limits_are_clear_errors(small_model):
