@@ -1,12 +1,12 @@
 # Two entry points on a fresh clone:
-#   make run    virtual environment + picogpt, GPT-2 124M fetched and converted if missing, then generate
+#   make run    virtual environment + picogpt, then generate (GPT-2 124M if fetched, else the shipped demo model)
 #   make test   virtual environment + picogpt with its test extras, then the whole pytest suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PROMPT ?= Alan Turing theorized that computers would one day become very powerful, but even he could not imagine
+PROMPT ?= Return a new list containing
 N ?= 20
-MODEL ?= 124M
+MODEL ?=
 
 .PHONY: run test bench install install-test clean
 
@@ -14,9 +14,9 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# picogpt and the converter's TensorFlow (to fetch a missing model)
+# picogpt alone (fetching GPT-2 needs the converter's TensorFlow too: pip install -e '.[convert]')
 $(VENV)/.installed: $(VENV)/bin/python setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet -e '.[convert]'
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
 # ... plus the test tools and the PyTorch reference (torch 2.13.0, the CPU wheel)
@@ -28,7 +28,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed
-	$(PY) -m picogpt "$(PROMPT)" -n $(N) --model $(MODEL) --download
+	$(PY) -m picogpt "$(PROMPT)" -n $(N) $(if $(MODEL),--model $(MODEL))
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

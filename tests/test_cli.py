@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hf_reference import random_tensors, write_model_dat
@@ -105,7 +106,8 @@ def test_multibyte_characters_split_across_tokens_print_whole(model_path, capsys
     text = "🦄 日本語"
     tokens = encode(text)
     assert len(tokens) > 3  # the characters span several byte-level tokens
-    monkeypatch.setattr(sys.modules["picogpt.generate"], "generate", lambda *a, **k: iter(tokens))
+    steps = (np.array([token]) for token in tokens)  # decode_steps yields [n_batch] ids per step
+    monkeypatch.setattr(sys.modules["picogpt.generate"], "decode_steps", lambda *a, **k: steps)
     pieces = []
     real_write = sys.stdout.write
     monkeypatch.setattr(sys.stdout, "write", lambda s: pieces.append(s) or real_write(s))
@@ -161,3 +163,20 @@ def test_the_readme_python_example_runs(model_path, capsys, monkeypatch):
     exec(code, namespace)
     assert capsys.readouterr().out == expected_text(model_path, "San Francisco is", 8)
     assert namespace["logits"].shape == (1, 50257) and namespace["cache"][0].length == len(namespace["ids"]) + 1
+
+
+def test_without_model_it_uses_124m_if_fetched_else_the_demo_with_a_notice(model_path, tmp_path, capsys):
+    from picogpt.store import demo_model_path
+    assert cli.main(["Hello", "-n", "3", "--models-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected_text(demo_model_path(), "Hello", 3) + "\n"
+    assert err.count("\n") == 1 and "demo model" in err and "convert_tf_checkpoint.py --model-size 124M" in err
+    assert cli.main(["Hello", "-n", "3", "--model", "demo", "--models-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr() == (out, "")  # asked for by name: no notice
+    (tmp_path / "124M").mkdir()
+    os.link(model_path, tmp_path / "124M" / "model.dat")
+    assert cli.main(["Hello", "-n", "3", "--models-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr() == (expected_text(model_path, "Hello", 3) + "\n", "")
+    os.unlink(tmp_path / "124M" / "model.dat")
+    assert cli.main(["Hello", "-n", "3", "--model", "124M", "--models-dir", str(tmp_path)]) == 1
+    assert "model 124M is not in" in capsys.readouterr().err  # named explicitly: an error, not the demo
