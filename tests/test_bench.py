@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -45,4 +47,9 @@ def test_quick_bench_writes_consistent_results(tmp_path):
     for step in section["decode_steps"]:
         assert {"backend", "threads", "decode_step_s", "prefill_s", "floor_s"} <= set(step)
     assert all({"what", "target", "passed"} <= set(t) for t in section["targets"])
+    # Batches (--quick: sizes 1 and 3), timed together and one by one, their tokens checked alike.
+    assert [b["batch"] for b in section["batches"]] == [1, 3]
+    for b in section["batches"]:
+        assert b["together_s"] > 0 and b["one_by_one_s"] > 0 and b["speedup"] > 0 and b["runs"]
+        assert b["tokens_per_s"] == pytest.approx(b["batch"] * 4 / b["together_s"])
     assert "PASS" in p.stdout or "FAIL" in p.stdout

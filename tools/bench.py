@@ -121,12 +121,25 @@ def picogpt_generate(model, n, use_cache):
     """picogpt.generate, timing each yielded token: steps[0] is the prefill, the rest single-token steps."""
     from picogpt.generate import generate
     tokens, steps, t = [], [], time.perf_counter()
-    for token in generate(model, PROMPT_IDS, n, use_cache=use_cache):
+    for token in generate(model, PROMPT_IDS, n, use_cache=use_cache, stop_at_eot=False):
         now = time.perf_counter()
         tokens.append(token)
         steps.append(now - t)
         t = now
     return dict(tokens=tokens, steps=steps)
+
+
+def batch_prompts(size):
+    """`size` prompts of different lengths: the Alan Turing prompt cut to 19, 18, 17, 16, 15, 19, ... tokens."""
+    return [PROMPT_IDS[:len(PROMPT_IDS) - i % 5] for i in range(size)]
+
+
+def picogpt_batch(model, prompts, n, together):
+    """n greedy tokens after each prompt: as one batch, or one prompt after the other."""
+    from picogpt.generate import generate, generate_batch
+    if together:
+        return dict(batch_tokens=generate_batch(model, prompts, n, stop_at_eot=False))
+    return dict(batch_tokens=[list(generate(model, p, n, stop_at_eot=False)) for p in prompts])
 
 
 def sgemv_reads(x, a, calls):
@@ -189,11 +202,17 @@ def contestants(model, hf, path, args, n):
         rows += [contestant(f"{system} process", t, lambda: None, partial(child_process, cmd, t),
                             args.process_repeats, system=f"{system} process")
                  for system, cmd in (("picogpt", pico), ("PyTorch", torch_cmd))]
+    t = max(args.threads)
+    for size in args.batch_sizes:  # each batch's tokens must equal the prompts' run one by one (see main)
+        rows += [contestant(f"batch of {size}, {'together' if together else 'one by one'}", t,
+                            partial(blas.use, "numpy", threads=t),
+                            partial(picogpt_batch, model, batch_prompts(size), n, together), args.no_cache_repeats,
+                            system="batch", batch=size, together=together) for together in (True, False)]
     blas.use("numpy")
     return rows, notes
 
 
-def run_rounds(rows, warmup, settle, expected_tokens, expected_text):
+def run_rounds(rows, warmup, settle, expected_tokens, expected_text, expected_batches):
     """Round-robin: each round runs every contestant once (those with repeats left), checking its output."""
     rounds = max(c["repeats"] for c in rows)
     for r in range(-warmup, rounds):
@@ -208,7 +227,9 @@ def run_rounds(rows, warmup, settle, expected_tokens, expected_text):
             elapsed = time.perf_counter() - t
             if not isinstance(out, dict):  # hf_generate returns the token list itself
                 out = dict(tokens=out)
-            got, want = (out["tokens"], expected_tokens) if "tokens" in out else (out.get("text"), expected_text)
+            got, want = (out["tokens"], expected_tokens) if "tokens" in out else \
+                (out["batch_tokens"], expected_batches[c["batch"]]) if "batch_tokens" in out else \
+                (out.get("text"), expected_text)
             if got is not None and got != want:
                 sys.exit(f"bench: {c['name']} ({c['threads']} threads) produced {got!r}, PyTorch {want!r}")
             if r >= 0:  # a process's own wall time excludes starting the launcher
@@ -234,7 +255,17 @@ def summarize(rows, mf, n):
     for c in rows:
         if c["system"] == "bandwidth":
             s["bandwidth"][c["threads"]] = c["bytes"] / median([x for run in c["runs"] for x in run["steps"]])
-    for c in (c for c in rows if c["system"] != "bandwidth"):
+    s["batches"] = []
+    for size in sorted({c["batch"] for c in rows if c["system"] == "batch"}):
+        together, alone = (next(c for c in rows if c["system"] == "batch" and c["batch"] == size
+                                and c["together"] == t) for t in (True, False))
+        s["batches"].append(dict(batch=size, threads=together["threads"], together_s=seconds[id(together)],
+                                 one_by_one_s=seconds[id(alone)], tokens_per_s=size * n / seconds[id(together)],
+                                 one_by_one_tokens_per_s=size * n / seconds[id(alone)],
+                                 speedup=seconds[id(alone)] / seconds[id(together)],
+                                 runs=[r["seconds"] for r in together["runs"]],
+                                 one_by_one_runs=[r["seconds"] for r in alone["runs"]]))
+    for c in (c for c in rows if c["system"] not in ("bandwidth", "batch")):
         ref = refs.get(("PyTorch process" if c["system"].endswith("process") else "PyTorch", c["threads"]))
         row = {k: v for k, v in c.items() if k not in ("setup", "run")}
         row.update(median_s=seconds[id(c)], ratio=ref and seconds[id(c)] / ref, tokens_per_s=n / seconds[id(c)])
@@ -291,6 +322,13 @@ def print_section(title, s, notes, n):
               f"prefill {1e3 * d['prefill_s']:.0f} ms")
     print(f"model {s['model_bytes'] / 1e6:.1f} MB + KV cache {s['kv_cache_bytes'] / 1e6:.1f} MB "
           f"({len(PROMPT_IDS)} + {n} positions)")
+    if s["batches"]:
+        print(f"batches: prompts of 15-19 tokens, {n} greedy tokens each, picogpt numpy with the cache, "
+              f"{s['batches'][0]['threads']} threads")
+        print(f"{'batch':>7}{'together s':>12}{'tokens/s':>10}{'one by one s':>14}{'tokens/s':>10}{'speed-up':>10}")
+        for b in s["batches"]:
+            print(f"{b['batch']:>7}{b['together_s']:>12.3f}{b['tokens_per_s']:>10.1f}{b['one_by_one_s']:>14.3f}"
+                  f"{b['one_by_one_tokens_per_s']:>10.1f}{b['speedup']:>9.2f}x")
     for t in s["targets"]:
         print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['what']} (target {t['target']})")
     print(f"(this section took {s['seconds']:.0f} s)")
@@ -331,6 +369,8 @@ def parser():
     p.add_argument("--no-cache-repeats", type=int, default=3, help="timed runs of the no-cache loops (default 3)")
     p.add_argument("--process-repeats", type=int, default=5, help="timed whole-process runs (default 5)")
     p.add_argument("--tokens", type=int, default=20, help="tokens to generate (default 20)")
+    p.add_argument("--batch-sizes", type=threads_list, default=[1, 4, 8, 16],
+                   help="batch sizes for the batch rows, at the most threads (default 1,4,8,16; '' for none)")
     p.add_argument("--json", default="bench-results.json", help="where to write every timing (default %(default)s)")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed (default: informational)")
     p.add_argument("--quick", action="store_true",
@@ -343,7 +383,7 @@ def main(argv=None):
     warmup = 1
     if args.quick:
         args.sizes, args.tokens, args.repeats, args.no_cache_repeats, args.process_repeats = "tiny", 4, 1, 1, 1
-        args.process_threads, warmup = args.process_threads[-1:], 0
+        args.process_threads, args.batch_sizes, warmup = args.process_threads[-1:], [1, 3], 0
     import transformers
     transformers.logging.set_verbosity_error()
     started, n = time.perf_counter(), args.tokens
@@ -365,7 +405,12 @@ def main(argv=None):
             model, hf = GPT2(mf.hparams, mf.tensors, path=mf.path), hf_model(mf)
             expected = hf_generate(hf, PROMPT_IDS, n, use_cache=True)
             rows, notes = contestants(model, hf, path, args, n)
-            run_rounds(rows, warmup, 0 if args.quick else 0.2, expected, decode(expected) + "\n")
+            # A batch must give each prompt what it gets alone, which for the full prompt is PyTorch's.
+            batches = {size: picogpt_batch(model, batch_prompts(size), n, together=False)["batch_tokens"]
+                       for size in args.batch_sizes}
+            if any(b[0] != expected for b in batches.values()):
+                sys.exit(f"bench: picogpt produced {batches[args.batch_sizes[0]][0]!r}, PyTorch {expected!r}")
+            run_rounds(rows, warmup, 0 if args.quick else 0.2, expected, decode(expected) + "\n", batches)
             s = summarize(rows, mf, n)
             title = f"{size}: {source}; n_layer {mf.hparams['n_layer']}, n_embd {mf.hparams['n_embd']}"
             s["seconds"] = time.perf_counter() - section_started
