@@ -164,6 +164,15 @@ def test_the_readme_python_example_runs(model_path, capsys, monkeypatch):
     assert capsys.readouterr().out == expected_text(model_path, "San Francisco is", 8)
     assert namespace["logits"].shape == (1, 50257) and namespace["cache"][0].length == len(namespace["ids"]) + 1
 
+    # The second example continues in the same namespace: text streams, batches, scores, model outputs.
+    exec(readme.split("```python\n", 2)[2].split("```", 1)[0], namespace)
+    model, ids, out = namespace["model"], namespace["ids"], namespace["out"]
+    assert capsys.readouterr().out == "".join(namespace["stream_text"](model, "Hello", 20, stop=["\n"]))
+    assert len(namespace["texts"]) == 2 and len(namespace["samples"]) == 4 and len(namespace["id_lists"]) == 2
+    assert namespace["result"].n_tokens == len(ids) and namespace["result"].perplexity > 1
+    assert out.logits.shape == (len(ids), 50257) and len(out.hidden_states) == 3 and len(out.attentions) == 2
+    assert out.attentions[0].shape == (4, len(ids), len(ids))
+
 
 def test_without_model_it_uses_124m_if_fetched_else_the_demo_with_a_notice(model_path, tmp_path, capsys):
     from picogpt.store import demo_model_path

@@ -213,7 +213,7 @@ def test_the_readme_leads_to_the_walkthrough_with_its_commands():
     readme = (DOC.parent.parent / "README.md").read_text(encoding="utf-8")
     assert "docs/walkthrough.md" in readme
     commands, _ = code_lines()
-    shown = [line.strip() for block in re.findall(r"^```\n(.*?)^```", readme, flags=re.M | re.S)
+    shown = [line.strip() for block in re.findall(r"^```[^\n]*\n(.*?)^```", readme, flags=re.M | re.S)
              for line in block.splitlines() if "--trace" in line or line.startswith("picogpt attention")]
     assert shown, "the README shows no tracer or attention command"
     assert all(line in commands for line in shown), "README commands differ from the walkthrough's (tested) ones"
