@@ -25,7 +25,8 @@ from .modelfile import open_model_file
 
 def gelu(x):
     """Gaussian error linear unit, GPT-2's tanh approximation of x * Phi(x)."""
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    # x * x * x rather than x**3: NumPy computes a cube with pow(), twice as slow as two products.
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def softmax(x):
@@ -36,9 +37,9 @@ def softmax(x):
 
 def layer_norm(x, g, b, eps):
     """Normalise each row to mean 0 and variance 1, then scale by g and shift by b."""
-    mean = np.mean(x, axis=-1, keepdims=True)
-    variance = np.var(x, axis=-1, keepdims=True)
-    return g * (x - mean) / np.sqrt(variance + eps) + b
+    centered = x - x.mean(axis=-1, keepdims=True)
+    variance = (centered * centered).mean(axis=-1, keepdims=True)
+    return g * centered / np.sqrt(variance + eps) + b
 
 
 def linear(x, w, b):

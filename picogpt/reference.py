@@ -25,8 +25,9 @@ def require_torch():
         import torch
         import transformers
     except ImportError as e:
-        raise PicogptError(f"the parity check needs PyTorch and transformers, which are not installed "
-                           f"({e}): {INSTALL_HINT}") from None
+        missing = e.name or "one of them"
+        raise PicogptError(f"the parity check needs PyTorch and transformers, and {missing} is not installed: "
+                           f"{INSTALL_HINT}") from None
     return torch, transformers
 
 

@@ -8,10 +8,11 @@ the model from a GPT2Config with no download, and model.dat's names map one to o
 import torch
 
 from picogpt.modelfile import ModelFileWriter
-from picogpt.reference import hf_model  # noqa: F401  (re-exported for the tests)
+from picogpt.reference import hf_model
 from tf_fixture import random_weights, to_model_dat_names
 
 torch.set_num_threads(2)
+__all__ = ["hf_model", "random_tensors", "write_model_dat"]
 
 
 def random_tensors(hparams, seed=0):
