@@ -8,7 +8,7 @@ PROMPT ?= Return a new list containing
 N ?= 20
 MODEL ?=
 
-.PHONY: run test bench install install-test clean
+.PHONY: run test bench parity install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ $(VENV)/.installed-test: $(VENV)/bin/python setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+# ... plus PyTorch (torch 2.13.0, the CPU wheel) and transformers, for the parity check
+$(VENV)/.installed-parity: $(VENV)/bin/python setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet -e '.[parity]'
+	touch $@ $(VENV)/.installed
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -36,6 +41,10 @@ test: $(VENV)/.installed-test
 # picogpt against PyTorch on the same weights, 1 and 2 threads, and the memory-bandwidth floor (about 10 min)
 bench: $(VENV)/.installed-test
 	$(PY) tools/bench.py
+
+# picogpt against PyTorch on MODEL's weights (default as for run), layer by layer; exit status 1 on a mismatch
+parity: $(VENV)/.installed-parity
+	$(PY) tools/parity.py $(if $(MODEL),--model $(MODEL)) -n $(N)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
