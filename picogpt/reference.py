@@ -31,7 +31,7 @@ def require_torch():
     return torch, transformers
 
 
-def hf_config(hparams):
+def hf_config(hparams, attn_implementation="eager"):
     """GPT2Config for model.dat hyper-parameters: GPT-2's tanh GELU, no dropout, eager attention."""
     _, transformers = require_torch()
     eot = 50256 if hparams["n_vocab"] > 50256 else None  # <|endoftext|>, if the vocabulary has it
@@ -40,10 +40,12 @@ def hf_config(hparams):
         n_layer=hparams["n_layer"], n_head=hparams["n_head"],
         layer_norm_epsilon=hparams.get("layer_norm_epsilon", 1e-5), activation_function="gelu_new",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot,
-        attn_implementation="eager")  # the plain matmul-softmax-matmul; it can also return attention weights
+        # "eager" is the plain matmul-softmax-matmul, which can also return attention weights; None is
+        # transformers' own default (its fused scaled-dot-product attention), what the benchmark times.
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}))
 
 
-def hf_model(hparams, tensors):
+def hf_model(hparams, tensors, attn_implementation="eager"):
     """A GPT2LMHeadModel in eval mode (no dropout) holding exactly `tensors` (model.dat names -> arrays).
 
     The arrays are copied into memory PyTorch owns (torch.from_numpy cannot share a read-only memory
@@ -52,7 +54,7 @@ def hf_model(hparams, tensors):
     """
     torch, transformers = require_torch()
     with torch.device("meta"):  # no random initialisation of weights that are replaced at once
-        model = transformers.GPT2LMHeadModel(hf_config(hparams))
+        model = transformers.GPT2LMHeadModel(hf_config(hparams, attn_implementation))
     state = {model_dat_to_hf_name(name): torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
              for name, array in tensors.items()}
     state["lm_head.weight"] = state["transformer.wte.weight"]

@@ -71,23 +71,10 @@ def find_model(size, args, tmp):
 
 
 def hf_model(model_file):
-    """GPT2LMHeadModel (eval mode, float32) holding a copy of the model file's weights, in C order as usual."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from picogpt.convert_hf import model_dat_to_hf_name
-    h = model_file.hparams
-    config = GPT2Config(vocab_size=h["n_vocab"], n_positions=h["n_ctx"], n_embd=h["n_embd"], n_layer=h["n_layer"],
-                        n_head=h["n_head"], layer_norm_epsilon=h["layer_norm_epsilon"], activation_function="gelu_new",
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(config)
-    state = {model_dat_to_hf_name(name): torch.from_numpy(np.array(array, order="C"))
-             for name, array in model_file.tensors.items()}
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
-    return model.eval()
+    """GPT2LMHeadModel (eval mode, float32) holding a copy of the model file's weights, with transformers'
+    default attention (the fused one: the fastest PyTorch has, which is what picogpt is timed against)."""
+    from picogpt.reference import hf_model as reference_model
+    return reference_model(model_file.hparams, model_file.tensors, attn_implementation=None)
 
 
 def hf_generate(model, ids, n, use_cache):
