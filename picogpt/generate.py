@@ -9,6 +9,7 @@ text is under the model).
 """
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -85,13 +86,13 @@ def choose_next(logits, rng, temperature=0.0, top_k=None, top_p=None):
 
 def check_options(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0):
     """Refuse sampling settings that mean nothing, in one sentence, before any work."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
         raise PicogptError(f"temperature must be a number >= 0 (0 is greedy), not {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise PicogptError(f"top-k must be a whole number >= 1, not {top_k}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
         raise PicogptError(f"top-p must be in (0, 1], not {top_p}")
-    if not (isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty)
+    if not (isinstance(repetition_penalty, numbers.Real) and math.isfinite(repetition_penalty)
             and repetition_penalty > 0):
         raise PicogptError(f"the repetition penalty must be a number > 0 (1 is none), not {repetition_penalty}")
 

@@ -81,12 +81,12 @@ def hf_forward(model, ids):
     return out.logits[0].numpy(), [h[0].numpy() for h in out.hidden_states]
 
 
-def hf_greedy(model, ids, n_tokens):
+def hf_greedy(model, ids, n_tokens, use_cache=True):
     """Hugging Face's greedy generate of exactly n_tokens after ids (<|endoftext|> does not stop it)."""
     torch, _ = require_torch()
     prompt = torch.tensor([list(ids)])
     with torch.inference_mode():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, num_beams=1,
-                             max_new_tokens=n_tokens, min_new_tokens=n_tokens, eos_token_id=None,
+                             use_cache=use_cache, max_new_tokens=n_tokens, min_new_tokens=n_tokens, eos_token_id=None,
                              pad_token_id=0)
     return out[0, prompt.shape[1]:].tolist()

@@ -15,6 +15,7 @@ from hf_reference import hf_model, random_tensors, write_model_dat
 from picogpt.errors import PicogptError
 from picogpt.generate import generate
 from picogpt.model import GPT2
+from picogpt.reference import hf_greedy
 
 LOGITS_TOLERANCE = 1e-4
 HIDDEN_TOLERANCE = 1e-4  # hidden states are of the order of 1-10 here (the residual stream grows with depth)
@@ -34,14 +35,6 @@ FAMILIES = {
 def hf_logits(reference, ids):
     with torch.no_grad():
         return reference(torch.tensor([ids])).logits[0].numpy()
-
-
-def hf_greedy(reference, ids, n_tokens):
-    with torch.no_grad():
-        out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 def check_parity(model, reference, prompt, n_tokens=20):

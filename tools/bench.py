@@ -79,12 +79,8 @@ def hf_model(model_file):
 
 def hf_generate(model, ids, n, use_cache):
     """Hugging Face greedy generate of exactly n tokens; the new token ids."""
-    import torch
-    ids = torch.tensor([ids])
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=use_cache,
-                             max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+    from picogpt.reference import hf_greedy
+    return hf_greedy(model, ids, n, use_cache=use_cache)
 
 
 def torch_job(path, n, threads):
