@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PROMPT ?= Return a new list containing
+PROMPT ?= The optional argument
 N ?= 20
 MODEL ?=
 

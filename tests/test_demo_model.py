@@ -1,0 +1,95 @@
+"""The demo model shipped in data/demo/ (trained by tools/train_demo_model.py).
+
+Its real trained weights against Hugging Face's GPT2LMHeadModel (logits at every position within 1e-4,
+20 greedy tokens identical, with and without picogpt's cache), its greedy output pinned as text through
+the command line, and a model card whose numbers are the training log's.
+"""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import hf_model
+from picogpt.cli import main
+from picogpt.generate import generate
+from picogpt.model import GPT2
+from picogpt.modelfile import open_model_file
+from picogpt.reference import hf_greedy
+from picogpt.tokenizer import decode, encode
+
+DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
+MODEL, LOG, CARD = DEMO / "model.dat", DEMO / "train_log.txt", DEMO / "README.md"
+HPARAMS = dict(n_vocab=50257, n_ctx=256, n_embd=128, n_head=4, n_layer=4, layer_norm_epsilon=1e-5)
+LOGITS_TOLERANCE = 1e-4
+# Docstring-like text, then words the corpus hardly has, so rarely trained embeddings are exercised too.
+PARITY_PROMPT = ("Return a list of the lines in the string, breaking at line boundaries. "
+                 "Alan Turing theorized that computers would one day become very powerful")
+GOLDEN_PROMPT = "The optional argument"  # the prompt of `make run`, the README's main command
+# The shipped model's greedy 20 tokens (the same as Hugging Face's): a tiny model's repetition loop, but text.
+GOLDEN_TEXT = " is a string.\nThe optional argument is a string.\nThe optional argument is a string,"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model_file = open_model_file(MODEL)
+    model_file.verify()
+    model = GPT2(model_file.hparams, model_file.tensors, path=model_file.path)
+    return model, hf_model(model_file.hparams, model_file.tensors)
+
+
+def test_demo_model_is_a_small_gpt2_under_30_mb():
+    assert MODEL.stat().st_size <= 30_000_000
+    assert open_model_file(MODEL).hparams == HPARAMS
+
+
+def test_logits_at_every_position_match_hugging_face(demo):
+    model, reference = demo
+    ids = encode(PARITY_PROMPT)
+    ours = model(ids, all_logits=True)
+    with torch.no_grad():
+        theirs = reference(torch.tensor([ids])).logits[0].numpy()
+    assert ours.shape == theirs.shape == (len(ids), 50257)
+    np.testing.assert_allclose(ours, theirs, atol=LOGITS_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("prompt", ["Return the number of", "This module provides", "The default value is"])
+def test_greedy_tokens_match_hugging_face_with_and_without_cache(demo, prompt):
+    model, reference = demo
+    ids = encode(prompt)
+    # 20 tokens whatever they are: the model ends some docstrings, and Hugging Face runs on past <|endoftext|> too.
+    cached = list(generate(model, ids, 20, stop_at_eot=False))
+    assert len(cached) == 20
+    assert cached == list(generate(model, ids, 20, stop_at_eot=False, use_cache=False))
+    assert cached == hf_greedy(reference, ids, 20)
+
+
+def test_greedy_text_is_pinned(demo, capsys):
+    """The exact continuation the shipped model gives, through the command line the model card shows."""
+    model, _ = demo
+    assert decode(generate(model, encode(GOLDEN_PROMPT), 20)) == GOLDEN_TEXT
+    assert main([GOLDEN_PROMPT, "-n", "20", "--model", str(MODEL)]) == 0
+    assert capsys.readouterr().out == GOLDEN_TEXT + "\n"
+
+
+def log_numbers():
+    """(train loss, val loss) of the log's final line and of its last evaluation, and the corpus sizes."""
+    text = LOG.read_text(encoding="utf-8")
+    final = re.findall(r"^final: step \d+, train loss ([\d.]+), val loss ([\d.]+)", text, re.M)
+    steps = re.findall(r"^step +\d+ \|.*\| train loss ([\d.]+) \| val loss ([\d.]+) \|", text, re.M)
+    corpus = re.search(r"train \d+ docstrings, (\d+) tokens; val \d+ docstrings, (\d+) tokens", text)
+    assert final and steps and corpus, f"{LOG} lacks its final, step or corpus lines"
+    return final[-1], steps[-1], (int(corpus[1]), int(corpus[2]))
+
+
+def test_model_card_numbers_are_the_training_logs():
+    final, last_step, (train_tokens, val_tokens) = log_numbers()
+    assert final == last_step  # the final line reports the last evaluation
+    card = CARD.read_text(encoding="utf-8")
+    card_train = re.search(r"final training loss\D*(\d+\.\d+)", card, re.I)
+    card_val = re.search(r"final validation loss\D*(\d+\.\d+)", card, re.I)
+    assert card_train and card_val, f"{CARD} does not state the final training and validation losses"
+    assert (card_train[1], card_val[1]) == final
+    assert f"{train_tokens:,}" in card and f"{val_tokens:,}" in card
