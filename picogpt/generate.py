@@ -142,14 +142,16 @@ def decode_steps(model, prompts, n_tokens, use_cache=True, temperature=0.0, top_
     for row, prompt in enumerate(prompts):
         seen[row, prompt] = True
     cache, cache_start, n_cached = None, 0, 0  # the cache holds the keys and values of tokens[:, cache_start:n_cached]
-    for _ in range(n_tokens):
+    for step in range(n_tokens):
         window_start = max(0, tokens.shape[1] - n_ctx)  # the model sees tokens[:, window_start:]
         window_pad = np.maximum(n_pad - window_start, 0)
         if not use_cache:
             logits = model(tokens[:, window_start:], n_pad=window_pad)
         else:
             if cache is None or cache_start != window_start:  # first step, or the window slid: refill
-                cache, cache_start, n_cached = model.new_cache(len(prompts)), window_start, window_start
+                n_positions = tokens.shape[1] - window_start + n_tokens - step  # the most this cache will hold
+                cache = model.new_cache(len(prompts), n_positions)
+                cache_start, n_cached = window_start, window_start
             logits = model(tokens[:, n_cached:], cache=cache, n_pad=window_pad)
             n_cached = tokens.shape[1]
         logits = logits[:, -1]  # [n_batch, n_vocab]

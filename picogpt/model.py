@@ -161,12 +161,14 @@ def gpt2(ids, wte, wpe, blocks, ln_f, n_head, eps, n_pad=None, cache=None, all_l
 
 
 class LayerCache:
-    """One layer's keys and values for the positions seen so far, preallocated for n_ctx positions."""
+    """One layer's keys and values for the positions seen so far, preallocated for n_positions of them."""
 
-    def __init__(self, n_batch, n_head, n_ctx, head_dim):
-        # np.zeros asks the OS for zeroed pages, which cost no memory until written.
-        self.keys = np.zeros((n_batch, n_head, n_ctx, head_dim), dtype=np.float32)
-        self.values = np.zeros((n_batch, n_head, n_ctx, head_dim), dtype=np.float32)
+    def __init__(self, n_batch, n_head, n_positions, head_dim):
+        # Sized for the positions that will be used, not the whole context: each head's keys are one
+        # contiguous [n_positions, head_dim] block, so spare positions would spread the writes of every
+        # step over memory the OS must zero first (with huge pages, 2 MB for each head touched).
+        self.keys = np.zeros((n_batch, n_head, n_positions, head_dim), dtype=np.float32)
+        self.values = np.zeros((n_batch, n_head, n_positions, head_dim), dtype=np.float32)
         self.length = 0  # positions filled
 
     def extend(self, k, v):
@@ -212,11 +214,12 @@ class GPT2:
         model_file = open_model_file(path)
         return cls(model_file.hparams, model_file.tensors, path=model_file.path)
 
-    def new_cache(self, n_batch=1):
-        """An empty KV cache for n_batch sequences: one LayerCache per layer."""
+    def new_cache(self, n_batch=1, n_positions=None):
+        """An empty KV cache for n_batch sequences of up to n_positions (default n_ctx): a LayerCache per layer."""
         h = self.hparams
+        n_positions = h["n_ctx"] if n_positions is None else min(n_positions, h["n_ctx"])
         head_dim = h["n_embd"] // h["n_head"]
-        return [LayerCache(n_batch, h["n_head"], h["n_ctx"], head_dim) for _ in range(h["n_layer"])]
+        return [LayerCache(n_batch, h["n_head"], n_positions, head_dim) for _ in range(h["n_layer"])]
 
     def forward(self, ids, cache=None, n_pad=None, all_logits=False, output_hidden_states=False,
                 output_attentions=False):
@@ -237,6 +240,9 @@ class GPT2:
         if n_past + ids.shape[-1] > h["n_ctx"]:
             raise PicogptError(f"{n_past + ids.shape[-1]} positions exceed the model's context of {h['n_ctx']} "
                                f"tokens; use a shorter prompt or fewer new tokens")
+        if cache is not None and n_past + ids.shape[-1] > cache[0].keys.shape[2]:
+            raise ValueError(f"{n_past + ids.shape[-1]} positions exceed the {cache[0].keys.shape[2]} this cache "
+                             f"was made for (model.new_cache(n_positions=...))")
         batch = ids[None] if single else ids
         if cache is not None and cache[0].keys.shape[0] != len(batch):
             raise ValueError(f"the cache holds {cache[0].keys.shape[0]} sequences, ids {len(batch)}")

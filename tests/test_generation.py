@@ -41,7 +41,7 @@ class ScriptedModel:
         self.hparams = dict(HPARAMS, n_ctx=n_ctx)
         self.path = None
 
-    def new_cache(self, n_batch=1):
+    def new_cache(self, n_batch=1, n_positions=None):
         return [None]
 
     def __call__(self, ids, cache=None, n_pad=None):

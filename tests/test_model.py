@@ -152,3 +152,12 @@ def test_model_dat_names_map_to_the_nested_parameters(small_model):
     assert p["blocks"][0]["mlp"]["c_proj"]["b"].shape == (48,)
     assert set(p) == {"wte", "wpe", "blocks", "ln_f"} and len(p["blocks"]) == 3
     assert GPT2_124M_SHAPE["n_layer"] == 12
+
+
+def test_a_cache_can_be_sized_to_the_positions_it_will_hold(small_model):
+    cache = small_model.new_cache(n_batch=2, n_positions=5)
+    assert cache[0].keys.shape == (2, 6, 5, 8)  # [n_batch, n_head, n_positions, head_dim]
+    small_model([[1, 2, 3], [4, 5, 6]], cache=cache)
+    with pytest.raises(ValueError, match="6 positions exceed the 5 this cache was made for"):
+        small_model([[1, 2, 3], [4, 5, 6]], cache=cache)
+    assert small_model.new_cache(n_positions=10_000)[0].keys.shape[2] == 32  # never beyond n_ctx
