@@ -4,9 +4,21 @@ from pathlib import Path
 # Test helpers (tf_fixture, httpserver, hf_reference) are plain modules beside the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 GPT2_124M_SHAPE = dict(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12)
+
+
+def assert_model_dat_holds(path, tensors):
+    """The model.dat at path holds exactly `tensors` (model.dat names -> arrays), and its checksum is right."""
+    from picogpt.modelfile import open_model_file
+    model_file = open_model_file(path)
+    assert set(model_file.tensors) == set(tensors)
+    for name, array in tensors.items():
+        np.testing.assert_array_equal(model_file.tensors[name], array, err_msg=name)
+    model_file.verify()
+    return model_file
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 
 from tf_fixture import to_model_dat_names, write_tf_checkpoint  # first: keeps TensorFlow's logging quiet
 import torch  # noqa: E402
+from conftest import assert_model_dat_holds  # noqa: E402
 from hf_reference import hf_model, random_tensors  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from test_model import LOGITS_TOLERANCE, PROMPT, check_parity, hf_logits  # noqa: E402
@@ -56,15 +57,6 @@ def edit_config(folder, **changes):
 
 
 DELETE = object()
-
-
-def assert_model_dat_holds(path, tensors):
-    model_file = open_model_file(path)
-    assert set(model_file.tensors) == set(tensors)
-    for name, array in tensors.items():
-        np.testing.assert_array_equal(model_file.tensors[name], array, err_msg=name)
-    model_file.verify()
-    return model_file
 
 
 def assert_refused(capsys, folder, message):

@@ -7,29 +7,23 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tf_fixture import to_model_dat_names, write_tf_checkpoint  # before anything imports TensorFlow: keeps its logging quiet
+from conftest import assert_model_dat_holds
 from httpserver import Fault, serve_directory
 from picogpt import convert_tf
 from picogpt.cli import convert_main
 from picogpt.download import CHECKPOINT_FILES
 from picogpt.model import GPT2
-from picogpt.modelfile import open_model_file
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(n_vocab=500, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
 
 
 def assert_model_dat_equals(path, tf_variables):
-    model_file = open_model_file(path)
-    expected = to_model_dat_names(tf_variables)
-    assert set(model_file.tensors) == set(expected)
-    for name, array in expected.items():
-        np.testing.assert_array_equal(model_file.tensors[name], array, err_msg=name)
-    model_file.verify()
-    return model_file
+    """The model.dat holds exactly the checkpoint's variables, under model.dat names."""
+    return assert_model_dat_holds(path, to_model_dat_names(tf_variables))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 from hf_reference import hf_model, random_tensors, write_model_dat
 from picogpt import blas, cli
 from picogpt.errors import PicogptError
-from picogpt.generate import (apply_repetition_penalty, choose_next, complete, decode_steps, generate,
+from picogpt.generate import (apply_repetition_penalty, choose_next, complete, generate,
                               generate_batch, score, softmax64, stream_text, top_k_filter, top_p_filter)
 from picogpt.model import GPT2
 from picogpt.tokenizer import EOT, decode, encode
