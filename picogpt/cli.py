@@ -200,8 +200,7 @@ def read_prompts(args):
 
 def generate_command(args, started=None):
     from . import blas
-    from .generate import TextStream, check_fits, check_options, decode_steps
-    from .tokenizer import EOT, StreamDecoder, load_tokenizer
+    from .generate import TextStream, check_fits, check_options, prompt_ids, text_steps
 
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty)
@@ -209,10 +208,8 @@ def generate_command(args, started=None):
     t0 = time.perf_counter()
     model = load_model(args)
     t1 = time.perf_counter()
-    tokenizer = load_tokenizer()
     prompts = read_prompts(args)
-    rows = [tokenizer.encode(p, allowed_special={"<|endoftext|>"}) or [EOT]
-            for p in prompts for _ in range(args.num_samples)]
+    rows = [prompt_ids(p) for p in prompts for _ in range(args.num_samples)]
     if not args.sliding_window:
         check_fits(model, max(map(len, rows)), args.n_tokens)
     t2 = time.perf_counter()
@@ -224,18 +221,16 @@ def generate_command(args, started=None):
     streams = [TextStream(args.stop, stop_at_eot=not args.ignore_eot) for _ in rows]
     texts, streaming = [""] * len(rows), len(rows) == 1
     step_times, t_step = [], time.perf_counter()
-    steps = decode_steps(model, rows, args.n_tokens, use_cache=not args.no_cache, seed=args.seed,
-                         sliding_window=args.sliding_window, **options)
-    for next_ids in steps:
+    steps = text_steps(model, rows, streams, args.n_tokens, use_cache=not args.no_cache, seed=args.seed,
+                       sliding_window=args.sliding_window, **options)
+    for pieces in steps:
         step_times.append(time.perf_counter() - t_step)
-        for row, token in enumerate(next_ids.tolist()):
-            texts[row] += streams[row].push(token)
         if streaming:
-            sys.stdout.write(texts[0])
+            sys.stdout.write(pieces[0])
             sys.stdout.flush()
-            texts[0], args.mid_line = "", True
-        if all(stream.finished for stream in streams):
-            break
+            args.mid_line = True
+        else:
+            texts = [text + piece for text, piece in zip(texts, pieces)]
         t_step = time.perf_counter()
     texts = [text + stream.flush() for text, stream in zip(texts, streams)]
     if streaming:

@@ -268,6 +268,16 @@ def prompt_ids(prompt):
     return encode(prompt) or [EOT]
 
 
+def text_steps(model, prompts, streams, n_tokens, **options):
+    """Run decode_steps, each row's tokens into its TextStream: yield, per step, the text each row made
+    printable (a list, "" where none). Ends early once every stream has finished; the caller flushes
+    the streams for what they still hold back."""
+    for next_ids in decode_steps(model, prompts, n_tokens, **options):
+        yield [stream.push(token) for stream, token in zip(streams, next_ids.tolist())]
+        if all(stream.finished for stream in streams):
+            return
+
+
 def stream_text(model, prompt, n_tokens, stop=(), stop_at_eot=True, **options):
     """Yield the continuation of `prompt` (a string) as text, piece by piece, as tokens are chosen.
 
@@ -275,12 +285,9 @@ def stream_text(model, prompt, n_tokens, stop=(), stop_at_eot=True, **options):
     before the first of the `stop` strings, which ends generation.
     """
     stream = TextStream(stop, stop_at_eot)
-    for (token,) in decode_steps(model, [prompt_ids(prompt)], n_tokens, **options):
-        piece = stream.push(int(token))
+    for (piece,) in text_steps(model, [prompt_ids(prompt)], [stream], n_tokens, **options):
         if piece:
             yield piece
-        if stream.finished:
-            break
     rest = stream.flush()
     if rest:
         yield rest
@@ -296,11 +303,8 @@ def complete(model, prompts, n_tokens, stop=(), stop_at_eot=True, num_samples=1,
     rows = [prompt_ids(p) for p in ([prompts] if single else prompts) for _ in range(num_samples)]
     streams = [TextStream(stop, stop_at_eot) for _ in rows]
     texts = [""] * len(rows)
-    for next_ids in decode_steps(model, rows, n_tokens, **options):
-        for row, token in enumerate(next_ids.tolist()):
-            texts[row] += streams[row].push(token)
-        if all(stream.finished for stream in streams):
-            break
+    for pieces in text_steps(model, rows, streams, n_tokens, **options):
+        texts = [text + piece for text, piece in zip(texts, pieces)]
     texts = [text + stream.flush() for text, stream in zip(texts, streams)]
     if num_samples > 1:
         texts = [texts[i:i + num_samples] for i in range(0, len(texts), num_samples)]
