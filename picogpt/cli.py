@@ -60,21 +60,23 @@ def run(prog, command, args):
 # ---------------------------------------------------------------------------------------------------
 # python -m picogpt "prompt" -n 20
 
-def probability(text):
+def number(text):
+    """A float from the command line, or argparse's complaint that it is not one."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def probability(text):
+    value = number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
     return value
 
 
 def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = number(text)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{value} is not a finite number >= 0")
     return value

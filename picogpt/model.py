@@ -231,7 +231,7 @@ class GPT2:
         h = self.hparams
         ids = np.asarray(ids)
         single = ids.ndim == 1
-        if ids.ndim not in (1, 2) or ids.shape[-1] == 0 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        if ids.ndim not in (1, 2) or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError("ids must be a non-empty sequence of integer token ids, [n_seq] or [n_batch, n_seq]")
         if ids.min() < 0 or ids.max() >= h["n_vocab"]:
             raise PicogptError(f"token id {int(ids.max() if ids.max() >= h['n_vocab'] else ids.min())} is "
