@@ -102,7 +102,7 @@ def add_model_arguments(p):
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def load_model(args):
+def load_model(args, prog="picogpt"):
     """Select the BLAS backend, then load the model the arguments name (see add_model_arguments)."""
     from . import blas
     from .store import default_model, load
@@ -116,7 +116,7 @@ def load_model(args):
     if model is None:  # an explicit --model 124M that is missing is an error, never a substitution
         model, notice = default_model(args.models_dir)
         if notice:
-            print(f"picogpt: {notice}", file=sys.stderr)
+            print(f"{prog}: {notice}", file=sys.stderr)
     return load(model, models_dir=args.models_dir, download=args.download, base_url=args.base_url)
 
 

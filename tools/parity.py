@@ -41,7 +41,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from picogpt.blas import BACKENDS  # noqa: E402
-from picogpt.cli import ArgumentParser, one_line, positive_int, run  # noqa: E402
+from picogpt.cli import ArgumentParser, load_model, one_line, positive_int, run  # noqa: E402
+from picogpt.store import DEFAULT_BASE_URL  # noqa: E402
 from picogpt.errors import PicogptError  # noqa: E402
 
 PROG = "parity"
@@ -76,6 +77,7 @@ def parser():
                         f"(default: {RTOL:g})")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(download=False, base_url=DEFAULT_BASE_URL)  # load_model's: parity never downloads
     return p
 
 
@@ -132,7 +134,6 @@ def check(args):
     from picogpt.generate import check_fits, generate
     from picogpt.modelfile import open_model_file
     from picogpt.reference import hf_forward, hf_greedy, hf_model, require_torch
-    from picogpt.store import default_model, load
     from picogpt.tokenizer import EOT, encode
 
     torch, transformers = require_torch()  # before loading gigabytes that could not be compared
@@ -140,18 +141,10 @@ def check(args):
     for name in ("atol", "rtol"):
         if not getattr(args, name) >= 0:
             raise PicogptError(f"--{name} must be a number >= 0, not {getattr(args, name)}")
-    if args.threads == 0:
-        raise PicogptError("--threads must be at least 1")
-    blas.use(args.backend, lib=args.blas_lib, threads=args.threads)
+    started = time.perf_counter()
+    model = load_model(args, prog=PROG)  # the BLAS backend and threads, and the default model, as python -m picogpt
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-
-    started = time.perf_counter()
-    if args.model is None:  # as python -m picogpt chooses: an explicitly named model is never replaced
-        args.model, notice = default_model(args.models_dir)
-        if notice:
-            print(f"{PROG}: {notice}", file=sys.stderr)
-    model = load(args.model, models_dir=args.models_dir)
     ref_file = open_model_file(args.reference_model if args.reference_model is not None else model.path)
     h = model.hparams
     if {k: ref_file.hparams[k] for k in h} != h:
