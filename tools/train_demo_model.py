@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import picogpt
+from picogpt.convert_hf import hf_to_model_dat_name
 from picogpt.generate import generate
 from picogpt.modelfile import ModelFileWriter, gpt2_tensor_specs
 from picogpt.tokenizer import EOT, N_VOCAB, load_tokenizer
@@ -166,22 +167,12 @@ def lr_at(step, steps):
     return MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * progress))
 
 
-def model_dat_name(hf_name):
-    """Hugging Face state-dict name -> model.dat name (the inverse of tests/hf_reference.py's hf_name)."""
-    *path, leaf = hf_name.removeprefix("transformer.").split(".")
-    if path[0] == "h":  # h.3.attn.c_attn -> h3/attn/c_attn
-        path = [f"h{path[1]}"] + path[2:]
-    if path in (["wte"], ["wpe"]):
-        return path[0]
-    leaf = "b" if leaf == "bias" else "w" if path[-1].startswith("c_") else "g"  # Conv1D w, LayerNorm g
-    return "/".join(path + [leaf])
-
-
 def write_model(model, path):
     """Write the weights through picogpt's ModelFileWriter (Conv1D weights are already [n_in, n_out])."""
     state = model.state_dict()
     assert model.lm_head.weight is model.transformer.wte.weight, "the output layer must be tied to wte"
-    tensors = {model_dat_name(k): v.detach().numpy() for k, v in state.items() if k != "lm_head.weight"}
+    # hf_to_model_dat_name gives None for lm_head.weight (the tied wte) and anything that is not a weight.
+    tensors = {name: v.detach().numpy() for k, v in state.items() if (name := hf_to_model_dat_name(k))}
     assert set(tensors) == set(gpt2_tensor_specs(HPARAMS)), "state dict does not map onto model.dat"
     with ModelFileWriter(path, HPARAMS) as out:
         for name, array in tensors.items():
