@@ -23,7 +23,6 @@ into place when complete.
 
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import PicogptError
+from .files import temp_file_beside
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -175,18 +175,14 @@ def save_figure(figure, out_path):
     if fmt not in FORMATS:
         raise PicogptError(f"cannot draw a picture as {path.name}: use a name ending in "
                            f"{', '.join('.' + f for f in FORMATS)}")
-    folder = path.parent
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = temp_file_beside(path, ".tmp")
     except OSError as e:
         raise PicogptError(f"cannot write {path}: {e.strerror}; choose a writable folder") from None
     try:
         with os.fdopen(fd, "wb") as f, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Glyph .* missing from")  # emoji, CJK in labels
             figure.savefig(f, format=fmt)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a picture is an ordinary file
         os.replace(tmp, path)
     except BaseException as e:
         try:

@@ -41,13 +41,13 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import PicogptError
+from .files import temp_file_beside
 
 MAGIC = b"PICOGPT\0"
 VERSION = 1
@@ -151,13 +151,9 @@ class ModelFileWriter:
     def __enter__(self):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
+            fd, self.tmp_path = temp_file_beside(self.path, ".partial")
         except OSError as e:
             raise PicogptError(f"cannot write in {self.path.parent}: {e.strerror}; choose a writable folder") from e
-        self.tmp_path = Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; a model is as readable as any file
         self.file = os.fdopen(fd, "w+b")
         try:
             if hasattr(os, "posix_fallocate"):  # fail now, not after minutes of writing, if the disk is full
