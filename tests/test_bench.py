@@ -46,6 +46,7 @@ def test_quick_bench_writes_consistent_results(tmp_path):
     assert all(b > 0 for b in section["bandwidth"].values())
     for step in section["decode_steps"]:
         assert {"backend", "threads", "decode_step_s", "prefill_s", "floor_s"} <= set(step)
+        assert step["products_s"] > 0  # the same step's matrix products alone, timed on the same backend
     assert all({"what", "target", "passed"} <= set(t) for t in section["targets"])
     # Batches (--quick: sizes 1 and 3), timed together and one by one, their tokens checked alike.
     assert [b["batch"] for b in section["batches"]] == [1, 3]

@@ -135,6 +135,26 @@ def sgemv_reads(x, a, calls):
     return dict(steps=steps)
 
 
+def decode_products(weights, calls):
+    """Time `calls` passes of a decode step's matrix products alone, back to back, through the selected
+    backend: each weight times one row, in the model's order, with none of the step's other work."""
+    from picogpt.blas import matmul
+    rows = {w.shape[0]: np.ones((1, w.shape[0]), np.float32) for w in weights}
+    steps = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        for w in weights:
+            matmul(rows[w.shape[0]], w)
+        steps.append(time.perf_counter() - t)
+    return dict(steps=steps)
+
+
+def step_weights(tensors, n_layer):
+    """The matrices a decode step multiplies by, in order: each block's four, then wte.T (the logits)."""
+    names = ("attn/c_attn/w", "attn/c_proj/w", "mlp/c_fc/w", "mlp/c_proj/w")
+    return [tensors[f"h{i}/{name}"] for i in range(n_layer) for name in names] + [tensors["wte"].T]
+
+
 def child_process(cmd, threads):
     """Run a command to completion: its stdout, wall time and peak resident memory.
 
@@ -154,7 +174,7 @@ def child_process(cmd, threads):
     return dict(text=p.stdout.decode(), peak_rss=int(peak) * kib, wall=float(seconds))
 
 
-def contestants(model, hf, path, args, n):
+def contestants(model, hf, path, mf, args, n):
     """Every contestant of one section, in the order each round runs them; and notes (backends skipped, why)."""
     import torch
     from picogpt import blas
@@ -170,6 +190,9 @@ def contestants(model, hf, path, args, n):
                                 partial(blas.use, backend, threads=t), partial(picogpt_generate, model, n, cache),
                                 args.repeats if cache else args.no_cache_repeats, system="picogpt", backend=backend,
                                 cache=cache) for t in args.threads]
+        rows += [contestant(f"{backend} products alone", t, partial(blas.use, backend, threads=t),
+                            partial(decode_products, step_weights(mf.tensors, mf.hparams["n_layer"]), 3),
+                            args.repeats, system="products", backend=backend) for t in args.threads]
     for cache in (True, False):
         rows += [contestant(f"PyTorch, {'cache' if cache else 'no cache'}", t, partial(torch.set_num_threads, t),
                             partial(hf_generate, hf, PROMPT_IDS, n, cache),
@@ -235,9 +258,14 @@ def summarize(rows, mf, n):
              kv_cache_bytes=2 * h["n_layer"] * (len(PROMPT_IDS) + n) * h["n_embd"] * 4)  # the positions filled
     seconds = {id(c): median([run["seconds"] for run in c["runs"]]) for c in rows}
     refs = {(c["system"], c["threads"]): seconds[id(c)] for c in rows if c.get("cache", True)}
+    products = {}  # (backend, threads): seconds of a decode step's matrix products alone
     for c in rows:
-        if c["system"] == "bandwidth":
-            s["bandwidth"][c["threads"]] = c["bytes"] / median([x for run in c["runs"] for x in run["steps"]])
+        if c["system"] in ("bandwidth", "products"):
+            each = median([x for run in c["runs"] for x in run["steps"]])
+            if c["system"] == "bandwidth":
+                s["bandwidth"][c["threads"]] = c["bytes"] / each
+            else:
+                products[c["backend"], c["threads"]] = each
     s["batches"] = []
     for size in sorted({c["batch"] for c in rows if c["system"] == "batch"}):
         together, alone = (next(c for c in rows if c["system"] == "batch" and c["batch"] == size
@@ -248,7 +276,7 @@ def summarize(rows, mf, n):
                                  speedup=seconds[id(alone)] / seconds[id(together)],
                                  runs=[r["seconds"] for r in together["runs"]],
                                  one_by_one_runs=[r["seconds"] for r in alone["runs"]]))
-    for c in (c for c in rows if c["system"] not in ("bandwidth", "batch")):
+    for c in (c for c in rows if c["system"] not in ("bandwidth", "products", "batch")):
         ref = refs.get(("PyTorch process" if c["system"].endswith("process") else "PyTorch", c["threads"]))
         row = {k: v for k, v in c.items() if k not in ("setup", "run")}
         row.update(median_s=seconds[id(c)], ratio=ref and seconds[id(c)] / ref, tokens_per_s=n / seconds[id(c)])
@@ -258,7 +286,8 @@ def summarize(rows, mf, n):
             step = median([x for run in c["runs"] for x in run["steps"][1:]])
             s["decode_steps"].append(dict(backend=c["backend"], threads=c["threads"], loop_s=row["median_s"],
                                           ratio=row["ratio"], prefill_s=median([run["steps"][0] for run in c["runs"]]),
-                                          decode_step_s=step, floor_s=s["decode_step_bytes"] / s["bandwidth"][c["threads"]]))
+                                          decode_step_s=step, products_s=products.get((c["backend"], c["threads"])),
+                                          floor_s=s["decode_step_bytes"] / s["bandwidth"][c["threads"]]))
         s["rows"].append(row)
     s["targets"] = [dict(what=w, target=t, passed=bool(ok)) for w, t, ok in targets(s, h)]
     return s
@@ -300,9 +329,13 @@ def print_section(title, s, notes, n):
     print(f"read bandwidth (NumPy sgemv over a float32 matrix): {bw}")
     print(f"a decode step reads {s['decode_step_bytes'] / 1e6:.1f} MB of weights (all but wpe's unused rows):")
     for d in s["decode_steps"]:
-        print(f"  picogpt {d['backend']}, {d['threads']}t: decode step {1e3 * d['decode_step_s']:.1f} ms, floor "
-              f"{1e3 * d['floor_s']:.1f} ms ({d['floor_s'] / d['decode_step_s']:.0%} of bandwidth); "
-              f"prefill {1e3 * d['prefill_s']:.0f} ms")
+        floor = d["floor_s"]
+        alone = f"; its matrix products alone {1e3 * d['products_s']:.1f} ms ({d['products_s'] / floor:.2f}x)" \
+            if d["products_s"] else ""
+        print(f"  picogpt {d['backend']}, {d['threads']}t: floor {1e3 * floor:.1f} ms; decode step "
+              f"{1e3 * d['decode_step_s']:.1f} ms ({d['decode_step_s'] / floor:.2f}x the floor, "
+              f"{floor / d['decode_step_s']:.0%} of bandwidth){alone}; prefill {1e3 * d['prefill_s']:.0f} ms")
+    print("  (matrix products alone: the same weights times one row, back to back, with nothing else between)")
     print(f"model {s['model_bytes'] / 1e6:.1f} MB + KV cache {s['kv_cache_bytes'] / 1e6:.1f} MB "
           f"({len(PROMPT_IDS)} + {n} positions)")
     if s["batches"]:
@@ -387,7 +420,7 @@ def main(argv=None):
             mf = open_model_file(path)
             model, hf = GPT2(mf.hparams, mf.tensors, path=mf.path), hf_model(mf)
             expected = hf_generate(hf, PROMPT_IDS, n, use_cache=True)
-            rows, notes = contestants(model, hf, path, args, n)
+            rows, notes = contestants(model, hf, path, mf, args, n)
             # A batch must give each prompt what it gets alone, which for the full prompt is PyTorch's.
             batches = {size: picogpt_batch(model, batch_prompts(size), n, together=False)["batch_tokens"]
                        for size in args.batch_sizes}
