@@ -44,6 +44,8 @@ def test_quick_bench_writes_consistent_results(tmp_path):
     assert all(r["peak_rss_bytes"] > 0 for r in procs)
 
     assert all(b > 0 for b in section["bandwidth"].values())
+    for threads, kernels in section["bandwidth_by_kernel"].items():  # the floor uses the fastest read
+        assert set(kernels) == {"x @ A", "A @ y", "sdot"} and section["bandwidth"][threads] == max(kernels.values())
     for step in section["decode_steps"]:
         assert {"backend", "threads", "decode_step_s", "prefill_s", "floor_s"} <= set(step)
         assert step["products_s"] > 0  # the same step's matrix products alone, timed on the same backend

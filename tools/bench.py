@@ -6,8 +6,8 @@ Every contestant runs in this one process, round-robin: one warm-up round, then 
 contestant once, so drift on a noisy machine hits all of them alike and ratios come from the same run.
 Every contestant's tokens must equal PyTorch's, or the benchmark stops: timing wrong output is worthless.
 
-Also measured in the same rounds: read bandwidth (a float32 matrix-vector product over a large matrix,
-NumPy's BLAS), hence the floor of a decode step (it reads every weight once), and whole processes
+Also measured in the same rounds: read bandwidth (the best of three BLAS kernels that read a large float32
+matrix once: sgemv in either orientation and sdot, NumPy's BLAS), hence the floor of a decode step (it reads every weight once), and whole processes
 (`python -m picogpt` vs the same job in a PyTorch script: imports, loading, tokenizing, generating).
 """
 
@@ -125,12 +125,20 @@ def picogpt_batch(model, prompts, n, together):
     return dict(batch_tokens=[list(generate(model, p, n, stop_at_eot=False)) for p in prompts])
 
 
-def sgemv_reads(x, a, calls):
-    """Time `calls` products x @ a (a row-major [k, n] matrix: read once, front to back, like the model's)."""
+# Three ways to read a row-major [k, n] matrix once, front to back. Which is fastest depends on the CPU
+# and the BLAS (the model multiplies as "x @ A"), so the bandwidth, and the floor, are the best of them.
+READS = {"x @ A": lambda a, x, y: x @ a,  # sgemv, accumulating scaled rows of A
+         "A @ y": lambda a, x, y: a @ y,  # sgemv, a dot product per row of A
+         "sdot": lambda a, x, y: np.dot(a[:len(a) // 2].ravel(), a[len(a) // 2:].ravel())}  # one half by the other
+
+
+def matrix_reads(a, kernel, calls):
+    """Time `calls` reads of the whole matrix a by one of READS."""
+    read, x, y = READS[kernel], np.ones(a.shape[0], a.dtype), np.ones(a.shape[1], a.dtype)
     steps = []
     for _ in range(calls):
         t = time.perf_counter()
-        x @ a
+        read(a, x, y)
         steps.append(time.perf_counter() - t)
     return dict(steps=steps)
 
@@ -199,9 +207,9 @@ def contestants(model, hf, path, mf, args, n):
                             args.repeats if cache else args.no_cache_repeats, system="PyTorch", cache=cache)
                  for t in args.threads]
     a = np.full((256 if args.quick else 8192, 16384), 0.5, np.float32)  # 512 MiB, far beyond any cache
-    rows += [contestant("read bandwidth", t, partial(blas.use, "numpy", threads=t),
-                        partial(sgemv_reads, np.ones(len(a), np.float32), a, 3), args.repeats, system="bandwidth",
-                        bytes=a.nbytes) for t in args.threads]
+    rows += [contestant(f"read bandwidth, {kernel}", t, partial(blas.use, "numpy", threads=t),
+                        partial(matrix_reads, a, kernel, 3), args.repeats, system="bandwidth", kernel=kernel,
+                        bytes=a.nbytes) for kernel in READS for t in args.threads]
     for t in args.process_threads:
         pico = [sys.executable, "-m", "picogpt", PROMPT, "-n", str(n), "--model", str(path), "--threads", str(t)]
         torch_cmd = [sys.executable, "-c", TORCH_CHILD.format(tools=str(REPO / "tools"), path=str(path), n=n, threads=t)]
@@ -252,7 +260,7 @@ def summarize(rows, mf, n):
     """Medians, ratios, bandwidth, the decode-step floor and memory of one section, as a dict."""
     h, tensors = mf.hparams, mf.tensors
     model_bytes = sum(t.nbytes for t in tensors.values())
-    s = dict(model_bytes=model_bytes, bandwidth={}, rows=[], decode_steps=[],
+    s = dict(model_bytes=model_bytes, bandwidth={}, bandwidth_by_kernel={}, rows=[], decode_steps=[],
              # a decode step reads every weight once, except wpe: one row of it
              decode_step_bytes=model_bytes - tensors["wpe"].nbytes + tensors["wpe"][0].nbytes,
              kv_cache_bytes=2 * h["n_layer"] * (len(PROMPT_IDS) + n) * h["n_embd"] * 4)  # the positions filled
@@ -263,7 +271,9 @@ def summarize(rows, mf, n):
         if c["system"] in ("bandwidth", "products"):
             each = median([x for run in c["runs"] for x in run["steps"]])
             if c["system"] == "bandwidth":
-                s["bandwidth"][c["threads"]] = c["bytes"] / each
+                s["bandwidth_by_kernel"].setdefault(c["threads"], {})[c["kernel"]] = c["bytes"] / each
+                s["bandwidth"][c["threads"]] = max(s["bandwidth_by_kernel"][c["threads"]].values())
+                s["bandwidth_matrix_bytes"] = c["bytes"]
             else:
                 products[c["backend"], c["threads"]] = each
     s["batches"] = []
@@ -325,8 +335,10 @@ def print_section(title, s, notes, n):
     print("\n".join(notes))
     print(f"(vs PyTorch: loops against PyTorch's cached loop, processes against the PyTorch process, at the "
           f"same thread count; tokens/s = {n} / median)")
-    bw = ", ".join(f"{t}t {b / 1e9:.1f} GB/s" for t, b in s["bandwidth"].items())
-    print(f"read bandwidth (NumPy sgemv over a float32 matrix): {bw}")
+    for t, kernels in s["bandwidth_by_kernel"].items():
+        each = ", ".join(f"{k} {b / 1e9:.1f}" for k, b in kernels.items())
+        print(f"read bandwidth, {t}t: {s['bandwidth'][t] / 1e9:.1f} GB/s, the best of NumPy's BLAS reading a "
+              f"{s['bandwidth_matrix_bytes'] / 2**20:.0f} MiB float32 matrix once ({each} GB/s)")
     print(f"a decode step reads {s['decode_step_bytes'] / 1e6:.1f} MB of weights (all but wpe's unused rows):")
     for d in s["decode_steps"]:
         floor = d["floor_s"]
@@ -350,19 +362,36 @@ def print_section(title, s, notes, n):
     print(f"(this section took {s['seconds']:.0f} s)")
 
 
+def cpu_name():
+    """The CPU's model name; on Linux also its family/model numbers and widest vector extension (virtual
+    machines often show a bare "AMD EPYC", and the vector width decides how fast a product can be)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return platform.processor() or platform.machine()
+    info = {}
+    for line in open("/proc/cpuinfo"):
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = info.get("flags", "").split()
+    vector = next((f.upper() for f in ("avx512f", "avx2", "avx", "sse2") if f in flags), "")
+    return ", ".join(x for x in (info.get("model name", platform.processor()),
+                                 "family {} model {}".format(info["cpu family"], info["model"])
+                                 if "cpu family" in info and "model" in info else "", vector) if x)
+
+
 def machine():
     import threadpoolctl
     import torch
     import transformers
     from picogpt import blas
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     libs = [f"{i['internal_api']} {i['version']} ({os.path.basename(i['filepath'])}, {i.get('architecture')})"
             for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-    return dict(cpu=cpu, cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    return dict(cpu=cpu_name(), cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                 platform=platform.platform(), python=platform.python_version(), numpy=np.__version__,
                 blas=libs, picogpt_blas=blas.describe(), torch=torch.__version__, transformers=transformers.__version__,
-                load_average=round(os.getloadavg()[0], 2))
+                load_average=round(os.getloadavg()[0], 2),
+                # settings that change which BLAS kernels run (OPENBLAS_CORETYPE picks OpenBLAS's CPU kernels)
+                blas_environment={k: v for k, v in sorted(os.environ.items())
+                                  if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "VECLIB_", "GOTO"))})
 
 
 def threads_list(text):
