@@ -401,8 +401,8 @@ def threads_list(text):
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
         "Defaults: the 124M shape only, 5 repeats (3 for the no-cache loops, which take seconds each) after one "
-        "warm-up round: a few minutes on an idle 2-core machine. --sizes 124M,355M adds the 355M shape, about 3x "
-        "the 124M section's time (both took 42 minutes on a 2-core machine that other jobs kept busy)."))
+        "warm-up round: about 3 minutes on an idle 2-core machine. --sizes 124M,355M adds the 355M shape, about "
+        "2.3x the 124M section's time (10 minutes for both; far longer on a machine other jobs keep busy)."))
     p.add_argument("--sizes", default="124M", help="GPT-2 shapes to run: 124M, 355M or 124M,355M (default: 124M)")
     p.add_argument("--model", help="benchmark this model.dat alone instead of --sizes")
     p.add_argument("--models-dir", default=os.environ.get("PICOGPT_MODELS_DIR") or str(REPO / "models"),
