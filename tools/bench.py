@@ -7,8 +7,9 @@ contestant once, so drift on a noisy machine hits all of them alike and ratios c
 Every contestant's tokens must equal PyTorch's, or the benchmark stops: timing wrong output is worthless.
 
 Also measured in the same rounds: read bandwidth (the best of three BLAS kernels that read a large float32
-matrix once: sgemv in either orientation and sdot, NumPy's BLAS), hence the floor of a decode step (it reads every weight once), and whole processes
-(`python -m picogpt` vs the same job in a PyTorch script: imports, loading, tokenizing, generating).
+matrix once: sgemv in either orientation and sdot, NumPy's BLAS), hence the floor of a decode step (it
+reads every weight once); the step's matrix products alone; and whole processes (`python -m picogpt`
+vs the same job in a PyTorch script: imports, loading, tokenizing, generating).
 """
 
 import argparse
@@ -132,35 +133,30 @@ READS = {"x @ A": lambda a, x, y: x @ a,  # sgemv, accumulating scaled rows of A
          "sdot": lambda a, x, y: np.dot(a[:len(a) // 2].ravel(), a[len(a) // 2:].ravel())}  # one half by the other
 
 
+def timed_calls(work, calls):
+    """Time `calls` calls of work(): dict(steps=[seconds of each])."""
+    steps = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        work()
+        steps.append(time.perf_counter() - t)
+    return dict(steps=steps)
+
+
 def matrix_reads(a, kernel, calls):
     """Time `calls` reads of the whole matrix a by one of READS."""
     read, x, y = READS[kernel], np.ones(a.shape[0], a.dtype), np.ones(a.shape[1], a.dtype)
-    steps = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        read(a, x, y)
-        steps.append(time.perf_counter() - t)
-    return dict(steps=steps)
+    return timed_calls(lambda: read(a, x, y), calls)
 
 
-def decode_products(weights, calls):
+def decode_products(tensors, calls):
     """Time `calls` passes of a decode step's matrix products alone, back to back, through the selected
-    backend: each weight times one row, in the model's order, with none of the step's other work."""
+    backend: each weight matrix (every "/w", in file order, i.e. the model's) times one row, then wte.T
+    for the logits, with none of the step's other work."""
     from picogpt.blas import matmul
+    weights = [w for name, w in tensors.items() if name.endswith("/w")] + [tensors["wte"].T]
     rows = {w.shape[0]: np.ones((1, w.shape[0]), np.float32) for w in weights}
-    steps = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        for w in weights:
-            matmul(rows[w.shape[0]], w)
-        steps.append(time.perf_counter() - t)
-    return dict(steps=steps)
-
-
-def step_weights(tensors, n_layer):
-    """The matrices a decode step multiplies by, in order: each block's four, then wte.T (the logits)."""
-    names = ("attn/c_attn/w", "attn/c_proj/w", "mlp/c_fc/w", "mlp/c_proj/w")
-    return [tensors[f"h{i}/{name}"] for i in range(n_layer) for name in names] + [tensors["wte"].T]
+    return timed_calls(lambda: [matmul(rows[w.shape[0]], w) for w in weights], calls)
 
 
 def child_process(cmd, threads):
@@ -199,7 +195,7 @@ def contestants(model, hf, path, mf, args, n):
                                 args.repeats if cache else args.no_cache_repeats, system="picogpt", backend=backend,
                                 cache=cache) for t in args.threads]
         rows += [contestant(f"{backend} products alone", t, partial(blas.use, backend, threads=t),
-                            partial(decode_products, step_weights(mf.tensors, mf.hparams["n_layer"]), 3),
+                            partial(decode_products, mf.tensors, 3),
                             args.repeats, system="products", backend=backend) for t in args.threads]
     for cache in (True, False):
         rows += [contestant(f"PyTorch, {'cache' if cache else 'no cache'}", t, partial(torch.set_num_threads, t),
@@ -260,7 +256,7 @@ def summarize(rows, mf, n):
     """Medians, ratios, bandwidth, the decode-step floor and memory of one section, as a dict."""
     h, tensors = mf.hparams, mf.tensors
     model_bytes = sum(t.nbytes for t in tensors.values())
-    s = dict(model_bytes=model_bytes, bandwidth={}, bandwidth_by_kernel={}, rows=[], decode_steps=[],
+    s = dict(model_bytes=model_bytes, bandwidth_by_kernel={}, rows=[], decode_steps=[],
              # a decode step reads every weight once, except wpe: one row of it
              decode_step_bytes=model_bytes - tensors["wpe"].nbytes + tensors["wpe"][0].nbytes,
              kv_cache_bytes=2 * h["n_layer"] * (len(PROMPT_IDS) + n) * h["n_embd"] * 4)  # the positions filled
@@ -272,10 +268,10 @@ def summarize(rows, mf, n):
             each = median([x for run in c["runs"] for x in run["steps"]])
             if c["system"] == "bandwidth":
                 s["bandwidth_by_kernel"].setdefault(c["threads"], {})[c["kernel"]] = c["bytes"] / each
-                s["bandwidth"][c["threads"]] = max(s["bandwidth_by_kernel"][c["threads"]].values())
                 s["bandwidth_matrix_bytes"] = c["bytes"]
             else:
                 products[c["backend"], c["threads"]] = each
+    s["bandwidth"] = {t: max(kernels.values()) for t, kernels in s["bandwidth_by_kernel"].items()}
     s["batches"] = []
     for size in sorted({c["batch"] for c in rows if c["system"] == "batch"}):
         together, alone = (next(c for c in rows if c["system"] == "batch" and c["batch"] == size
@@ -296,7 +292,7 @@ def summarize(rows, mf, n):
             step = median([x for run in c["runs"] for x in run["steps"][1:]])
             s["decode_steps"].append(dict(backend=c["backend"], threads=c["threads"], loop_s=row["median_s"],
                                           ratio=row["ratio"], prefill_s=median([run["steps"][0] for run in c["runs"]]),
-                                          decode_step_s=step, products_s=products.get((c["backend"], c["threads"])),
+                                          decode_step_s=step, products_s=products[c["backend"], c["threads"]],
                                           floor_s=s["decode_step_bytes"] / s["bandwidth"][c["threads"]]))
         s["rows"].append(row)
     s["targets"] = [dict(what=w, target=t, passed=bool(ok)) for w, t, ok in targets(s, h)]
@@ -342,11 +338,11 @@ def print_section(title, s, notes, n):
     print(f"a decode step reads {s['decode_step_bytes'] / 1e6:.1f} MB of weights (all but wpe's unused rows):")
     for d in s["decode_steps"]:
         floor = d["floor_s"]
-        alone = f"; its matrix products alone {1e3 * d['products_s']:.1f} ms ({d['products_s'] / floor:.2f}x)" \
-            if d["products_s"] else ""
         print(f"  picogpt {d['backend']}, {d['threads']}t: floor {1e3 * floor:.1f} ms; decode step "
               f"{1e3 * d['decode_step_s']:.1f} ms ({d['decode_step_s'] / floor:.2f}x the floor, "
-              f"{floor / d['decode_step_s']:.0%} of bandwidth){alone}; prefill {1e3 * d['prefill_s']:.0f} ms")
+              f"{floor / d['decode_step_s']:.0%} of bandwidth); its matrix products alone "
+              f"{1e3 * d['products_s']:.1f} ms ({d['products_s'] / floor:.2f}x); "
+              f"prefill {1e3 * d['prefill_s']:.0f} ms")
     print("  (matrix products alone: the same weights times one row, back to back, with nothing else between)")
     print(f"model {s['model_bytes'] / 1e6:.1f} MB + KV cache {s['kv_cache_bytes'] / 1e6:.1f} MB "
           f"({len(PROMPT_IDS)} + {n} positions)")
@@ -385,7 +381,8 @@ def machine():
     from picogpt import blas
     libs = [f"{i['internal_api']} {i['version']} ({os.path.basename(i['filepath'])}, {i.get('architecture')})"
             for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-    return dict(cpu=cpu_name(), cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return dict(cpu=cpu_name(), cores=cores,
                 platform=platform.platform(), python=platform.python_version(), numpy=np.__version__,
                 blas=libs, picogpt_blas=blas.describe(), torch=torch.__version__, transformers=transformers.__version__,
                 load_average=round(os.getloadavg()[0], 2),
