@@ -38,7 +38,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-# picogpt against PyTorch on the same weights, 1 and 2 threads, and the memory-bandwidth floor (about 4 min)
+# picogpt against PyTorch on the same weights, 1 and 2 threads, and the memory-bandwidth floor (about 3 min)
 bench: $(VENV)/.installed-test
 	$(PY) tools/bench.py
 
