@@ -40,11 +40,11 @@ test: $(VENV)/.installed-test
 
 # picogpt against PyTorch on the same weights, 1 and 2 threads, and the memory-bandwidth floor (about 3 min)
 bench: $(VENV)/.installed-test
-	$(PY) tools/bench.py
+	$(PY) -m picogpt bench
 
 # picogpt against PyTorch on MODEL's weights (default as for run), layer by layer; exit status 1 on a mismatch
 parity: $(VENV)/.installed-parity
-	$(PY) tools/parity.py $(if $(MODEL),--model $(MODEL)) -n $(N)
+	$(PY) -m picogpt parity $(if $(MODEL),--model $(MODEL)) -n $(N)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,23 +1,44 @@
 """picogpt: GPT-2 inference in plain NumPy.
 
     import picogpt
-    model = picogpt.load("124M")                     # or a path to a model.dat
+    from picogpt.generate import generate
+    model = picogpt.load("124M")                     # or "demo", or a path to a model.dat
     tokenizer = picogpt.load_tokenizer()
     ids = tokenizer.encode("Alan Turing theorized that")
-    new_ids = list(picogpt.generate(model, ids, n_tokens=20))
+    new_ids = list(generate(model, ids, n_tokens=20))
     print(tokenizer.decode(new_ids))
 
-The model's math is in picogpt.model; the file format in picogpt.modelfile.
+The modules, bottom to top (each imports only modules above it in this list):
+
+    errors, files       the one exception type; shipped data and atomic writes
+    tensors             GPT-2's hyper-parameters and tensor names (model.dat's, OpenAI's, Hugging Face's)
+    modelfile           the model.dat format: write, map, validate
+    blas, tokenizer     BLAS backends; GPT-2's BPE tokenizer and its vocabulary files
+    model               the math: layer_norm, gelu, softmax, attention, mha, mlp, block, gpt2; KV cache
+    trace               a tracer of the model's steps; collects hidden states and attention weights
+    generate, scoring   decoding (greedy, sampling, stop strings, batches); log-probabilities of a text
+    download            OpenAI's release (sizes, URL, files) and the resumable download
+    convert_tf, convert_hf    checkpoints -> model.dat
+    store               model names -> files; load, fetch (download + convert)
+    attention_plot      pictures of attention weights
+    reference, parity, bench    the PyTorch reference; the layer-by-layer check and the benchmark against it
+    cli                 every `picogpt` subcommand (__main__ runs it)
+
+The names below are imported on first use, so that `import picogpt` itself costs nothing and
+`picogpt -v` can time the imports the command line makes.
 """
 
-import time as _time
+import importlib
 
-_import_started = _time.perf_counter()  # for `python -m picogpt -v`: how long importing picogpt took
+_HOMES = {"GPT2": "model", "PicogptError": "errors", "load": "store", "load_tokenizer": "tokenizer"}
+__all__ = sorted(_HOMES)
 
-from .errors import PicogptError  # noqa: E402
-from .generate import generate  # noqa: E402
-from .model import GPT2  # noqa: E402
-from .store import load  # noqa: E402
-from .tokenizer import load_tokenizer  # noqa: E402
 
-__all__ = ["GPT2", "PicogptError", "generate", "load", "load_tokenizer"]
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module 'picogpt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOMES))

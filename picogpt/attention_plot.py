@@ -31,6 +31,9 @@ import numpy as np
 
 from .errors import PicogptError
 from .files import temp_file_beside
+from .generate import prompt_ids
+from .tokenizer import load_tokenizer
+from .trace import collect
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -58,10 +61,10 @@ def _matplotlib():
 def attention_weights(model, ids):
     """Every layer's attention weights over token ids [n_seq]: n_layer x [n_head, n_seq, n_seq] float32.
 
-    They are picogpt.model.attention's softmax output, as model.forward(ids, output_attentions=True)
-    returns them; row t holds query t's weights over keys 0..n_seq-1.
+    They are the softmax output inside picogpt.model.attention, as picogpt.trace.collect records them;
+    row t holds query t's weights over keys 0..n_seq-1.
     """
-    return model.forward(np.asarray(ids), output_attentions=True).attentions
+    return collect(model, np.asarray(ids)).attentions
 
 
 def check_layer_head(n_layer, n_head, layer, head=None):
@@ -88,8 +91,6 @@ def token_label(token_bytes):
 
 def token_labels(ids):
     """Labels for token ids: each token decoded on its own and made visible by token_label."""
-    from .tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer()
     return [token_label(tokenizer.decode_single_token_bytes(int(i))) for i in ids]
 
@@ -201,8 +202,6 @@ def attention_picture(model, prompt, layer, head=None, out_path="attn.png"):
     the picture atomically. Bad layer or head numbers, or a prompt beyond the context, are one-sentence
     PicogptErrors raised before any work. Returns the AttentionPicture.
     """
-    from .generate import prompt_ids
-
     h = model.hparams
     check_layer_head(h["n_layer"], h["n_head"], layer, head)
     _matplotlib()  # fail on a missing extra before running the model

@@ -1,18 +1,35 @@
-"""Command lines: `python -m picogpt` (generate, verify) and tools/convert_tf_checkpoint.py (fetch, convert).
+"""The command line: every `picogpt` subcommand (`python -m picogpt`, the `picogpt` console script, and
+the thin scripts in tools/), each an argument parser over the package's Python API.
 
-Argument parsing and printing only; the work is done by the package's Python API. A user mistake or a
+    picogpt "prompt" -n 20        generate (the default subcommand)
+    picogpt score FILE            ...  and the others in SUBCOMMANDS; `picogpt --help` lists them
+
+Argument parsing and printing only; the work is done by the package's modules. A user mistake or a
 fault (PicogptError) prints one line on stderr and exits 1, a bad argument one line and exits 2, Ctrl-C
 exits 130; --debug shows the traceback instead.
 """
 
-import argparse
-import math
-import sys
 import time
 
-from .blas import BACKENDS
-from .errors import PicogptError
-from .store import DEFAULT_BASE_URL, DEMO, MODEL_SIZES
+IMPORTS_STARTED = time.perf_counter()  # -v reports how long importing picogpt's modules took
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from . import bench, blas, parity  # noqa: E402
+from .attention_plot import attention_picture  # noqa: E402
+from .convert_hf import convert_hf_checkpoint  # noqa: E402
+from .convert_tf import convert_checkpoint, require_tensorflow  # noqa: E402
+from .download import DEFAULT_BASE_URL, MODEL_SIZES  # noqa: E402
+from .errors import PicogptError, one_line  # noqa: E402
+from .generate import TextBatch  # noqa: E402
+from .modelfile import open_model_file  # noqa: E402
+from .scoring import score  # noqa: E402
+from .store import DEMO, default_model, fetch, load, model_path  # noqa: E402
+from .tokenizer import EOT, encode  # noqa: E402
+from .trace import print_trace  # noqa: E402
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -20,21 +37,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {one_line(message)}; see {self.prog} --help\n")
-
-
-def one_line(message):
-    """A message that prints as one line even if it quotes user input holding line breaks."""
-    return " ".join(str(message).splitlines())
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
 
 
 def run(prog, command, args):
@@ -58,7 +60,30 @@ def run(prog, command, args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# python -m picogpt "prompt" -n 20
+# Kinds of argument
+
+def whole_number(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def non_negative_int(text):
+    """A whole number >= 0: a count that may be zero (tokens to generate), a seed, an index."""
+    value = whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def positive_int(text):
+    """A whole number >= 1: threads, a stride, top-k, samples."""
+    value = whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 1")
+    return value
+
 
 def number(text):
     """A float from the command line, or argparse's complaint that it is not one."""
@@ -82,8 +107,15 @@ def non_negative_float(text):
     return value
 
 
+def threads_list(text):
+    return [positive_int(t) for t in text.split(",") if t]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model, as every subcommand that runs one selects it
+
 def add_model_arguments(p):
-    """--model and where models come from: shared by generate, score and attention."""
+    """--model and where models come from, the BLAS and its threads: shared by the subcommands that run one."""
     p.add_argument("--model", default=None,
                    help=f"{', '.join(MODEL_SIZES)}, {DEMO} (a small model shipped with picogpt) or a path to a "
                         f"model.dat (default: 124M if it has been fetched, else {DEMO})")
@@ -92,7 +124,7 @@ def add_model_arguments(p):
     p.add_argument("--download", action="store_true",
                    help="download and convert the model if it is missing (needs picogpt[convert])")
     p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="mirror of OpenAI's checkpoints, for --download")
-    p.add_argument("--backend", default="numpy", choices=BACKENDS,
+    p.add_argument("--backend", default="numpy", choices=blas.BACKENDS,
                    help="which BLAS multiplies the matrices: NumPy's own (default), an OpenBLAS found "
                         "automatically, or Apple's Accelerate (macOS)")
     p.add_argument("--blas-lib", default=None, metavar="PATH",
@@ -104,11 +136,6 @@ def add_model_arguments(p):
 
 def load_model(args, prog="picogpt"):
     """Select the BLAS backend, then load the model the arguments name (see add_model_arguments)."""
-    from . import blas
-    from .store import default_model, load
-
-    if args.threads == 0:
-        raise PicogptError("--threads must be at least 1")
     blas.use(args.backend, lib=args.blas_lib, threads=args.threads)
     model = args.model
     if model is None and args.download:
@@ -120,10 +147,16 @@ def load_model(args, prog="picogpt"):
     return load(model, models_dir=args.models_dir, download=args.download, base_url=args.base_url)
 
 
-def generate_parser():
-    p = ArgumentParser(prog="picogpt", description="Generate text with GPT-2, computed in NumPy. Other commands: "
-                       "`picogpt score FILE` (log-probability and perplexity of a text), `picogpt attention` "
-                       "(pictures of attention weights), `picogpt verify MODEL` (check a model file).")
+# ---------------------------------------------------------------------------------------------------
+# picogpt "prompt" -n 20   (or picogpt generate ...)
+
+def generate_parser(prog="picogpt"):
+    width = max(map(len, SUBCOMMANDS))
+    commands = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, _, summary) in SUBCOMMANDS.items())
+    p = ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Generate text with GPT-2, computed in NumPy.",
+                       epilog=f"commands (picogpt COMMAND --help for each):\n{commands}\n\n"
+                              "A prompt that is a command's name is continued with: picogpt generate PROMPT")
     p.add_argument("prompt", nargs="?", default=None,
                    help="text to continue (default: read standard input if it is not a terminal; "
                         "an empty prompt starts from <|endoftext|>)")
@@ -131,7 +164,7 @@ def generate_parser():
                    help="read the prompt from a UTF-8 text file ('-' for standard input)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="continue every line of this UTF-8 file (blank lines skipped), all in one batch")
-    p.add_argument("-n", "--n-tokens", type=positive_int, default=20, metavar="N",
+    p.add_argument("-n", "--n-tokens", type=non_negative_int, default=20, metavar="N",
                    help="number of tokens to generate at most (default: 20)")
     sampling = p.add_argument_group("sampling (default: greedy, the most likely token every time)")
     sampling.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
@@ -143,7 +176,7 @@ def generate_parser():
     sampling.add_argument("--repetition-penalty", type=non_negative_float, default=1.0, metavar="R",
                           help="divide positive logits of tokens already in the text by R, multiply negative "
                                "ones (Hugging Face's semantics; 1 is none, 1.2 is typical)")
-    sampling.add_argument("--seed", type=positive_int, default=None,
+    sampling.add_argument("--seed", type=non_negative_int, default=None,
                           help="seed for sampling: the same seed gives the same text (default: random)")
     sampling.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                           help="continue the prompt N times, as one batch (default: 1)")
@@ -200,86 +233,73 @@ def read_prompts(args):
     return [read_text(args.prompt_file or "-", "prompt")]
 
 
-def generate_command(args, started=None):
-    from . import blas
-    from .generate import TextStream, check_fits, check_options, prompt_ids, text_steps
-
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty)
-    check_options(**options)
+def generate_command(args):
     t0 = time.perf_counter()
     model = load_model(args)
     t1 = time.perf_counter()
     prompts = read_prompts(args)
-    rows = [prompt_ids(p) for p in prompts for _ in range(args.num_samples)]
-    if not args.sliding_window:
-        check_fits(model, max(map(len, rows)), args.n_tokens)
+    batch = TextBatch(model, prompts, args.n_tokens, stop=args.stop, stop_at_eot=not args.ignore_eot,
+                      num_samples=args.num_samples, use_cache=not args.no_cache, seed=args.seed,
+                      sliding_window=args.sliding_window, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, repetition_penalty=args.repetition_penalty)
     t2 = time.perf_counter()
     if args.trace:
-        from .trace import print_trace
-        print_trace(model, rows[0], file=sys.stderr)
+        print_trace(model, batch.prompt_ids[0], file=sys.stderr)
 
     # One prompt's text is printed as it comes; several are printed once all have finished.
-    streams = [TextStream(args.stop, stop_at_eot=not args.ignore_eot) for _ in rows]
-    texts, streaming = [""] * len(rows), len(rows) == 1
+    streaming = len(batch.prompt_ids) == 1
     step_times, t_step = [], time.perf_counter()
-    steps = text_steps(model, rows, streams, args.n_tokens, use_cache=not args.no_cache, seed=args.seed,
-                       sliding_window=args.sliding_window, **options)
-    for pieces in steps:
+    for pieces in batch:
         step_times.append(time.perf_counter() - t_step)
         if streaming:
             sys.stdout.write(pieces[0])
             sys.stdout.flush()
             args.mid_line = True
-        else:
-            texts = [text + piece for text, piece in zip(texts, pieces)]
         t_step = time.perf_counter()
-    texts = [text + stream.flush() for text, stream in zip(texts, streams)]
+    rest = batch.finish()
     if streaming:
-        sys.stdout.write(texts[0] + "\n")
+        sys.stdout.write(rest[0] + "\n")
     else:
-        for row, text in enumerate(texts):
+        for row, text in enumerate(batch.texts):
             prompt, sample = divmod(row, args.num_samples)
             label = ", ".join(([f"prompt {prompt + 1}/{len(prompts)}"] if len(prompts) > 1 else []) +
                               ([f"sample {sample + 1}/{args.num_samples}"] if args.num_samples > 1 else []))
             sys.stdout.write(f"=== {label} ===\n{text}\n")
     sys.stdout.flush()
     args.mid_line = False
-    new_ids = [stream.tokens for stream in streams]
-
     if args.verbose:
-        h = model.hparams
-        decode = step_times[1:]
-        n_new = sum(map(len, new_ids))
-        lines = [
-            f"model: {model.path} ({model.n_params / 1e6:.1f}M parameters, n_layer {h['n_layer']}, "
-            f"n_embd {h['n_embd']}, n_head {h['n_head']}, n_ctx {h['n_ctx']}, n_vocab {h['n_vocab']})",
-            f"blas: {blas.describe()}",
-        ]
-        for row, (ids, out) in enumerate(zip(rows, new_ids)):
-            which = f" [{row + 1}]" if len(rows) > 1 else ""
-            lines.append(f"input tokens{which} ({len(ids)}): {' '.join(map(str, ids))}")
-            lines.append(f"output tokens{which} ({len(out)}): {' '.join(map(str, out))}")
-        if started is not None:
-            lines.append(f"imports: {t0 - started:.3f} s")
-        lines += [
-            f"load: {t1 - t0:.3f} s",
-            f"tokenizer: {t2 - t1:.3f} s",
-            f"{'prefill' if not args.no_cache else 'first token'}: {step_times[0] if step_times else 0:.3f} s",
-        ]
-        if decode:
-            lines.append(f"decode: {sum(decode):.3f} s for {len(decode)} steps of {len(rows)} "
-                         f"sequence{'s' if len(rows) > 1 else ''}, {1000 * sum(decode) / len(decode):.1f} ms/step, "
-                         f"{len(decode) * len(rows) / sum(decode):.1f} tokens/s")
-        lines.append(f"total generation: {sum(step_times):.3f} s, {n_new} new tokens")
-        print("\n".join(lines), file=sys.stderr)
+        print(verbose_report(model, batch, args, step_times, t0 - IMPORTS_STARTED, t1 - t0, t2 - t1), file=sys.stderr)
+
+
+def verbose_report(model, batch, args, step_times, imports, load_s, tokenizer_s):
+    """What -v prints: the model, the BLAS, every row's tokens, and the time each stage took."""
+    h = model.hparams
+    n_rows = len(batch.prompt_ids)
+    lines = [
+        f"model: {model.path} ({model.n_params / 1e6:.1f}M parameters, n_layer {h['n_layer']}, "
+        f"n_embd {h['n_embd']}, n_head {h['n_head']}, n_ctx {h['n_ctx']}, n_vocab {h['n_vocab']})",
+        f"blas: {blas.describe()}",
+    ]
+    for row, (ids, out) in enumerate(zip(batch.prompt_ids, batch.tokens)):
+        which = f" [{row + 1}]" if n_rows > 1 else ""
+        lines.append(f"input tokens{which} ({len(ids)}): {' '.join(map(str, ids))}")
+        lines.append(f"output tokens{which} ({len(out)}): {' '.join(map(str, out))}")
+    lines += [f"imports: {imports:.3f} s", f"load: {load_s:.3f} s", f"tokenizer: {tokenizer_s:.3f} s",
+              f"{'prefill' if not args.no_cache else 'first token'}: {step_times[0] if step_times else 0:.3f} s"]
+    decode = step_times[1:]
+    if decode:
+        lines.append(f"decode: {sum(decode):.3f} s for {len(decode)} steps of {n_rows} "
+                     f"sequence{'s' if n_rows > 1 else ''}, {1000 * sum(decode) / len(decode):.1f} ms/step, "
+                     f"{len(decode) * n_rows / sum(decode):.1f} tokens/s")
+    lines.append(f"total generation: {sum(step_times):.3f} s, {sum(map(len, batch.tokens))} new tokens")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
 # picogpt score FILE
 
-def score_parser():
-    p = ArgumentParser(prog="picogpt score", description="How probable a text is under the model: its total "
+def score_parser(prog):
+    p = ArgumentParser(prog=prog, description="How probable a text is under the model: its total "
                        "log-probability, the mean negative log-likelihood per token and the perplexity.")
     p.add_argument("file", help="a UTF-8 text file ('-' for standard input)")
     p.add_argument("--no-eot", action="store_true",
@@ -292,11 +312,6 @@ def score_parser():
 
 
 def score_command(args):
-    from .generate import score
-    from .tokenizer import EOT, encode
-
-    if args.stride == 0:
-        raise PicogptError("--stride must be at least 1")
     text = read_text(args.file, "text")
     model = load_model(args)
     ids = ([] if args.no_eot else [EOT]) + encode(text)
@@ -310,12 +325,12 @@ def score_command(args):
 # ---------------------------------------------------------------------------------------------------
 # picogpt attention "prompt" --layer L [--head H] --out attn.png
 
-def attention_parser():
-    p = ArgumentParser(prog="picogpt attention", description="Draw one layer's attention weights over a "
+def attention_parser(prog):
+    p = ArgumentParser(prog=prog, description="Draw one layer's attention weights over a "
                        "prompt's tokens as a heatmap: one head, or all heads as a grid (needs picogpt[plot]).")
     p.add_argument("prompt", help="the text whose tokens attend to each other")
-    p.add_argument("--layer", type=positive_int, required=True, metavar="L", help="block number, from 0")
-    p.add_argument("--head", type=positive_int, default=None, metavar="H",
+    p.add_argument("--layer", type=non_negative_int, required=True, metavar="L", help="block number, from 0")
+    p.add_argument("--head", type=non_negative_int, default=None, metavar="H",
                    help="one head, from 0 (default: all heads of the layer as a grid)")
     p.add_argument("--out", default="attn.png", metavar="FILE", help="picture to write: .png, .svg or .pdf "
                    "(default: attn.png)")
@@ -324,8 +339,6 @@ def attention_parser():
 
 
 def attention_command(args):
-    from .attention_plot import attention_picture
-
     picture = attention_picture(load_model(args), args.prompt, args.layer, args.head, args.out)
     print(f"wrote {picture.path}", file=sys.stderr)
 
@@ -333,8 +346,8 @@ def attention_command(args):
 # ---------------------------------------------------------------------------------------------------
 # picogpt verify MODEL
 
-def verify_parser():
-    p = ArgumentParser(prog="picogpt verify",
+def verify_parser(prog):
+    p = ArgumentParser(prog=prog,
                        description="Check a model.dat: structure, SHA-256 checksum, and no NaN or infinite weights.")
     p.add_argument("model", help="a size name (looked up under --models-dir) or a path to a model.dat")
     p.add_argument("--models-dir", default=None, help="where model sizes are looked up")
@@ -343,9 +356,6 @@ def verify_parser():
 
 
 def verify_command(args):
-    from .modelfile import open_model_file
-    from .store import model_path
-
     model_file = open_model_file(model_path(args.model, args.models_dir))
     model_file.verify()
     n_params = sum(t.size for t in model_file.tensors.values())
@@ -353,28 +363,12 @@ def verify_command(args):
           f"sha256 {model_file.sha256.hex()})")
 
 
-SUBCOMMANDS = {"verify": (verify_parser, verify_command), "score": (score_parser, score_command),
-               "attention": (attention_parser, attention_command)}
-
-
-def main(argv=None, started=None):
-    """`picogpt [generate] ...` or `picogpt verify ...`; `started` is when the imports began, for -v."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        make_parser, command = SUBCOMMANDS[argv[0]]
-        return run(f"picogpt {argv[0]}", command, make_parser().parse_args(argv[1:]))
-    if argv and argv[0] == "generate":  # explicit, for a prompt that is itself "verify"
-        argv = argv[1:]
-    return run("picogpt", lambda args: generate_command(args, started), generate_parser().parse_args(argv))
-
-
 # ---------------------------------------------------------------------------------------------------
-# python tools/convert_tf_checkpoint.py --model-size 124M
+# picogpt convert-tf --model-size 124M   (tools/convert_tf_checkpoint.py)
 
-def convert_parser():
-    p = ArgumentParser(
-        prog="convert_tf_checkpoint",
-        description="Download OpenAI's TensorFlow GPT-2 checkpoint and convert it to picogpt's model.dat.")
+def convert_tf_parser(prog):
+    p = ArgumentParser(prog=prog, description="Download OpenAI's TensorFlow GPT-2 checkpoint and convert it "
+                       "to picogpt's model.dat (or convert one already on disk with --checkpoint-dir).")
     p.add_argument("--model-size", default="124M", help=f"one of {', '.join(MODEL_SIZES)} (default: 124M)")
     p.add_argument("--models-dir", default=None,
                    help="checkpoints go to MODELS_DIR/SIZE/, model.dat beside them "
@@ -388,29 +382,20 @@ def convert_parser():
     return p
 
 
-def convert_command(args):
-    from pathlib import Path
-
-    from .convert_tf import convert_checkpoint, require_tensorflow
-    from .download import download_checkpoint
-    from .store import check_model_size, default_models_dir
-
-    require_tensorflow()  # before a download of hundreds of megabytes that could not be converted
+def convert_tf_command(args):
     started = time.perf_counter()
-    if args.checkpoint_dir is not None:
+    if args.checkpoint_dir is None:  # fetch: download (resuming) + convert
+        out = fetch(args.model_size, args.models_dir, base_url=args.base_url, progress=not args.no_progress,
+                    out=args.out)
+        hparams = open_model_file(out).hparams
+    else:
+        require_tensorflow()
         checkpoint_dir = Path(args.checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise PicogptError(f"checkpoint folder {checkpoint_dir} does not exist")
-    else:
-        size = check_model_size(args.model_size)
-        models_dir = Path(args.models_dir) if args.models_dir is not None else default_models_dir()
-        checkpoint_dir = models_dir / size
-        download_checkpoint(size, checkpoint_dir, args.base_url, progress=not args.no_progress)
-        print(f"checkpoint: {checkpoint_dir}/ ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
-    out = Path(args.out) if args.out is not None else checkpoint_dir / "model.dat"
-    t = time.perf_counter()
-    hparams = convert_checkpoint(checkpoint_dir, out)
-    report_written(out, hparams, time.perf_counter() - t)
+        out = Path(args.out) if args.out is not None else checkpoint_dir / "model.dat"
+        hparams = convert_checkpoint(checkpoint_dir, out)
+    report_written(out, hparams, time.perf_counter() - started)
 
 
 def report_written(out, hparams, seconds):
@@ -419,15 +404,11 @@ def report_written(out, hparams, seconds):
           f"{hparams['n_vocab']}) in {seconds:.1f} s", file=sys.stderr)
 
 
-def convert_main(argv=None):
-    return run("convert_tf_checkpoint", convert_command, convert_parser().parse_args(argv))
-
-
 # ---------------------------------------------------------------------------------------------------
-# python tools/convert_hf_checkpoint.py DIR
+# picogpt convert-hf DIR   (tools/convert_hf_checkpoint.py)
 
-def convert_hf_parser():
-    p = ArgumentParser(prog="convert_hf_checkpoint", description="Convert a Hugging Face GPT-2 model folder "
+def convert_hf_parser(prog):
+    p = ArgumentParser(prog=prog, description="Convert a Hugging Face GPT-2 model folder "
                        "(config.json and model.safetensors, or shards with model.safetensors.index.json) to "
                        "picogpt's model.dat. Needs safetensors only: no PyTorch, no TensorFlow.")
     p.add_argument("folder", metavar="DIR", help="the model folder, e.g. one filled by "
@@ -438,15 +419,130 @@ def convert_hf_parser():
 
 
 def convert_hf_command(args):
-    from pathlib import Path
-
-    from .convert_hf import convert_hf_checkpoint
-
     out = Path(args.out) if args.out is not None else Path(args.folder) / "model.dat"
     t = time.perf_counter()
     hparams = convert_hf_checkpoint(args.folder, out)
     report_written(out, hparams, time.perf_counter() - t)
 
 
-def convert_hf_main(argv=None):
-    return run("convert_hf_checkpoint", convert_hf_command, convert_hf_parser().parse_args(argv))
+# ---------------------------------------------------------------------------------------------------
+# picogpt parity   (tools/parity.py, make parity)
+
+def parity_parser(prog):
+    p = ArgumentParser(prog=prog, description="Check picogpt against PyTorch (Hugging Face's GPT2LMHeadModel, "
+                       "CPU, float32) on the same model.dat, layer by layer. Exit status 0 when everything is "
+                       "within tolerance, 1 otherwise.")
+    p.add_argument("--model", default=None,
+                   help="124M, 355M, 774M, 1558M (looked up under --models-dir), demo, or a path to a model.dat "
+                        "(default: 124M if it has been fetched, else demo)")
+    p.add_argument("--models-dir", default=None,
+                   help="where model sizes are looked up (default: $PICOGPT_MODELS_DIR or ./models)")
+    p.add_argument("--prompt", default=parity.PROMPT, help="text to run through both (default: the 19-token Alan "
+                   "Turing prompt; an empty prompt is <|endoftext|>)")
+    p.add_argument("-n", "--n-tokens", type=non_negative_int, default=20, metavar="N",
+                   help="greedy tokens to generate with each (default: 20)")
+    p.add_argument("--backend", default="numpy", choices=blas.BACKENDS, help="picogpt's BLAS (default: numpy)")
+    p.add_argument("--blas-lib", default=None, metavar="PATH", help="picogpt's BLAS: this CBLAS shared library")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="threads for picogpt's BLAS and for PyTorch (default: each library's own choice)")
+    p.add_argument("--reference-model", default=None, metavar="PATH",
+                   help="give PyTorch the weights of this model.dat instead of --model's (same shape): "
+                        "compare two conversions, or see where a changed weight shows")
+    p.add_argument("--atol", type=float, default=parity.ATOL, help=f"absolute tolerance (default: {parity.ATOL:g})")
+    p.add_argument("--rtol", type=float, default=parity.RTOL,
+                   help=f"tolerance relative to the reference's largest magnitude at each position "
+                        f"(default: {parity.RTOL:g})")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(download=False, base_url=DEFAULT_BASE_URL)  # load_model's: parity never downloads
+    return p
+
+
+def parity_command(args):
+    import json
+
+    torch, _ = parity.require_torch()  # before loading gigabytes that could not be compared
+    started = time.perf_counter()
+    model = load_model(args, prog=args.prog)  # the BLAS backend and threads, and the default model, as generate
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    loaded = time.perf_counter() - started
+    result = parity.check(model, args.prompt, args.n_tokens, args.atol, args.rtol, args.reference_model)
+    result["seconds"]["load"] += loaded
+    parity.write_report(result)
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as e:
+            raise PicogptError(f"cannot write {args.json}: {e.strerror}") from None
+    return 0 if result["ok"] else 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# picogpt bench   (make bench)
+
+def bench_parser(prog):
+    d = bench.DEFAULTS
+    p = ArgumentParser(prog=prog, description=bench.__doc__.split("\n\n")[0].replace("\n", " "), epilog=(
+        "Defaults: the 124M shape only, 5 repeats (3 for the no-cache loops, which take seconds each) after one "
+        "warm-up round: about 3 minutes on an idle 2-core machine. --sizes 124M,355M adds the 355M shape, about "
+        "2.3x the 124M section's time (10 minutes for both; far longer on a machine other jobs keep busy)."))
+    p.add_argument("--sizes", default=d["sizes"], help="GPT-2 shapes to run: 124M, 355M or 124M,355M (default: 124M)")
+    p.add_argument("--model", help="benchmark this model.dat alone instead of --sizes")
+    p.add_argument("--models-dir", default=None,
+                   help="where real models are found as SIZE/model.dat (default: $PICOGPT_MODELS_DIR or ./models); "
+                        "missing ones get random weights")
+    p.add_argument("--threads", type=threads_list, default=d["threads"], help="thread counts for the loops (default 1,2)")
+    p.add_argument("--process-threads", type=threads_list, default=d["process_threads"],
+                   help="thread counts for the whole-process rows (default 2)")
+    p.add_argument("--repeats", type=positive_int, default=d["repeats"], help="timed runs per contestant (default 5)")
+    p.add_argument("--no-cache-repeats", type=positive_int, default=d["no_cache_repeats"],
+                   help="timed runs of the no-cache loops (default 3)")
+    p.add_argument("--process-repeats", type=positive_int, default=d["process_repeats"],
+                   help="timed whole-process runs (default 5)")
+    p.add_argument("--tokens", type=positive_int, default=d["tokens"], help="tokens to generate (default 20)")
+    p.add_argument("--batch-sizes", type=threads_list, default=d["batch_sizes"],
+                   help="batch sizes for the batch rows, at the most threads (default 1,4,8,16; '' for none)")
+    p.add_argument("--json", default=d["json"], help="where to write every timing (default %(default)s)")
+    p.add_argument("--check", action="store_true", help="exit 1 if a target is missed (default: informational)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: a tiny random model, 4 tokens, 1 repeat, no warm-up, 1 process run")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def bench_command(args):
+    return bench.run(**{k: v for k, v in vars(args).items() if k in bench.DEFAULTS})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch
+
+# name: (parser(prog), command(args), one line for `picogpt --help`)
+SUBCOMMANDS = {
+    "generate": (generate_parser, generate_command, "continue a prompt (the default: `picogpt \"prompt\" -n 20`)"),
+    "score": (score_parser, score_command, "log-probability and perplexity of a text"),
+    "attention": (attention_parser, attention_command, "pictures of a layer's attention weights"),
+    "verify": (verify_parser, verify_command, "check a model file's checksum and weights"),
+    "convert-tf": (convert_tf_parser, convert_tf_command, "download OpenAI's checkpoint and convert it to model.dat"),
+    "convert-hf": (convert_hf_parser, convert_hf_command, "convert a Hugging Face model folder to model.dat"),
+    "parity": (parity_parser, parity_command, "compare picogpt with PyTorch layer by layer on a model"),
+    "bench": (bench_parser, bench_command, "time picogpt against PyTorch on the same weights"),
+}
+
+
+def main(argv=None, prog=None):
+    """`picogpt [SUBCOMMAND] ...`: the first argument names a subcommand, else it is generate's prompt.
+
+    prog names the program in messages (default "picogpt SUBCOMMAND", "picogpt" for generate); the
+    scripts in tools/ give their own file's name.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = argv[0] if argv and argv[0] in SUBCOMMANDS else "generate"
+    if argv and argv[0] == name:
+        argv = argv[1:]
+    make_parser, command, _ = SUBCOMMANDS[name]
+    prog = prog or ("picogpt" if name == "generate" else f"picogpt {name}")
+    args = make_parser(prog).parse_args(argv)
+    args.prog = prog
+    return run(prog, command, args)

@@ -22,75 +22,24 @@ half of a float32.) PyTorch pickles (pytorch_model.bin) are never opened: unpick
 import hashlib
 import json
 import math
-import re
 import struct
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from .errors import PicogptError
-from .modelfile import ModelFileWriter, check_hparams, gpt2_tensor_specs
+from .errors import PicogptError, first_line
+from .modelfile import ModelFileWriter
+from .tensors import HF_LM_HEAD as LM_HEAD
+from .tensors import HF_PREFIX as PREFIX
+from .tensors import check_hparams, gpt2_tensor_specs, hf_to_model_dat_name, is_hf_mask_buffer, model_dat_to_hf_name
+from .tokenizer import EOT, N_VOCAB, VOCABULARY_SHA256, vocabulary_file
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-GPT2_N_VOCAB = 50257
-LM_HEAD = "lm_head.weight"
-PREFIX = "transformer."
 TO_SAFETENSORS = ("python -c \"from transformers import GPT2LMHeadModel as M; "
                   "M.from_pretrained('{folder}').save_pretrained('{folder}', safe_serialization=True)\"")
-
-# ---------------------------------------------------------------------------------------------------
-# Names
-
-_TOP_LEVEL = {"wte.weight": "wte", "wpe.weight": "wpe", "ln_f.weight": "ln_f/g", "ln_f.bias": "ln_f/b"}
-_PER_LAYER = {
-    "ln_1.weight": "ln_1/g", "ln_1.bias": "ln_1/b",
-    "attn.c_attn.weight": "attn/c_attn/w", "attn.c_attn.bias": "attn/c_attn/b",
-    "attn.c_proj.weight": "attn/c_proj/w", "attn.c_proj.bias": "attn/c_proj/b",
-    "ln_2.weight": "ln_2/g", "ln_2.bias": "ln_2/b",
-    "mlp.c_fc.weight": "mlp/c_fc/w", "mlp.c_fc.bias": "mlp/c_fc/b",
-    "mlp.c_proj.weight": "mlp/c_proj/w", "mlp.c_proj.bias": "mlp/c_proj/b",
-}
-_MASK_BUFFERS = ("attn.bias", "attn.masked_bias")  # older transformers saved the causal mask with the weights
-_LAYER_NAME = re.compile(r"h\.(0|[1-9][0-9]*)\.(.+)")
-
-
-def hf_to_model_dat_name(name):
-    """A Hugging Face GPT-2 state-dict name -> its model.dat name, or None if it is not one of GPT-2's weights.
-
-    `transformer.h.3.attn.c_attn.weight` and `h.3.attn.c_attn.weight` -> `h3/attn/c_attn/w`,
-    `transformer.wte.weight` -> `wte`, `ln_f.bias` -> `ln_f/b`. The values map unchanged: both sides keep
-    linear weights as [n_in, n_out]. `lm_head.weight` (the tied output projection), the attention-mask
-    buffers and every other name give None.
-    """
-    bare = name.removeprefix(PREFIX)
-    if bare in _TOP_LEVEL:
-        return _TOP_LEVEL[bare]
-    match = _LAYER_NAME.fullmatch(bare)
-    if match and match[2] in _PER_LAYER:
-        return f"h{match[1]}/{_PER_LAYER[match[2]]}"
-    return None
-
-
-def model_dat_to_hf_name(name, prefix=PREFIX):
-    """The inverse of hf_to_model_dat_name: `h3/attn/c_attn/w` -> `transformer.h.3.attn.c_attn.weight`
-    (GPT2LMHeadModel's names; prefix="" gives GPT2Model's)."""
-    for hf, ours in _TOP_LEVEL.items():
-        if ours == name:
-            return prefix + hf
-    layer, _, rest = name.partition("/")
-    for hf, ours in _PER_LAYER.items():
-        if ours == rest and layer[:1] == "h" and layer[1:].isdigit():
-            return f"{prefix}h.{int(layer[1:])}.{hf}"
-    raise ValueError(f"{name!r} is not a model.dat tensor name")
-
-
-def _is_mask_buffer(name):
-    match = _LAYER_NAME.fullmatch(name.removeprefix(PREFIX))
-    return bool(match) and match[2] in _MASK_BUFFERS
-
 
 # ---------------------------------------------------------------------------------------------------
 # config.json -> hparams
@@ -157,50 +106,25 @@ def read_config(folder):
         if value is not expected:
             raise PicogptError(f"{path}: {flag} is {json.dumps(value)} ({meaning}); {cannot}")
 
-    hparams = {}
-    for ours, key in [("n_vocab", "vocab_size"), ("n_ctx", "n_positions"), ("n_embd", "n_embd"),
-                      ("n_head", "n_head"), ("n_layer", "n_layer")]:
-        value = _config_value(config, key)
-        if type(value) is not int or value <= 0:
-            raise PicogptError(f"{path}: {key} is {value!r}, not a positive whole number; download it again")
-        hparams[ours] = value
-    eps = _config_value(config, "layer_norm_epsilon")
-    if type(eps) not in (int, float) or not 0 < eps < 1:
-        raise PicogptError(f"{path}: layer_norm_epsilon is {eps!r}, not a small positive number; download it again")
-    hparams["layer_norm_epsilon"] = float(eps)
-    if hparams["n_vocab"] != GPT2_N_VOCAB:
-        raise PicogptError(f"{path}: vocab_size is {hparams['n_vocab']}, not GPT-2's {GPT2_N_VOCAB}; picogpt's "
+    spelled = {"n_vocab": "vocab_size", "n_ctx": "n_positions", "n_embd": "n_embd", "n_head": "n_head",
+               "n_layer": "n_layer"}
+    hparams = {ours: _config_value(config, key) for ours, key in spelled.items()}
+    hparams["layer_norm_epsilon"] = _config_value(config, "layer_norm_epsilon")
+    hparams = check_hparams(hparams, str(path), "download it again", names=spelled)
+    if hparams["n_vocab"] != N_VOCAB:
+        raise PicogptError(f"{path}: vocab_size is {hparams['n_vocab']}, not GPT-2's {N_VOCAB}; picogpt's "
                            f"tokenizer is GPT-2's, so it cannot run a model with another vocabulary")
-    if hparams["n_embd"] % hparams["n_head"]:
-        raise PicogptError(f"{path}: n_embd {hparams['n_embd']} is not a multiple of n_head {hparams['n_head']}; "
-                           f"download it again")
     n_inner = _config_value(config, "n_inner")
     if n_inner is not None and n_inner != 4 * hparams["n_embd"]:
         raise PicogptError(f"{path}: n_inner is {n_inner!r}, not 4 * n_embd = {4 * hparams['n_embd']} "
                            f"(GPT-2's MLP width); {cannot}")
-    return check_hparams(hparams, str(path)), config
+    return hparams, config
 
 
 # ---------------------------------------------------------------------------------------------------
 # Tokenizer files: picogpt's tokenizer is GPT-2's, so the model's must be too.
 
-VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-EOT_TOKEN = ("<|endoftext|>", 50256)
-
-
-def _gpt2_tokenizer_file(name, sha256):
-    """Bytes of data/gpt2/encoder.json or vocab.bpe, found where picogpt's tokenizer looks, hash-checked."""
-    from .tokenizer import data_dirs
-    dirs = data_dirs()
-    path = next((d / name for d in dirs if (d / name).is_file()), None)
-    if path is None:
-        raise PicogptError(f"GPT-2 vocabulary file {name} not found in {' or '.join(map(str, dirs))}, so the "
-                           f"model's tokenizer files cannot be checked; reinstall picogpt")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise PicogptError(f"GPT-2 vocabulary file {path} is damaged; reinstall picogpt")
-    return data
+EOT_TOKEN = ("<|endoftext|>", EOT)
 
 
 def _parse_merges(text):
@@ -215,7 +139,7 @@ def _load_json(path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise PicogptError(f"cannot read {path}: {_first_line(e)}; download it again or delete it") from None
+        raise PicogptError(f"cannot read {path}: {first_line(e)}; download it again or delete it") from None
 
 
 class _GPT2Tokenizer:
@@ -226,14 +150,14 @@ class _GPT2Tokenizer:
 
     def check_vocab(self, path, theirs):
         if self._vocab is None:
-            self._vocab = json.loads(_gpt2_tokenizer_file("encoder.json", ENCODER_JSON_SHA256))
+            self._vocab = json.loads(vocabulary_file("encoder.json"))
         if theirs != self._vocab:
             size = len(theirs) if isinstance(theirs, (dict, list)) else "no"
-            raise _not_gpt2s(path, f"the vocabulary ({size} tokens) differs from GPT-2's ({GPT2_N_VOCAB})")
+            raise _not_gpt2s(path, f"the vocabulary ({size} tokens) differs from GPT-2's ({N_VOCAB})")
 
     def check_merges(self, path, theirs):
         if self._merges is None:
-            self._merges = _parse_merges(_gpt2_tokenizer_file("vocab.bpe", VOCAB_BPE_SHA256).decode("utf-8"))
+            self._merges = _parse_merges(vocabulary_file("vocab.bpe").decode("utf-8"))
         if theirs != self._merges:
             raise _not_gpt2s(path, f"the BPE merges ({len(theirs)}) differ from GPT-2's ({len(self._merges)})")
 
@@ -257,7 +181,7 @@ def check_tokenizer(folder):
         gpt2.check_vocab(path, _load_json(path))
     if (path := folder / "merges.txt").is_file():
         data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != VOCAB_BPE_SHA256:  # byte-identical to vocab.bpe is the usual case
+        if hashlib.sha256(data).hexdigest() != VOCABULARY_SHA256["vocab.bpe"]:  # byte-identical to vocab.bpe is the usual case
             try:
                 gpt2.check_merges(path, _parse_merges(data.decode("utf-8")))
             except UnicodeDecodeError:
@@ -301,7 +225,7 @@ class _Shard:
             self.reader = stack.enter_context(_import_safetensors()(str(path), framework="np"))
             self.names = list(self.reader.keys())
         except Exception as e:  # SafetensorError, OSError: a damaged, truncated or foreign file
-            raise PicogptError(f"cannot read {path}: {_first_line(e)}; the file is damaged or incomplete, "
+            raise PicogptError(f"cannot read {path}: {first_line(e)}; the file is damaged or incomplete, "
                                f"download it again") from None
         self._header = None
 
@@ -338,11 +262,6 @@ class _Shard:
         return (raw.astype("<u4") << 16).view("<f4").reshape(stop - start, *shape[1:])
 
 
-def _first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _weight_files(folder):
     """The safetensors files to read and the index's {tensor name: file name} (None for one file)."""
     if (folder / SAFETENSORS).is_file():
@@ -353,7 +272,7 @@ def _weight_files(folder):
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
             files = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise PicogptError(f"cannot read {index_path}: {_first_line(e)}; download it again") from None
+            raise PicogptError(f"cannot read {index_path}: {first_line(e)}; download it again") from None
         for name in files:
             if not isinstance(name, str) or Path(name).name != name:
                 raise PicogptError(f"{index_path} names the shard {name!r}, which is not a file name in the folder; "
@@ -412,7 +331,7 @@ def convert_hf_checkpoint(folder, out_path):
                 ours = hf_to_model_dat_name(name)
                 if name == LM_HEAD:
                     lm_head = (shard, name)
-                elif _is_mask_buffer(name):
+                elif is_hf_mask_buffer(name):
                     continue
                 elif ours is None:
                     raise PicogptError(f"{path} holds the tensor {name}, which is not part of a GPT-2 language model; "

@@ -1,5 +1,8 @@
 """OpenAI's TensorFlow GPT-2 checkpoints -> model.dat. The only module of picogpt that imports TensorFlow.
 
+It converts a checkpoint folder already on disk; downloading one is picogpt.download's job, and
+picogpt.store.fetch does both.
+
 OpenAI released GPT-2 as TensorFlow 1 checkpoints (models/{124M,355M,774M,1558M}/: checkpoint,
 hparams.json, model.ckpt.{data-00000-of-00001,index,meta}, plus the vocabulary). Variables are named
 `model/wte`, `model/h0/attn/c_attn/w`, ... and the linear weights are conv1d kernels [1, n_in, n_out].
@@ -12,12 +15,10 @@ import json
 import os
 from pathlib import Path
 
-from .download import download_checkpoint
-from .errors import PicogptError
-from .modelfile import ModelFileWriter, check_hparams, gpt2_tensor_specs
-from .store import DEFAULT_BASE_URL, check_model_size
-
-PREFIX = "model/"
+from .errors import PicogptError, first_line
+from .modelfile import ModelFileWriter
+from .tensors import TF_PREFIX as PREFIX
+from .tensors import check_hparams, gpt2_tensor_specs, tf_shape
 
 
 def require_tensorflow():
@@ -42,7 +43,7 @@ def read_hparams(checkpoint_dir):
         raise PicogptError(f"{path} is missing; is {checkpoint_dir} an OpenAI GPT-2 checkpoint folder?") from None
     except (OSError, ValueError) as e:
         raise PicogptError(f"cannot read {path}: {e}; download the checkpoint again") from None
-    return check_hparams(hparams, str(path))
+    return check_hparams(hparams, str(path), "download the checkpoint again")
 
 
 def convert_checkpoint(checkpoint_dir, out_path):
@@ -55,8 +56,7 @@ def convert_checkpoint(checkpoint_dir, out_path):
         reader = tf.train.load_checkpoint(prefix)
         stored_shapes = reader.get_variable_to_shape_map()
     except Exception as e:  # TF raises NotFoundError, DataLossError, ... with multi-line messages
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PicogptError(f"cannot read the TensorFlow checkpoint {prefix}: {first_line}; "
+        raise PicogptError(f"cannot read the TensorFlow checkpoint {prefix}: {first_line(e)}; "
                            f"download it again") from None
 
     specs = gpt2_tensor_specs(hparams)
@@ -67,28 +67,14 @@ def convert_checkpoint(checkpoint_dir, out_path):
     with ModelFileWriter(out_path, hparams) as out:
         for name, (shape, _) in specs.items():
             stored = stored_shapes.get(PREFIX + name)
-            conv1d = name.endswith("/w")  # linear weights are conv1d kernels [1, n_in, n_out]
-            if stored is None or tuple(stored) != ((1,) + shape if conv1d else shape):
+            if stored is None or tuple(stored) != tf_shape(name, shape):
                 raise PicogptError(f"checkpoint variable {PREFIX}{name} is {stored}, expected "
-                                   f"{[1, *shape] if conv1d else list(shape)} for hparams.json; "
+                                   f"{list(tf_shape(name, shape))} for hparams.json; "
                                    f"the checkpoint is incomplete or does not match its hparams.json")
             try:
                 array = reader.get_tensor(PREFIX + name)
             except Exception as e:
                 raise PicogptError(f"cannot read {PREFIX}{name} from {prefix}: {type(e).__name__}; "
                                    f"the checkpoint is damaged, download it again") from None
-            out.write(name, array[0] if conv1d else array)
+            out.write(name, array.reshape(shape))  # linear weights: conv1d kernels [1, n_in, n_out]
     return hparams
-
-
-def fetch_model(size, models_dir, base_url=DEFAULT_BASE_URL, progress=True):
-    """Download OpenAI's checkpoint of `size` into models_dir/size/ (skipping complete files), convert it
-    to models_dir/size/model.dat, and return that path. The layout is OpenAI's download script's, so a
-    folder it filled is converted without downloading anything."""
-    size = check_model_size(size)
-    require_tensorflow()
-    checkpoint_dir = Path(models_dir) / size
-    download_checkpoint(size, checkpoint_dir, base_url, progress=progress)
-    out_path = checkpoint_dir / "model.dat"
-    convert_checkpoint(checkpoint_dir, out_path)
-    return out_path

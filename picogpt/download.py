@@ -1,4 +1,4 @@
-"""Download OpenAI's GPT-2 TensorFlow checkpoint files, resumably.
+"""Download OpenAI's GPT-2 TensorFlow checkpoint files, resumably; the facts of that release (sizes, URL, files).
 
 The checkpoints are large (the 1558M data file is about 6 GB) and the links people download them over
 are not always good, so every file is:
@@ -14,6 +14,9 @@ are not always good, so every file is:
 
 Every failure is a PicogptError with a one-line message naming the URL or file and what to do.
 This module prints nothing but the progress bars; the caller prints summaries.
+
+requests, urllib3 and tqdm are imported by the functions that download, not with the module: every
+`import picogpt` reads this module's release facts, and those libraries would add about 60 ms to it.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import requests
-import urllib3
-from tqdm import tqdm
+from .errors import PicogptError, one_line
 
-from .errors import PicogptError
-from .store import DEFAULT_BASE_URL, check_model_size
+if TYPE_CHECKING:  # for the annotations only
+    import requests
 
+# OpenAI's release of GPT-2: the four sizes, where they are served, and the files of each checkpoint.
+MODEL_SIZES = ("124M", "355M", "774M", "1558M")
+DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 CHECKPOINT_FILES = (
     "checkpoint",
     "encoder.json",
@@ -45,6 +49,13 @@ CHUNK_SIZE = 1 << 20  # bytes per write: small enough to lose little on a cut, b
 
 _NETWORK_FIX = "check your network or use --base-url to point at a mirror, then re-run the same command to resume"
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$")
+
+
+def check_model_size(size):
+    """Return `size` if it is one of OpenAI's GPT-2 sizes; raise PicogptError naming them if not."""
+    if size not in MODEL_SIZES:
+        raise PicogptError(f"unknown GPT-2 model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    return size
 
 
 class _Transient(Exception):
@@ -72,6 +83,8 @@ def download_checkpoint(
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PicogptError(f"cannot create the directory {dest_dir}: {e.strerror}; choose another one") from e
+    import requests
+
     with requests.Session() as session:  # one connection pool: the seven files reuse a connection
         for name in CHECKPOINT_FILES:
             download_file(
@@ -101,6 +114,8 @@ def download_file(
     A `dest` that already exists is taken as complete and not fetched. Up to `retries` attempts are
     made, sleeping backoff * 2**attempt seconds between them; each attempt resumes from the partial.
     """
+    import requests
+
     dest = Path(dest)
     if dest.exists():
         return dest
@@ -118,7 +133,7 @@ def download_file(
                 reason = str(e)
             if attempt + 1 < attempts:
                 time.sleep(backoff * 2**attempt)
-        raise PicogptError(_one_line(f"download of {url} failed after {attempts} attempts ({reason}); {_NETWORK_FIX}"))
+        raise PicogptError(one_line(f"download of {url} failed after {attempts} attempts ({reason}); {_NETWORK_FIX}"))
     finally:
         if own_session:
             session.close()
@@ -129,6 +144,10 @@ def _attempt(session: requests.Session, url: str, dest: Path, partial: Path, pro
 
     Raises _Transient for faults worth another try, PicogptError for those that are not.
     """
+    import requests
+    import urllib3
+    from tqdm import tqdm
+
     have = partial.stat().st_size if partial.exists() else 0
     # identity: the byte counts in Content-Length / Content-Range must be the bytes we write.
     headers = {"Accept-Encoding": "identity"}
@@ -157,7 +176,7 @@ def _attempt(session: requests.Session, url: str, dest: Path, partial: Path, pro
             raise _Transient(f"server answered HTTP {status} {response.reason or ''}".strip())
         if status not in (200, 206):
             raise PicogptError(
-                _one_line(f"server refused {url} with HTTP {status} {response.reason or ''}; check the URL / --base-url")
+                one_line(f"server refused {url} with HTTP {status} {response.reason or ''}; check the URL / --base-url")
             )
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type == "text/html":
@@ -264,6 +283,9 @@ def _reason(error: BaseException) -> str:
 
     requests wraps urllib3 which wraps the socket error, and the outer messages are long reprs.
     """
+    import requests
+    import urllib3
+
     seen, todo = set(), [error]
     while todo:
         e = todo.pop()
@@ -280,8 +302,5 @@ def _reason(error: BaseException) -> str:
         todo += [x for x in getattr(e, "args", ()) if isinstance(x, BaseException)]
     if isinstance(error, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
         return "connection closed mid-file"
-    return _one_line(f"{type(error).__name__}: {error}")[:200]
+    return one_line(f"{type(error).__name__}: {error}")[:200]
 
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

@@ -8,3 +8,14 @@ line prints that line and exits non-zero; anything else is a bug and keeps its t
 
 class PicogptError(Exception):
     """A user-facing failure: str(error) is one sentence naming the problem and the fix."""
+
+
+def one_line(text):
+    """text as one line: its lines joined by single spaces (a message may quote input holding line breaks)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def first_line(error):
+    """The first line of an exception's message (libraries raise multi-line ones), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -4,13 +4,12 @@ One loop serves every case: a batch of token sequences (one sequence is a batch 
 the model together, each step picks every sequence's next token (greedy, or sampled from the
 distribution that temperature, top-k, top-p and a repetition penalty leave), and the tokens are yielded
 as they are chosen. On top of it: `generate` (one sequence, token ids), `generate_batch` (lists of
-ids), `stream_text` and `complete` (text in, text out, with stop strings), and `score` (how probable a
-text is under the model).
+ids), `stream_text` and `complete` (text in, text out, with stop strings). How probable a text is
+under the model is picogpt.scoring's business.
 """
 
 import math
 import numbers
-from typing import NamedTuple
 
 import numpy as np
 
@@ -268,14 +267,48 @@ def prompt_ids(prompt):
     return encode(prompt) or [EOT]
 
 
-def text_steps(model, prompts, streams, n_tokens, **options):
-    """Run decode_steps, each row's tokens into its TextStream: yield, per step, the text each row made
-    printable (a list, "" where none). Ends early once every stream has finished; the caller flushes
-    the streams for what they still hold back."""
-    for next_ids in decode_steps(model, prompts, n_tokens, **options):
-        yield [stream.push(token) for stream, token in zip(streams, next_ids.tolist())]
-        if all(stream.finished for stream in streams):
-            return
+class TextBatch:
+    """Prompts (text) continued as one batch, as text that is safe to show as it comes.
+
+        batch = TextBatch(model, ["Hello", "The cat"], 20, stop=["\\n"])
+        for pieces in batch:       # one step: the text each row made printable ("" where none)
+            ...
+        batch.finish()             # what the rows still held back (a partial character, a possible stop)
+        batch.texts, batch.tokens  # each row's whole continuation, and the token ids it took
+
+    num_samples > 1 continues each prompt that many times (rows prompt 0 sample 0, prompt 0 sample 1,
+    ...). Iteration ends after n_tokens steps or once every row has finished (see TextStream); options go
+    to decode_steps. Settings and the context are checked here, before any work.
+    """
+
+    def __init__(self, model, prompts, n_tokens, stop=(), stop_at_eot=True, num_samples=1, **options):
+        self.prompt_ids = [prompt_ids(p) for p in prompts for _ in range(num_samples)]
+        sampling = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p", "repetition_penalty")}
+        check_options(**sampling)
+        if not options.get("sliding_window"):
+            check_fits(model, max(map(len, self.prompt_ids)), n_tokens)
+        self.streams = [TextStream(stop, stop_at_eot) for _ in self.prompt_ids]
+        self.texts = [""] * len(self.prompt_ids)
+        self._steps = decode_steps(model, self.prompt_ids, n_tokens, **options)
+
+    def __iter__(self):
+        for next_ids in self._steps:
+            pieces = [stream.push(token) for stream, token in zip(self.streams, next_ids.tolist())]
+            self.texts = [text + piece for text, piece in zip(self.texts, pieces)]
+            yield pieces
+            if all(stream.finished for stream in self.streams):
+                return
+
+    def finish(self):
+        """End every row: return the text each still held back (now also in .texts)."""
+        rest = [stream.flush() for stream in self.streams]
+        self.texts = [text + piece for text, piece in zip(self.texts, rest)]
+        return rest
+
+    @property
+    def tokens(self):
+        """The new token ids of each row, as far as its text goes (not the <|endoftext|> that ended it)."""
+        return [stream.tokens for stream in self.streams]
 
 
 def stream_text(model, prompt, n_tokens, stop=(), stop_at_eot=True, **options):
@@ -284,11 +317,11 @@ def stream_text(model, prompt, n_tokens, stop=(), stop_at_eot=True, **options):
     A character split over several tokens (an emoji, most CJK) appears once complete; text is cut
     before the first of the `stop` strings, which ends generation.
     """
-    stream = TextStream(stop, stop_at_eot)
-    for (piece,) in text_steps(model, [prompt_ids(prompt)], [stream], n_tokens, **options):
+    batch = TextBatch(model, [prompt], n_tokens, stop, stop_at_eot, **options)
+    for (piece,) in batch:
         if piece:
             yield piece
-    rest = stream.flush()
+    (rest,) = batch.finish()
     if rest:
         yield rest
 
@@ -300,64 +333,11 @@ def complete(model, prompts, n_tokens, stop=(), stop_at_eot=True, num_samples=1,
     list of num_samples strings per prompt.
     """
     single = isinstance(prompts, str)
-    rows = [prompt_ids(p) for p in ([prompts] if single else prompts) for _ in range(num_samples)]
-    streams = [TextStream(stop, stop_at_eot) for _ in rows]
-    texts = [""] * len(rows)
-    for pieces in text_steps(model, rows, streams, n_tokens, **options):
-        texts = [text + piece for text, piece in zip(texts, pieces)]
-    texts = [text + stream.flush() for text, stream in zip(texts, streams)]
+    batch = TextBatch(model, [prompts] if single else prompts, n_tokens, stop, stop_at_eot, num_samples, **options)
+    for _ in batch:
+        pass
+    batch.finish()
+    texts = batch.texts
     if num_samples > 1:
         texts = [texts[i:i + num_samples] for i in range(0, len(texts), num_samples)]
     return texts[0] if single else texts
-
-
-# ---------------------------------------------------------------------------------------------------
-# Scoring a text
-
-class Score(NamedTuple):
-    """How probable a text is under the model."""
-
-    n_tokens: int  # tokens scored
-    log_prob: float  # natural log of the probability of all of them: sum of token_log_probs
-    token_log_probs: np.ndarray  # [n_tokens] float64: log p(token | the tokens before it)
-
-    @property
-    def mean_nll(self):
-        """Mean negative log-likelihood per token (nats): the cross-entropy loss."""
-        return -self.log_prob / self.n_tokens
-
-    @property
-    def perplexity(self):
-        return math.exp(self.mean_nll)
-
-
-def log_softmax(logits):
-    """log of softmax over the last axis, computed without forming the probabilities: [..., n_vocab]."""
-    shifted = logits - np.max(logits, axis=-1, keepdims=True)
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
-
-
-def score(model, ids, stride=None):
-    """Log-probability of ids[1:], each token given all before it (ids[0] is context only).
-
-    A text longer than the model's context is scored in windows of n_ctx tokens that overlap by
-    n_ctx - stride (default: half a window); each token is scored once, in the window where it has the
-    most context, as in Hugging Face's guide to perplexity of fixed-length models.
-    """
-    ids = [int(i) for i in ids]
-    if len(ids) < 2:
-        raise PicogptError("scoring needs at least two tokens: the first one is context for the second")
-    n_ctx = model.hparams["n_ctx"]
-    stride = stride or max(1, n_ctx // 2)
-    log_probs = np.empty(len(ids) - 1)
-    scored = 1  # ids[:scored] have been scored (ids[0] never is)
-    start = 0
-    while scored < len(ids):
-        window = ids[start:start + n_ctx]
-        logits = model(window, all_logits=True)  # [len(window), n_vocab]: position j predicts window[j + 1]
-        targets = np.arange(scored - start, len(window))  # positions in the window not yet scored
-        token_log_probs = log_softmax(logits[targets - 1])[np.arange(len(targets)), np.array(window)[targets]]
-        log_probs[scored - 1:scored - 1 + len(targets)] = token_log_probs
-        scored = start + len(window)
-        start += stride
-    return Score(len(ids) - 1, float(log_probs.sum()), log_probs)

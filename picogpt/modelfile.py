@@ -24,7 +24,7 @@ The JSON header describes the file completely:
                   "offset": 4096, "nbytes": 154389504}, ...]}
 
 Tensor names are OpenAI's checkpoint names without the "model/" prefix (`wte`, `wpe`, `h0/ln_1/g`,
-`h0/attn/c_attn/w`, ..., `ln_f/b`); `gpt2_tensor_specs` lists them all with their shapes. Every tensor
+`h0/attn/c_attn/w`, ..., `ln_f/b`); picogpt.tensors.gpt2_tensor_specs lists them all with their shapes. Every tensor
 is little-endian float32 and stored in the layout the engine multiplies with, so loading transposes,
 casts and copies nothing:
 
@@ -48,56 +48,14 @@ import numpy as np
 
 from .errors import PicogptError
 from .files import temp_file_beside
+from .tensors import check_hparams, gpt2_tensor_specs
 
 MAGIC = b"PICOGPT\0"
 VERSION = 1
 PREAMBLE = struct.Struct("<8sIIQ32s8x")  # magic, version, header length, file size, sha256
 ALIGN = 64
 DTYPE = "<f4"
-HPARAM_NAMES = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-DEFAULT_LAYER_NORM_EPSILON = 1e-5
 REMAKE_HINT = "re-create it with tools/convert_tf_checkpoint.py (or tools/convert_hf_checkpoint.py)"
-
-
-def gpt2_tensor_specs(hparams):
-    """{name: (shape, order)} of every tensor a GPT-2 model.dat holds, in file order."""
-    V, C, E = hparams["n_vocab"], hparams["n_ctx"], hparams["n_embd"]
-    specs = {"wte": ((V, E), "F"), "wpe": ((C, E), "C")}
-    for i in range(hparams["n_layer"]):
-        for name, shape in [
-            ("ln_1/g", (E,)), ("ln_1/b", (E,)),
-            ("attn/c_attn/w", (E, 3 * E)), ("attn/c_attn/b", (3 * E,)),
-            ("attn/c_proj/w", (E, E)), ("attn/c_proj/b", (E,)),
-            ("ln_2/g", (E,)), ("ln_2/b", (E,)),
-            ("mlp/c_fc/w", (E, 4 * E)), ("mlp/c_fc/b", (4 * E,)),
-            ("mlp/c_proj/w", (4 * E, E)), ("mlp/c_proj/b", (E,)),
-        ]:
-            specs[f"h{i}/{name}"] = (shape, "C")
-    specs["ln_f/g"] = ((E,), "C")
-    specs["ln_f/b"] = ((E,), "C")
-    return specs
-
-
-def check_hparams(hparams, where):
-    """Validate a hyper-parameter dict (from a header or hparams.json); return a clean copy."""
-    if not isinstance(hparams, dict):
-        raise PicogptError(f"{where}: hyper-parameters are not a JSON object; {REMAKE_HINT}")
-    clean = {}
-    for name in HPARAM_NAMES:
-        value = hparams.get(name)
-        if type(value) is not int or value <= 0:
-            raise PicogptError(f"{where}: hyper-parameter {name} is {value!r}, not a positive integer; "
-                               f"{REMAKE_HINT}")
-        clean[name] = value
-    eps = hparams.get("layer_norm_epsilon", DEFAULT_LAYER_NORM_EPSILON)
-    if type(eps) not in (int, float) or not 0 < eps < 1:
-        raise PicogptError(f"{where}: layer_norm_epsilon is {eps!r}, not a small positive number; "
-                           f"{REMAKE_HINT}")
-    clean["layer_norm_epsilon"] = float(eps)
-    if clean["n_embd"] % clean["n_head"]:
-        raise PicogptError(f"{where}: n_embd {clean['n_embd']} is not a multiple of n_head "
-                           f"{clean['n_head']}; {REMAKE_HINT}")
-    return clean
 
 
 def _align(n):
@@ -143,7 +101,7 @@ class ModelFileWriter:
 
     def __init__(self, path, hparams):
         self.path = Path(path)
-        self.hparams = check_hparams(hparams, str(path))
+        self.hparams = check_hparams(hparams, str(path), REMAKE_HINT)
         self.header, self.table, self.file_size = _layout(self.hparams)
         self.written = set()
         self.file = None
@@ -279,7 +237,7 @@ def open_model_file(path):
             hparams, table = header["hparams"], header["tensors"]
         except (ValueError, KeyError, TypeError):
             raise bad("header is not valid JSON with hparams and tensors") from None
-    hparams = check_hparams(hparams, str(path))
+    hparams = check_hparams(hparams, str(path), REMAKE_HINT)
 
     specs = gpt2_tensor_specs(hparams)
     if not isinstance(table, list) or not all(isinstance(e, dict) for e in table):

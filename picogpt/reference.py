@@ -3,7 +3,7 @@
 picogpt is checked against it in the test suite and by tools/parity.py (`make parity`). Nothing is
 downloaded: transformers builds the model from a GPT2Config made from the model.dat's hyper-parameters,
 and the weights are the model.dat's own. Hugging Face's Conv1D layers keep weights as [n_in, n_out],
-the layout model.dat uses, so the names map one to one (picogpt.convert_hf.model_dat_to_hf_name):
+the layout model.dat uses, so the names map one to one (picogpt.tensors.model_dat_to_hf_name):
 `h{i}/attn/c_attn/w` is `transformer.h.{i}.attn.c_attn.weight`, `g`/`b` are `weight`/`bias`, and
 `lm_head.weight` is tied to `transformer.wte.weight`.
 
@@ -13,8 +13,9 @@ them only inside its functions, and their absence is one PicogptError sentence.
 
 import numpy as np
 
-from .convert_hf import model_dat_to_hf_name
 from .errors import PicogptError
+from .tensors import HF_LM_HEAD, model_dat_to_hf_name
+from .tokenizer import EOT
 
 INSTALL_HINT = "pip install 'picogpt[parity]' (or: pip install torch==2.13.0 transformers)"
 
@@ -34,7 +35,7 @@ def require_torch():
 def hf_config(hparams, attn_implementation="eager"):
     """GPT2Config for model.dat hyper-parameters: GPT-2's tanh GELU, no dropout, eager attention."""
     _, transformers = require_torch()
-    eot = 50256 if hparams["n_vocab"] > 50256 else None  # <|endoftext|>, if the vocabulary has it
+    eot = EOT if hparams["n_vocab"] > EOT else None  # <|endoftext|>, if the vocabulary has it
     return transformers.GPT2Config(
         vocab_size=hparams["n_vocab"], n_positions=hparams["n_ctx"], n_embd=hparams["n_embd"],
         n_layer=hparams["n_layer"], n_head=hparams["n_head"],
@@ -57,7 +58,7 @@ def hf_model(hparams, tensors, attn_implementation="eager"):
         model = transformers.GPT2LMHeadModel(hf_config(hparams, attn_implementation))
     state = {model_dat_to_hf_name(name): torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
              for name, array in tensors.items()}
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+    state[HF_LM_HEAD] = state[model_dat_to_hf_name("wte")]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected or [name for name in missing if not name.endswith((".attn.bias", ".attn.masked_bias"))]:
         raise AssertionError(f"weights do not fit GPT2LMHeadModel: missing {missing}, unexpected {unexpected}")
@@ -71,7 +72,7 @@ def hf_model(hparams, tensors, attn_implementation="eager"):
 def hf_forward(model, ids):
     """Run token ids [n_seq] through the reference: (logits [n_seq, n_vocab], hidden states), NumPy float32.
 
-    The hidden states follow the convention picogpt's forward(output_hidden_states=True) shares with
+    The hidden states follow the convention picogpt.trace.collect shares with
     Hugging Face: n_layer + 1 arrays [n_seq, n_embd], the input of each block (the first is the
     embeddings), then the final layer norm's output.
     """

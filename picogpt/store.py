@@ -1,23 +1,22 @@
-"""Where models live: names like "124M" -> models/124M/model.dat, and loading them, fetching on request."""
+"""Where models live: names like "124M" -> models/124M/model.dat, loading them, and fetching them.
+
+    model = picogpt.load("124M")                 # models/124M/model.dat, weights memory-mapped
+    model = picogpt.load("124M", download=True)  # fetched from OpenAI and converted first if missing
+    path = fetch("124M", "models")               # download + convert, what `picogpt convert-tf` does
+"""
 
 import os
-import sys
 from pathlib import Path
 
+from . import files
+from .convert_tf import convert_checkpoint, require_tensorflow
+from .download import DEFAULT_BASE_URL, MODEL_SIZES, check_model_size, download_checkpoint
 from .errors import PicogptError
 from .model import GPT2
+from .modelfile import open_model_file
 
-MODEL_SIZES = ("124M", "355M", "774M", "1558M")  # OpenAI's released GPT-2 checkpoints
-DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 MODELS_DIR_ENV = "PICOGPT_MODELS_DIR"
 DEMO = "demo"  # the small model trained on Python's docstrings that ships in data/demo (see its README)
-
-
-def check_model_size(size):
-    """Return `size` if it is one of OpenAI's GPT-2 sizes; raise PicogptError naming them if not."""
-    if size not in MODEL_SIZES:
-        raise PicogptError(f"unknown GPT-2 model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
-    return size
 
 
 def default_models_dir():
@@ -31,11 +30,11 @@ def fetch_command(size, models_dir):
 
 def demo_model_path():
     """data/demo/model.dat: in the source checkout, or where setup.cfg's data_files install it."""
-    for data in (Path(__file__).resolve().parent.parent / "data", Path(sys.prefix) / "share" / "picogpt"):
-        if (data / DEMO / "model.dat").is_file():
-            return data / DEMO / "model.dat"
-    raise PicogptError("the demo model (data/demo/model.dat) is missing; reinstall picogpt, or re-create it "
-                       "with python tools/train_demo_model.py")
+    path = files.find_file(f"{DEMO}/model.dat", files.data_dirs())
+    if path is None:
+        raise PicogptError("the demo model (data/demo/model.dat) is missing; reinstall picogpt, or re-create it "
+                           "with python tools/train_demo_model.py")
+    return path
 
 
 def default_model(models_dir=None):
@@ -62,11 +61,24 @@ def model_path(model, models_dir=None):
     raise PicogptError(f"unknown model {model!r}: use one of {', '.join(MODEL_SIZES)}, {DEMO} or a path to a model.dat")
 
 
+def fetch(size, models_dir=None, base_url=DEFAULT_BASE_URL, progress=True, out=None):
+    """Download OpenAI's checkpoint of `size` into models_dir/size/ (skipping complete files, resuming
+    partial ones), convert it to `out` (default models_dir/size/model.dat), and return that path. The
+    layout is OpenAI's download script's, so a folder it filled is converted without downloading anything."""
+    size = check_model_size(size)
+    require_tensorflow()  # before a download of hundreds of megabytes that could not be converted
+    models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
+    checkpoint_dir = download_checkpoint(size, models_dir / size, base_url, progress=progress)
+    out = Path(out) if out is not None else checkpoint_dir / "model.dat"
+    convert_checkpoint(checkpoint_dir, out)
+    return out
+
+
 def load(model="124M", models_dir=None, download=False, base_url=DEFAULT_BASE_URL, progress=True):
     """Load a GPT-2 model by size name or path, its weights memory-mapped.
 
-    With download=True a missing model of a known size is downloaded from OpenAI (or `base_url`) and
-    converted first; otherwise a missing model is an error that gives the command that fetches it.
+    With download=True a missing model of a known size is fetched (downloaded from OpenAI or `base_url`
+    and converted) first; otherwise a missing model is an error that gives the command that fetches it.
     """
     models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
     path = model_path(model, models_dir)
@@ -74,6 +86,6 @@ def load(model="124M", models_dir=None, download=False, base_url=DEFAULT_BASE_UR
         if not download:
             raise PicogptError(f"model {model} is not in {models_dir}/; fetch it with: "
                                f"{fetch_command(model, models_dir)} (or add --download)")
-        from .convert_tf import fetch_model  # TensorFlow is imported only when converting
-        fetch_model(model, models_dir, base_url=base_url, progress=progress)
-    return GPT2.from_file(path)
+        fetch(model, models_dir, base_url=base_url, progress=progress)
+    model_file = open_model_file(path)
+    return GPT2(model_file.hparams, model_file.tensors, path=model_file.path)

@@ -15,48 +15,64 @@ import binascii
 import codecs
 import functools
 import hashlib
-import sys
 from pathlib import Path
 
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from . import files
 from .errors import PicogptError
 
 EOT = 50256  # <|endoftext|>, the token GPT-2 saw between documents; also its only special token
 N_VOCAB = 50257
 RANKS_FILE = "gpt2.tiktoken"
-RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # = r50k_base
+# The shipped vocabulary files (data/gpt2) and their SHA-256: OpenAI's two originals, and the rank file
+# made from them by tools/make_tiktoken_ranks.py, byte-identical to tiktoken's r50k_base.
+VOCABULARY_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    RANKS_FILE: "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+}
+_REMAKE = {RANKS_FILE: "re-create it with python tools/make_tiktoken_ranks.py or reinstall picogpt"}
+_FIND = {RANKS_FILE: "reinstall picogpt, or in a source checkout run python tools/make_tiktoken_ranks.py"}
 
 
 def data_dirs() -> list[Path]:
-    """Folders that may hold gpt2.tiktoken, in the order they are tried.
-
-    The source checkout first (an editable install runs from it), then where setup.cfg's data_files
-    puts the vocabulary in a regular install. Tests monkeypatch this function.
-    """
-    return [Path(__file__).resolve().parent.parent / "data" / "gpt2",
-            Path(sys.prefix) / "share" / "picogpt" / "gpt2"]
+    """Folders that may hold the vocabulary files, in the order they are tried (tests monkeypatch this)."""
+    return [d / "gpt2" for d in files.data_dirs()]
 
 
-def _read_ranks() -> dict[bytes, int]:
-    """Find, verify and parse gpt2.tiktoken; raise PicogptError if it is missing or damaged."""
+def check_vocabulary_file(path: Path, contents: bytes) -> bytes:
+    """contents, if they are the shipped vocabulary file path.name (by SHA-256); PicogptError if not."""
+    expected = VOCABULARY_SHA256[path.name]
+    actual = hashlib.sha256(contents).hexdigest()
+    if actual != expected:
+        raise PicogptError(f"GPT-2 vocabulary file {path} is damaged (sha256 {actual}, expected {expected}); "
+                           f"{_REMAKE.get(path.name, 'reinstall picogpt')}")
+    return contents
+
+
+def vocabulary_file(name: str) -> bytes:
+    """The bytes of a shipped vocabulary file (a key of VOCABULARY_SHA256), found in data_dirs() and
+    checked against its SHA-256; a missing, unreadable or damaged file is one PicogptError sentence."""
     dirs = data_dirs()
-    path = next((d / RANKS_FILE for d in dirs if (d / RANKS_FILE).is_file()), None)
+    path = files.find_file(name, dirs)
     if path is None:
-        raise PicogptError(f"GPT-2 vocabulary file {RANKS_FILE} not found in {' or '.join(map(str, dirs))}; "
-                           "reinstall picogpt, or in a source checkout run python tools/make_tiktoken_ranks.py")
+        raise PicogptError(f"GPT-2 vocabulary file {name} not found in {' or '.join(map(str, dirs))}; "
+                           f"{_FIND.get(name, 'reinstall picogpt')}")
     try:
         contents = path.read_bytes()
     except OSError as error:
         raise PicogptError(f"cannot read GPT-2 vocabulary file {path} ({error.strerror}); "
                            "check its permissions or reinstall picogpt") from None
+    return check_vocabulary_file(path, contents)
+
+
+def _read_ranks() -> dict[bytes, int]:
+    """Parse gpt2.tiktoken (checked by vocabulary_file) into tiktoken's {token bytes: rank}."""
     # Parsing it ourselves rather than via tiktoken.load.load_tiktoken_bpe: that function checks the hash
     # only when it caches a copy under /tmp, and we want both the check and no writes.
-    actual = hashlib.sha256(contents).hexdigest()
-    if actual != RANKS_SHA256:
-        raise PicogptError(f"GPT-2 vocabulary file {path} is damaged (sha256 {actual}, expected {RANKS_SHA256}); "
-                           "re-create it with python tools/make_tiktoken_ranks.py or reinstall picogpt")
+    contents = vocabulary_file(RANKS_FILE)
     # Each line is "<base64 token bytes> <rank>"; splitting the whole file on whitespace and decoding in
     # bulk is twice as fast as a loop over lines, and the hash check guarantees the format.
     fields = contents.split()

@@ -6,6 +6,9 @@ through the network layer by layer.
     print(format_trace(rows))            # step, shape, mean, std, max|x|, one line per step
     print(format_trace(rows, depth=1))   # only the embeddings, each block's output, ln_f and the logits
 
+    from picogpt.trace import collect
+    out = collect(model, ids)            # logits, hidden states and attention weights, as Hugging Face's
+
 How it works: picogpt.model's functions call one another through the module's globals (`block` calls
 `mha`, which calls `linear` and `attention`, ...). While a `tracing` context is open it replaces those
 globals with wrappers that call the original and note what came out; on leaving (normally or by an
@@ -15,18 +18,22 @@ context nothing is different: tracing costs nothing when it is off.
 Step names are the path of calls that produced the value, named after the checkpoint's parameters where
 a function is used twice: "block 3 / mha / c_attn" is the first `linear` of `mha` in the fourth block,
 "block 3 / ln_2" the second `layer_norm` of that block. Rows are recorded when a step returns, so a
-step's sub-steps come before it. Three rows are values the code computes inline rather than by calling
-a function, read off the arguments of the next call: "embed" (wte[ids] + wpe[positions], the first
-block's input), "block i / x + mha" (the first residual sum, ln_2's input) and "logits".
+step's sub-steps come before it. Three rows are values that no traced call returns, read off the
+arguments of a call: "embed" (wte[ids] + wpe[positions], computed inline in gpt2: the first block's
+input), "mask" (built by gpt2's caller) and "block i / x + mha" (the first residual sum, ln_2's input).
 
 Shapes keep the batch axis that the model uses inside (a single prompt is a batch of one). Statistics are
 over every entry of the step's output, in float64; a value holding -inf or NaN (the attention mask) gets
 them over its finite entries and a note counting the others.
 
-Tracing patches a module shared by the whole process: one trace at a time, and only the thread that
-opened it is traced (other threads run the model untraced meanwhile).
+Tracing patches a module shared by the whole process: the wrappers are in place while any trace is
+open, each thread has at most one trace, and a thread without one runs the model untraced.
+
+`collect` is the one way picogpt returns hidden states and attention weights: the model's functions
+return one array each, and a trace keeps the values of the steps that are those.
 """
 
+import re
 import sys
 import threading
 from typing import NamedTuple
@@ -36,12 +43,12 @@ import numpy as np
 from . import model as _model
 
 # The functions of picogpt.model that a trace wraps: everything a forward pass calls, from gpt2 down.
-TRACED = ("gpt2", "attention_mask", "block", "layer_norm", "mha", "linear", "split_heads", "attention",
-          "softmax", "merge_heads", "mlp", "gelu")
+# picogpt/model.py's docstring states the contract: they call one another through the module's globals.
+TRACED = ("gpt2", "block", "layer_norm", "mha", "linear", "split_heads", "attention", "softmax",
+          "merge_heads", "mlp", "gelu")
 
 # The name of a step, by (caller, function) and the how-many-th call it is in that caller.
 ROLES = {
-    ("gpt2", "attention_mask"): ["mask"],
     ("gpt2", "layer_norm"): ["ln_f"],
     ("block", "layer_norm"): ["ln_1", "ln_2"],
     ("mha", "linear"): ["c_attn", "c_proj"],
@@ -118,7 +125,7 @@ class _Frame:
 
 
 class tracing:
-    """Context manager: trace every forward pass run inside it; rows accumulate in `.rows`.
+    """Context manager: trace every forward pass this thread runs inside it; rows accumulate in `.rows`.
 
         with tracing() as t:
             model(ids)
@@ -130,33 +137,30 @@ class tracing:
     file: print each pass's table there as soon as the pass ends (depth: see format_trace).
     passes: stop tracing after this many forward passes, putting the originals back at once, so the
     rest of the block runs at full speed. keep_values: keep each step's output in TraceRow.value.
+    steps: record only the steps whose names this function accepts (the others cost no statistics).
+
+    One trace at a time per thread; other threads run the model untraced meanwhile (while any trace is
+    open, their calls pass through the wrappers, which cost a lookup each).
     """
 
-    _active = None  # the tracing context in force, if any (one at a time: it patches a shared module)
-    _lock = threading.Lock()
-
-    def __init__(self, file=None, passes=None, depth=None, keep_values=False):
+    def __init__(self, file=None, passes=None, depth=None, keep_values=False, steps=None):
         if passes is not None and passes < 1:
             raise ValueError("passes must be at least 1 (or None for every pass)")
         self.file, self.passes, self.depth, self.keep_values = file, passes, depth, keep_values
+        self.steps = steps
         self.rows = []
         self.n_passes = 0  # forward passes completed
-        self._originals = None
+        self._open = False
         self._stack = []
-        self._thread = None
         self._n_seq = 0  # tokens in the pass being traced
 
     # -- entering and leaving ------------------------------------------------------------------
 
     def __enter__(self):
-        with tracing._lock:
-            if tracing._active is not None:
-                raise RuntimeError("a trace is already running; picogpt runs one trace at a time")
-            tracing._active = self
-        self._thread = threading.get_ident()
-        self._originals = {name: getattr(_model, name) for name in TRACED if hasattr(_model, name)}
-        for name, function in self._originals.items():
-            setattr(_model, name, self._wrap(name, function))
+        if getattr(_this_thread, "tracer", None) is not None:
+            raise RuntimeError("a trace is already running in this thread; picogpt runs one trace at a time")
+        _install()
+        _this_thread.tracer, self._open = self, True
         return self
 
     def __exit__(self, *exc_info):
@@ -164,29 +168,27 @@ class tracing:
         return False
 
     def stop(self):
-        """Put picogpt.model's own functions back (done on leaving the context; safe to repeat)."""
-        if self._originals is not None:
-            for name, function in self._originals.items():
-                setattr(_model, name, function)
-            self._originals = None
-            with tracing._lock:
-                if tracing._active is self:
-                    tracing._active = None
+        """Stop recording; the last trace to stop puts picogpt.model's own functions back (done on leaving
+        the context; safe to repeat)."""
+        if self._open:
+            self._open = False
+            if getattr(_this_thread, "tracer", None) is self:
+                _this_thread.tracer = None
+            _uninstall()
 
     # -- recording ---------------------------------------------------------------------------------
 
-    def _record(self, path, value, note=None, at=None, stats=True):
+    def _record(self, path, value, note=None, stats=True):
+        name = " / ".join(path)
+        if self.steps is not None and not self.steps(name):
+            return
         value = np.asarray(value)
         mean, std, max_abs, stats_note = statistics(value) if stats else (float("nan"),) * 3 + ("",)
         if note is None:
             note = NOTES.get(" / ".join(path[-2:]), NOTES.get(path[-1], ""))
         note = "; ".join(filter(None, [note, stats_note]))
-        row = TraceRow(" / ".join(path), tuple(value.shape), mean, std, max_abs, note, self.n_passes,
-                       value if self.keep_values else None)
-        if at is None:
-            self.rows.append(row)
-        else:
-            self.rows.insert(at, row)
+        self.rows.append(TraceRow(name, tuple(value.shape), mean, std, max_abs, note, self.n_passes,
+                                  value if self.keep_values else None))
 
     def _name(self, function, parent):
         """The step's name within its caller: a role (ln_1, c_attn, q...), "block i", or the function's."""
@@ -199,46 +201,41 @@ class tracing:
         roles = ROLES.get((parent.function, function), [])
         return roles[n] if n < len(roles) else function if n == 0 else f"{function} {n}"
 
-    def _wrap(self, function, original):
-        def traced(*args, **kwargs):
-            if self._originals is None or threading.get_ident() != self._thread:
-                return original(*args, **kwargs)
-            parent = self._stack[-1] if self._stack else None
-            start = len(self.rows)
-            name = self._name(function, parent)
-            path = (parent.path if parent else ()) + (() if function == "gpt2" else (name,))
-            if function == "gpt2":
-                ids, cache = args[0] if args else kwargs["ids"], kwargs.get("cache")
-                n_past = cache[0].length if cache is not None else 0
-                self._n_seq = np.shape(ids)[-1]
-                self._record(("ids",), ids, stats=False,
-                             note=f"{self._n_seq} new token{'s' * (self._n_seq != 1)} after {n_past} cached")
-            elif parent is not None and parent.function == "gpt2" and name == "block 0":
-                # The first block's input is the embedding sum, computed inline in gpt2: show it before
-                # the mask, which gpt2 computes after it.
-                self._record(("embed",), args[0] if args else kwargs["x"], at=parent.start + 1)
-            elif parent is not None and parent.function == "block" and name == "ln_2":
-                self._record(parent.path + ("x + mha",), args[0] if args else kwargs["x"])
-            frame = _Frame(function, path, start)
-            self._stack.append(frame)
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                self._stack.pop()
-            if function == "gpt2":
-                self._record(("logits",), out.logits)
-                self._end_pass(frame.start)
-            elif function == "block":
-                self._record(path, out[0], note="block output: x + mlp (residual)")
-            elif path == ("ln_f",) and out.shape[-2] < self._n_seq:
-                self._record(path, out, note="final layer norm, last position only (all generating needs)")
-            else:  # attention, mha return (output, weights): the weights are the softmax row
-                self._record(path, out[0] if isinstance(out, tuple) else out)
-            return out
-        traced.__wrapped__ = original
-        traced.__name__ = traced.__qualname__ = original.__name__
-        traced.__doc__ = original.__doc__
-        return traced
+    def _call(self, function, original, args, kwargs):
+        """Run one traced call of picogpt.model's `function`, recording what it returns."""
+        parent = self._stack[-1] if self._stack else None
+        name = self._name(function, parent)
+        path = (parent.path if parent else ()) + (() if function == "gpt2" else (name,))
+        frame = _Frame(function, path, len(self.rows))
+        if function == "gpt2":
+            ids, cache = _argument(args, kwargs, 0, "ids"), kwargs.get("cache")
+            n_past = cache.length if cache is not None else 0
+            self._n_seq = np.shape(ids)[-1]
+            self._record(("ids",), ids, stats=False,
+                         note=f"{self._n_seq} new token{'s' * (self._n_seq != 1)} after {n_past} cached")
+            frame.mask = _argument(args, kwargs, 2, "mask")
+        elif parent is not None and parent.function == "gpt2" and name == "block 0":
+            # Three values gpt2 does not compute by a call of its own: the embedding sum (inline, the
+            # first block's input) and the mask its caller built.
+            self._record(("embed",), _argument(args, kwargs, 0, "x"))
+            self._record(("mask",), parent.mask, note="causal mask, added to the scores")
+        elif parent is not None and parent.function == "block" and name == "ln_2":
+            self._record(parent.path + ("x + mha",), _argument(args, kwargs, 0, "x"))
+        self._stack.append(frame)
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self._stack.pop()
+        if function == "gpt2":
+            self._record(("logits",), out)
+            self._end_pass(frame.start)
+        elif function == "block":
+            self._record(path, out, note="block output: x + mlp (residual)")
+        elif path == ("ln_f",) and out.shape[-2] < self._n_seq:
+            self._record(path, out, note="final layer norm, last position only (all generating needs)")
+        else:
+            self._record(path, out)
+        return out
 
     def _end_pass(self, start):
         if self.file is not None:
@@ -248,15 +245,91 @@ class tracing:
             self.stop()
 
 
+def _argument(args, kwargs, index, name):
+    return args[index] if len(args) > index else kwargs[name]
+
+
+# -- patching picogpt.model while any trace is open ---------------------------------------------------
+
+_this_thread = threading.local()  # .tracer: the trace open in this thread, if any
+_lock = threading.Lock()
+_originals = {}  # picogpt.model's own functions, while they are replaced by wrappers
+_n_open = 0  # traces open, in all threads
+
+
+def _wrap(function, original):
+    def traced(*args, **kwargs):
+        tracer = getattr(_this_thread, "tracer", None)
+        if tracer is None:
+            return original(*args, **kwargs)
+        return tracer._call(function, original, args, kwargs)
+    traced.__wrapped__ = original
+    traced.__name__ = traced.__qualname__ = original.__name__
+    traced.__doc__ = original.__doc__
+    return traced
+
+
+def _install():
+    global _n_open
+    with _lock:
+        if _n_open == 0:
+            _originals.update({name: getattr(_model, name) for name in TRACED})
+            for name, function in _originals.items():
+                setattr(_model, name, _wrap(name, function))
+        _n_open += 1
+
+
+def _uninstall():
+    global _n_open
+    with _lock:
+        _n_open -= 1
+        if _n_open == 0:
+            for name, function in _originals.items():
+                setattr(_model, name, function)
+            _originals.clear()
+
+
+# -- using a trace ----------------------------------------------------------------------------------
+
 def trace(model, ids, keep_values=False, **forward_options):
     """Trace one forward pass of `model` over token ids: a list of TraceRow, in the order computed.
 
-    forward_options go to model.forward (cache, all_logits, output_hidden_states, ...). By default only
-    the last position reaches ln_f and the logits, as when generating.
+    forward_options go to model.forward (cache, n_pad, all_logits). By default only the last position
+    reaches ln_f and the logits, as when generating.
     """
     with tracing(keep_values=keep_values) as t:
         model.forward(ids, **forward_options)
     return t.rows
+
+
+class Collected(NamedTuple):
+    """What `collect` returns: a forward pass's logits and, as Hugging Face's GPT-2 returns them, the
+    hidden states and attention weights. Arrays have the batch axis only if the ids had one."""
+
+    logits: np.ndarray  # [n_seq, n_vocab] with all_logits, else [1, n_vocab]
+    hidden_states: list  # n_layer + 1 x [n_seq, n_embd]: each block's input, then ln_f's output
+    attentions: list  # n_layer x [n_head, n_seq, n_kv]: each block's attention weights (softmax output)
+
+
+_COLLECTED = re.compile(r"embed|block \d+|block \d+ / mha / attention / softmax")
+
+
+def collect(model, ids, n_pad=None, all_logits=False, cache=None):
+    """Run one forward pass of `model` over ids (as model.forward does, with the same arguments) and
+    return a Collected: its logits, every hidden state and every attention weight, recorded by a trace
+    of the pass (the model's functions return neither).
+    """
+    with tracing(keep_values=True, steps=_COLLECTED.fullmatch) as t:
+        logits = model.forward(ids, cache=cache, n_pad=n_pad, all_logits=all_logits)
+    values = {row.name: row.value for row in t.rows}
+    n_layer, h = model.hparams["n_layer"], model.hparams
+    # The last hidden state is ln_f over every position; generating normalises the last one only.
+    last = _model.layer_norm(values[f"block {n_layer - 1}"], **model.params["ln_f"], eps=h["layer_norm_epsilon"])
+    hidden = [values["embed"]] + [values[f"block {i}"] for i in range(n_layer - 1)] + [last]
+    attentions = [values[f"block {i} / mha / attention / softmax"] for i in range(n_layer)]
+    if np.ndim(ids) == 1:  # the model added a batch axis inside: drop it as forward does
+        hidden, attentions = [x[0] for x in hidden], [a[0] for a in attentions]
+    return Collected(logits, hidden, attentions)
 
 
 def _number(x):

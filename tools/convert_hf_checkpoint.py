@@ -3,13 +3,15 @@
 
     python tools/convert_hf_checkpoint.py models/distilgpt2 --out models/distilgpt2/model.dat
 
-Needs numpy and safetensors only (no PyTorch, no TensorFlow); see `--help`. The work is done by
-picogpt.convert_hf; a refused folder prints one line and exits 1.
+The same as `picogpt convert-hf` (see `--help`): picogpt.cli parses the arguments, the package does the work.
 """
 
 import sys
+from pathlib import Path
 
-from picogpt.cli import convert_hf_main
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from picogpt.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(convert_hf_main())
+    sys.exit(main(["convert-hf", *sys.argv[1:]], prog="convert_hf_checkpoint"))

@@ -3,12 +3,15 @@
 
     python tools/convert_tf_checkpoint.py --model-size 124M --models-dir models
 
-See `--help`; the work is done by picogpt.download and picogpt.convert_tf.
+The same as `picogpt convert-tf` (see `--help`): picogpt.cli parses the arguments, the package does the work.
 """
 
 import sys
+from pathlib import Path
 
-from picogpt.cli import convert_main
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from picogpt.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(convert_main())
+    sys.exit(main(["convert-tf", *sys.argv[1:]], prog="convert_tf_checkpoint"))

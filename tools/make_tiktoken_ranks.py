@@ -9,21 +9,23 @@ r50k_base file; this script checks its SHA-256 and writes nothing if it differs.
 """
 
 import base64
-import hashlib
 import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from picogpt.errors import PicogptError  # noqa: E402
+from picogpt.tokenizer import RANKS_FILE, VOCABULARY_SHA256, check_vocabulary_file  # noqa: E402
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "gpt2"
-ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # r50k_base
 
 
-def check_sha256(path: Path, expected: str) -> None:
-    actual = hashlib.sha256(path.read_bytes()).hexdigest()
-    if actual != expected:
-        raise SystemExit(f"error: {path} has sha256 {actual}, expected {expected}; restore the original file")
+def check_sha256(path: Path) -> None:
+    try:
+        check_vocabulary_file(path, path.read_bytes())
+    except PicogptError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def make_ranks(data_dir: Path = DATA_DIR) -> bytes:
@@ -32,16 +34,16 @@ def make_ranks(data_dir: Path = DATA_DIR) -> bytes:
 
     # An empty TIKTOKEN_CACHE_DIR stops tiktoken from copying the files into a cache under /tmp. Without
     # the cache it also skips its hash check (the check only guards cached copies), so verify here.
-    check_sha256(data_dir / "encoder.json", ENCODER_JSON_SHA256)
-    check_sha256(data_dir / "vocab.bpe", VOCAB_BPE_SHA256)
+    check_sha256(data_dir / "encoder.json")
+    check_sha256(data_dir / "vocab.bpe")
     saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = ""
     try:
         ranks = data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(data_dir / "vocab.bpe"),
             encoder_json_file=str(data_dir / "encoder.json"),
-            vocab_bpe_hash=VOCAB_BPE_SHA256,
-            encoder_json_hash=ENCODER_JSON_SHA256,
+            vocab_bpe_hash=VOCABULARY_SHA256["vocab.bpe"],
+            encoder_json_hash=VOCABULARY_SHA256["encoder.json"],
         )
     finally:
         if saved is None:
@@ -56,13 +58,13 @@ def make_ranks(data_dir: Path = DATA_DIR) -> bytes:
 
 def main() -> None:
     contents = make_ranks()
-    actual = hashlib.sha256(contents).hexdigest()
-    if actual != RANKS_SHA256:
-        sys.exit(f"error: generated ranks have sha256 {actual}, expected {RANKS_SHA256} (r50k_base); "
-                 "nothing written")
-    out = DATA_DIR / "gpt2.tiktoken"
+    out = DATA_DIR / RANKS_FILE
+    try:
+        check_vocabulary_file(out, contents)
+    except PicogptError as e:
+        sys.exit(f"error: the generated ranks differ from r50k_base ({e}); nothing written")
     out.write_bytes(contents)
-    print(f"wrote {out} ({len(contents)} bytes, sha256 {actual})")
+    print(f"wrote {out} ({len(contents)} bytes, sha256 {VOCABULARY_SHA256[RANKS_FILE]})")
 
 
 if __name__ == "__main__":

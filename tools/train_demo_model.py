@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import picogpt
-from picogpt.convert_hf import hf_to_model_dat_name
 from picogpt.generate import generate
-from picogpt.modelfile import ModelFileWriter, gpt2_tensor_specs
+from picogpt.modelfile import ModelFileWriter
+from picogpt.tensors import gpt2_tensor_specs, hf_to_model_dat_name
 from picogpt.tokenizer import EOT, N_VOCAB, load_tokenizer
 
 HPARAMS = dict(n_vocab=N_VOCAB, n_ctx=256, n_embd=128, n_head=4, n_layer=4, layer_norm_epsilon=1e-5)

@@ -1,5 +1,5 @@
-#!/usr/bin/env python3
-"""Benchmark picogpt against PyTorch + Hugging Face transformers on the same weights (`make bench`).
+"""Benchmark picogpt against PyTorch + Hugging Face transformers on the same weights: `picogpt bench`
+(`make bench`), or from Python `picogpt.bench.run(sizes="124M", threads=(1, 2))`.
 
 Workload: GPT-2's shape, the 19-token Alan Turing prompt, 20 greedy tokens (1 prefill + 19 decode steps).
 Every contestant runs in this one process, round-robin: one warm-up round, then each repeat runs every
@@ -12,7 +12,6 @@ reads every weight once); the step's matrix products alone; and whole processes 
 vs the same job in a PyTorch script: imports, loading, tokenizing, generating).
 """
 
-import argparse
 import json
 import os
 import platform
@@ -23,16 +22,24 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-from picogpt.errors import PicogptError
-from picogpt.modelfile import ModelFileWriter, gpt2_tensor_specs, open_model_file
+from . import blas
+from .errors import PicogptError
+from .generate import generate, generate_batch
+from .model import GPT2
+from .modelfile import ModelFileWriter, open_model_file
+from .parity import PROMPT  # the 19-token Alan Turing prompt
+from .reference import hf_greedy
+from .reference import hf_model as reference_model
+from .store import default_models_dir
+from .tensors import gpt2_tensor_specs
+from .tokenizer import decode, encode
 
-REPO = Path(__file__).resolve().parent.parent
-PROMPT = ("Alan Turing theorized that computers would one day become very powerful, "
-          "but even he could not imagine")
-PROMPT_IDS = [36235, 39141, 18765, 1143, 326, 9061, 561, 530, 1110, 1716, 845, 3665, 11, 475, 772, 339, 714, 407, 5967]
+PROMPT_IDS = [  # encode(PROMPT), written out so that importing this module loads no tokenizer
+    36235, 39141, 18765, 1143, 326, 9061, 561, 530, 1110, 1716, 845, 3665, 11, 475, 772, 339, 714, 407, 5967]
 SHAPES = {"124M": dict(n_embd=768, n_head=12, n_layer=12), "355M": dict(n_embd=1024, n_head=16, n_layer=24),
           "tiny": dict(n_embd=64, n_head=4, n_layer=2)}  # tiny: --quick, the smoke test
 SEEDS = {"124M": 124, "355M": 355, "tiny": 1}
@@ -44,7 +51,7 @@ if pid == 0:
     os.execv(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status), file=open(sys.argv[1], "w"))"""
-TORCH_CHILD = "import sys; sys.path.insert(0, {tools!r}); import bench; bench.torch_job({path!r}, {n}, {threads})"
+TORCH_CHILD = "from picogpt.bench import torch_job; torch_job({path!r}, {n}, {threads})"
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -74,13 +81,11 @@ def find_model(size, args, tmp):
 def hf_model(model_file):
     """GPT2LMHeadModel (eval mode, float32) holding a copy of the model file's weights, with transformers'
     default attention (the fused one: the fastest PyTorch has, which is what picogpt is timed against)."""
-    from picogpt.reference import hf_model as reference_model
     return reference_model(model_file.hparams, model_file.tensors, attn_implementation=None)
 
 
 def hf_generate(model, ids, n, use_cache):
     """Hugging Face greedy generate of exactly n tokens; the new token ids."""
-    from picogpt.reference import hf_greedy
     return hf_greedy(model, ids, n, use_cache=use_cache)
 
 
@@ -88,7 +93,7 @@ def torch_job(path, n, threads):
     """The PyTorch side of the whole-process row, run in a child: import, load, tokenize, generate, print."""
     import torch
     import transformers
-    from picogpt.tokenizer import decode, encode  # the same tokenizer as picogpt's (no GPT-2 vocab.json here)
+    # decode, encode: the same tokenizer as picogpt's (no GPT-2 vocab.json here)
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     model = hf_model(open_model_file(path))
@@ -103,7 +108,6 @@ def contestant(name, threads, setup, run, repeats, **tags):
 
 def picogpt_generate(model, n, use_cache):
     """picogpt.generate, timing each yielded token: steps[0] is the prefill, the rest single-token steps."""
-    from picogpt.generate import generate
     tokens, steps, t = [], [], time.perf_counter()
     for token in generate(model, PROMPT_IDS, n, use_cache=use_cache, stop_at_eot=False):
         now = time.perf_counter()
@@ -120,7 +124,6 @@ def batch_prompts(size):
 
 def picogpt_batch(model, prompts, n, together):
     """n greedy tokens after each prompt: as one batch, or one prompt after the other."""
-    from picogpt.generate import generate, generate_batch
     if together:
         return dict(batch_tokens=generate_batch(model, prompts, n, stop_at_eot=False))
     return dict(batch_tokens=[list(generate(model, p, n, stop_at_eot=False)) for p in prompts])
@@ -153,10 +156,9 @@ def decode_products(tensors, calls):
     """Time `calls` passes of a decode step's matrix products alone, back to back, through the selected
     backend: each weight matrix (every "/w", in file order, i.e. the model's) times one row, then wte.T
     for the logits, with none of the step's other work."""
-    from picogpt.blas import matmul
     weights = [w for name, w in tensors.items() if name.endswith("/w")] + [tensors["wte"].T]
     rows = {w.shape[0]: np.ones((1, w.shape[0]), np.float32) for w in weights}
-    return timed_calls(lambda: [matmul(rows[w.shape[0]], w) for w in weights], calls)
+    return timed_calls(lambda: [blas.matmul(rows[w.shape[0]], w) for w in weights], calls)
 
 
 def child_process(cmd, threads):
@@ -169,7 +171,7 @@ def child_process(cmd, threads):
                MKL_NUM_THREADS=str(threads))
     with tempfile.NamedTemporaryFile("r") as report, tempfile.TemporaryFile() as err:
         p = subprocess.run([sys.executable, "-c", LAUNCHER, report.name] + cmd, stdout=subprocess.PIPE, stderr=err,
-                           env=env, cwd=REPO)
+                           env=env)
         seconds, peak, status = report.read().split() or (0, 0, p.returncode)
         if p.returncode or int(status):
             err.seek(0)
@@ -181,7 +183,6 @@ def child_process(cmd, threads):
 def contestants(model, hf, path, mf, args, n):
     """Every contestant of one section, in the order each round runs them; and notes (backends skipped, why)."""
     import torch
-    from picogpt import blas
     rows, notes = [], []
     for backend in blas.BACKENDS:
         try:
@@ -208,7 +209,7 @@ def contestants(model, hf, path, mf, args, n):
                         bytes=a.nbytes) for kernel in READS for t in args.threads]
     for t in args.process_threads:
         pico = [sys.executable, "-m", "picogpt", PROMPT, "-n", str(n), "--model", str(path), "--threads", str(t)]
-        torch_cmd = [sys.executable, "-c", TORCH_CHILD.format(tools=str(REPO / "tools"), path=str(path), n=n, threads=t)]
+        torch_cmd = [sys.executable, "-c", TORCH_CHILD.format(path=str(path), n=n, threads=t)]
         rows += [contestant(f"{system} process", t, lambda: None, partial(child_process, cmd, t),
                             args.process_repeats, system=f"{system} process")
                  for system, cmd in (("picogpt", pico), ("PyTorch", torch_cmd))]
@@ -378,7 +379,6 @@ def machine():
     import threadpoolctl
     import torch
     import transformers
-    from picogpt import blas
     libs = [f"{i['internal_api']} {i['version']} ({os.path.basename(i['filepath'])}, {i.get('architecture')})"
             for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -391,37 +391,21 @@ def machine():
                                   if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "VECLIB_", "GOTO"))})
 
 
-def threads_list(text):
-    return [int(t) for t in text.split(",") if t]
+# The options of `run`, with their defaults (picogpt.cli's `bench` parser documents each).
+DEFAULTS = dict(sizes="124M", model=None, models_dir=None, threads=[1, 2], process_threads=[2], repeats=5,
+                no_cache_repeats=3, process_repeats=5, tokens=20, batch_sizes=[1, 4, 8, 16],
+                json="bench-results.json", check=False, quick=False)
 
 
-def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
-        "Defaults: the 124M shape only, 5 repeats (3 for the no-cache loops, which take seconds each) after one "
-        "warm-up round: about 3 minutes on an idle 2-core machine. --sizes 124M,355M adds the 355M shape, about "
-        "2.3x the 124M section's time (10 minutes for both; far longer on a machine other jobs keep busy)."))
-    p.add_argument("--sizes", default="124M", help="GPT-2 shapes to run: 124M, 355M or 124M,355M (default: 124M)")
-    p.add_argument("--model", help="benchmark this model.dat alone instead of --sizes")
-    p.add_argument("--models-dir", default=os.environ.get("PICOGPT_MODELS_DIR") or str(REPO / "models"),
-                   help="where real models are found as SIZE/model.dat; missing ones get random weights")
-    p.add_argument("--threads", type=threads_list, default=[1, 2], help="thread counts for the loops (default 1,2)")
-    p.add_argument("--process-threads", type=threads_list, default=[2],
-                   help="thread counts for the whole-process rows (default 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per contestant (default 5)")
-    p.add_argument("--no-cache-repeats", type=int, default=3, help="timed runs of the no-cache loops (default 3)")
-    p.add_argument("--process-repeats", type=int, default=5, help="timed whole-process runs (default 5)")
-    p.add_argument("--tokens", type=int, default=20, help="tokens to generate (default 20)")
-    p.add_argument("--batch-sizes", type=threads_list, default=[1, 4, 8, 16],
-                   help="batch sizes for the batch rows, at the most threads (default 1,4,8,16; '' for none)")
-    p.add_argument("--json", default="bench-results.json", help="where to write every timing (default %(default)s)")
-    p.add_argument("--check", action="store_true", help="exit 1 if a target is missed (default: informational)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: a tiny random model, 4 tokens, 1 repeat, no warm-up, 1 process run")
-    return p
-
-
-def main(argv=None):
-    args = parser().parse_args(argv)
+def run(**options):
+    """Run the benchmark, printing each section as it completes; every timing is written to the JSON
+    file options["json"]. Returns 1 if options["check"] and a target is missed, else 0."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown benchmark option {sorted(unknown)[0]!r}; the options are {', '.join(DEFAULTS)}")
+    args = SimpleNamespace(**{**DEFAULTS, **options})
+    if args.models_dir is None:
+        args.models_dir = str(default_models_dir())
     warmup = 1
     if args.quick:
         args.sizes, args.tokens, args.repeats, args.no_cache_repeats, args.process_repeats = "tiny", 4, 1, 1, 1
@@ -437,8 +421,6 @@ def main(argv=None):
           f"warm-up round, all contestants interleaved; the PyTorch process tokenizes with picogpt's tokenizer")
     if results["machine"]["load_average"] > 0.5:
         print("warning: other processes are using the CPU (load average above); timings suffer, 2-thread ones most")
-    from picogpt.model import GPT2
-    from picogpt.tokenizer import decode
     with tempfile.TemporaryDirectory(prefix="picogpt-bench-") as tmp:
         for size in [args.model] if args.model else args.sizes.split(","):
             section_started = time.perf_counter()
@@ -466,6 +448,3 @@ def main(argv=None):
     failed = [t for s in results["sections"].values() for t in s["targets"] if not t["passed"]]
     return 1 if args.check and failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Scoring: how probable a text is under the model, token by token (log-probabilities, the mean
+negative log-likelihood and the perplexity), with a sliding window for texts longer than the context.
+
+    from picogpt.scoring import score
+    result = score(model, [EOT] + encode(text))   # GPT-2's documents start after <|endoftext|>
+    result.mean_nll, result.perplexity
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import PicogptError
+
+
+class Score(NamedTuple):
+    """How probable a text is under the model."""
+
+    n_tokens: int  # tokens scored
+    log_prob: float  # natural log of the probability of all of them: sum of token_log_probs
+    token_log_probs: np.ndarray  # [n_tokens] float64: log p(token | the tokens before it)
+
+    @property
+    def mean_nll(self):
+        """Mean negative log-likelihood per token (nats): the cross-entropy loss."""
+        return -self.log_prob / self.n_tokens
+
+    @property
+    def perplexity(self):
+        return math.exp(self.mean_nll)
+
+
+def log_softmax(logits):
+    """log of softmax over the last axis, computed without forming the probabilities: [..., n_vocab]."""
+    shifted = logits - np.max(logits, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def score(model, ids, stride=None):
+    """Log-probability of ids[1:], each token given all before it (ids[0] is context only).
+
+    A text longer than the model's context is scored in windows of n_ctx tokens that overlap by
+    n_ctx - stride (default: half a window); each token is scored once, in the window where it has the
+    most context, as in Hugging Face's guide to perplexity of fixed-length models.
+    """
+    ids = [int(i) for i in ids]
+    if len(ids) < 2:
+        raise PicogptError("scoring needs at least two tokens: the first one is context for the second")
+    n_ctx = model.hparams["n_ctx"]
+    stride = stride or max(1, n_ctx // 2)
+    log_probs = np.empty(len(ids) - 1)
+    scored = 1  # ids[:scored] have been scored (ids[0] never is)
+    start = 0
+    while scored < len(ids):
+        window = ids[start:start + n_ctx]
+        logits = model(window, all_logits=True)  # [len(window), n_vocab]: position j predicts window[j + 1]
+        targets = np.arange(scored - start, len(window))  # positions in the window not yet scored
+        token_log_probs = log_softmax(logits[targets - 1])[np.arange(len(targets)), np.array(window)[targets]]
+        log_probs[scored - 1:scored - 1 + len(targets)] = token_log_probs
+        scored = start + len(window)
+        start += stride
+    return Score(len(ids) - 1, float(log_probs.sum()), log_probs)
