@@ -42,3 +42,15 @@ def ctrl_c_during_writing(monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(ModelFileWriter, "write", write_then_interrupt)
+
+
+def convert_tf_main(argv):
+    """What tools/convert_tf_checkpoint.py runs: `picogpt convert-tf`, under the script's name."""
+    from picogpt.cli import main
+    return main(["convert-tf", *argv], prog="convert_tf_checkpoint")
+
+
+def convert_hf_main(argv):
+    """What tools/convert_hf_checkpoint.py runs: `picogpt convert-hf`, under the script's name."""
+    from picogpt.cli import main
+    return main(["convert-hf", *argv], prog="convert_hf_checkpoint")

@@ -16,6 +16,7 @@ from picogpt.attention_plot import (  # noqa: E402
 from picogpt.errors import PicogptError  # noqa: E402
 from picogpt.model import GPT2  # noqa: E402
 from picogpt.tokenizer import encode  # noqa: E402
+from picogpt.trace import collect  # noqa: E402
 from tf_fixture import random_weights, to_model_dat_names  # noqa: E402
 
 # GPT-2's vocabulary (prompts are real text), 2 layers of 6 heads, narrow so that it builds in no time.
@@ -75,7 +76,7 @@ def test_one_head_as_a_png(model, tmp_path):
     out = tmp_path / "attn.png"
     picture = attention_picture(model, PROMPT, layer=1, head=2, out_path=out)
     ids = encode(PROMPT)
-    expected = model.forward(ids, output_attentions=True).attentions[1][2]  # [n_seq, n_seq]
+    expected = collect(model, ids).attentions[1][2]  # [n_seq, n_seq]
 
     assert picture.path == out and out.is_file() and [p.name for p in tmp_path.iterdir()] == ["attn.png"]
     assert picture.weights.shape == (7, 7)
@@ -104,7 +105,7 @@ def test_layer_0_against_attention_computed_from_the_weights(model, tmp_path):
 def test_all_heads_of_a_layer_as_a_grid(model, tmp_path):
     out = tmp_path / "heads.png"
     picture = attention_picture(model, PROMPT, layer=0, out_path=out)
-    expected = model.forward(encode(PROMPT), output_attentions=True).attentions[0]
+    expected = collect(model, encode(PROMPT)).attentions[0]
     np.testing.assert_allclose(picture.weights, expected, atol=1e-6, rtol=0)
     panels = [ax for ax in picture.figure.axes if ax.images and ax.get_visible()]
     assert [ax.get_title() for ax in panels] == [f"head {h}" for h in range(6)]

@@ -1,4 +1,4 @@
-"""tools/bench.py runs end to end (--quick: a tiny random model, 4 tokens, one repeat) and writes its JSON.
+"""picogpt bench runs end to end (--quick: a tiny random model, 4 tokens, one repeat) and writes its JSON.
 
 No timing is asserted here; this checks the script works, its output has the promised structure, and
 every contestant generated the same tokens as PyTorch (the benchmark refuses to time wrong output).
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_quick_bench_writes_consistent_results(tmp_path):
     out = tmp_path / "x.json"
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--quick", "--json", str(out)],
+    p = subprocess.run([sys.executable, "-m", "picogpt", "bench", "--quick", "--json", str(out)],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stderr
     results = json.loads(out.read_text())

@@ -11,7 +11,7 @@ import pytest
 from hf_reference import random_tensors, write_model_dat
 from picogpt import cli
 from picogpt.generate import generate
-from picogpt.model import GPT2
+from picogpt.store import load
 from picogpt.tokenizer import EOT, decode, encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def model_path(tmp_path_factory):
 
 
 def expected_text(model_path, prompt, n):
-    model = GPT2.from_file(model_path)
+    model = load(model_path)
     return decode(generate(model, encode(prompt) or [EOT], n))
 
 
@@ -148,7 +148,7 @@ REAL_124M = Path(os.environ.get("PICOGPT_MODELS_DIR") or REPO / "models") / "124
 ])
 def test_golden_tokens_of_the_real_gpt2_124m(prompt, golden):
     """fastGPT's golden tokens: OpenAI's real 124M weights must continue these prompts exactly so."""
-    model = GPT2.from_file(REAL_124M)
+    model = load(REAL_124M)
     assert list(generate(model, encode(prompt), len(golden))) == golden
 
 
@@ -162,7 +162,7 @@ def test_the_readme_python_example_runs(model_path, capsys, monkeypatch):
     namespace = {}
     exec(code, namespace)
     assert capsys.readouterr().out == expected_text(model_path, "San Francisco is", 8)
-    assert namespace["logits"].shape == (1, 50257) and namespace["cache"][0].length == len(namespace["ids"]) + 1
+    assert namespace["logits"].shape == (1, 50257) and namespace["cache"].length == len(namespace["ids"]) + 1
 
     # The second example continues in the same namespace: text streams, batches, scores, model outputs.
     exec(readme.split("```python\n", 2)[2].split("```", 1)[0], namespace)

@@ -13,19 +13,20 @@ import pytest
 
 from tf_fixture import to_model_dat_names, write_tf_checkpoint  # first: keeps TensorFlow's logging quiet
 import torch  # noqa: E402
-from conftest import assert_model_dat_holds  # noqa: E402
+from conftest import assert_model_dat_holds, convert_hf_main  # noqa: E402
 from hf_reference import hf_model, random_tensors  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from test_model import LOGITS_TOLERANCE, PROMPT, check_parity, hf_logits  # noqa: E402
 from transformers import GPT2LMHeadModel, GPT2Tokenizer  # noqa: E402
 
 from picogpt import convert_tf  # noqa: E402
-from picogpt.cli import convert_hf_main  # noqa: E402
-from picogpt.convert_hf import convert_hf_checkpoint, hf_to_model_dat_name, model_dat_to_hf_name  # noqa: E402
+from picogpt.convert_hf import convert_hf_checkpoint
+from picogpt.tensors import hf_to_model_dat_name, model_dat_to_hf_name  # noqa: E402
 from picogpt.errors import PicogptError  # noqa: E402
 from picogpt.generate import generate  # noqa: E402
-from picogpt.model import GPT2  # noqa: E402
-from picogpt.modelfile import gpt2_tensor_specs, open_model_file  # noqa: E402
+from picogpt.store import load  # noqa: E402
+from picogpt.modelfile import open_model_file
+from picogpt.tensors import gpt2_tensor_specs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "gpt2"
@@ -110,7 +111,7 @@ def import_and_check_parity(folder, out, tensors=None, check=check_logits_and_gr
     hparams = convert_hf_checkpoint(folder, out)
     if tensors is not None:
         assert_model_dat_holds(out, tensors)
-    model = GPT2.from_file(out)
+    model = load(out)
     # What transformers itself runs from the folder; "eager" attention, the kind that can return its weights.
     reference = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
     check(model, reference, PROMPT)

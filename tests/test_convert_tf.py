@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from tf_fixture import to_model_dat_names, write_tf_checkpoint  # before anything imports TensorFlow: keeps its logging quiet
-from conftest import assert_model_dat_holds
+from conftest import assert_model_dat_holds, convert_tf_main
 from httpserver import Fault, serve_directory
 from picogpt import convert_tf
-from picogpt.cli import convert_main
 from picogpt.download import CHECKPOINT_FILES
-from picogpt.model import GPT2
+from picogpt.store import load
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(n_vocab=500, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
@@ -37,7 +36,7 @@ def mirror(tmp_path_factory):
 def test_download_and_convert_from_a_local_mirror(mirror, tmp_path, capsys):
     root, tf_variables = mirror
     with serve_directory(root) as server:
-        status = convert_main(["--model-size", "124M", "--models-dir", str(tmp_path / "models"),
+        status = convert_tf_main(["--model-size", "124M", "--models-dir", str(tmp_path / "models"),
                                "--base-url", server.url, "--no-progress"])
     assert status == 0
     out_dir = tmp_path / "models" / "124M"
@@ -53,7 +52,7 @@ def test_converted_model_matches_hugging_face_on_the_tf_weights(mirror, tmp_path
     from hf_reference import hf_model
     root, tf_variables = mirror
     convert_tf.convert_checkpoint(root / "124M", tmp_path / "model.dat")
-    model = GPT2.from_file(tmp_path / "model.dat")
+    model = load(tmp_path / "model.dat")
     check_parity(model, hf_model(model.hparams, to_model_dat_names(tf_variables)), [t % 500 for t in PROMPT])
 
 
@@ -62,7 +61,7 @@ def test_a_cut_download_resumes_to_identical_bytes(mirror, tmp_path):
     data = "/124M/model.ckpt.data-00000-of-00001"
     with serve_directory(root) as server:
         server.faults[data] = Fault(cut_after=(root / data[1:]).stat().st_size // 2, times=1)
-        assert convert_main(["--models-dir", str(tmp_path), "--base-url", server.url, "--no-progress"]) == 0
+        assert convert_tf_main(["--models-dir", str(tmp_path), "--base-url", server.url, "--no-progress"]) == 0
         ranges = [r for p, r in server.requests if p == data]
     assert ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
     assert (tmp_path / "124M" / data.split("/")[-1]).read_bytes() == (root / data[1:]).read_bytes()
@@ -78,7 +77,7 @@ def test_download_faults_are_one_line_and_leave_no_model(mirror, tmp_path, capsy
     root, _ = mirror
     with serve_directory(root) as server:
         server.faults["/124M/model.ckpt.data-00000-of-00001"] = fault
-        status = convert_main(["--models-dir", str(tmp_path), "--base-url", server.url, "--no-progress"])
+        status = convert_tf_main(["--models-dir", str(tmp_path), "--base-url", server.url, "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert status == 1 and message in err and err.count("\n") == 0 and err.startswith("convert_tf_checkpoint: error:")
     assert not (tmp_path / "124M" / "model.dat").exists()
@@ -90,13 +89,13 @@ def test_connection_refused(tmp_path, capsys):
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    status = convert_main(["--models-dir", str(tmp_path), "--base-url", f"http://127.0.0.1:{port}", "--no-progress"])
+    status = convert_tf_main(["--models-dir", str(tmp_path), "--base-url", f"http://127.0.0.1:{port}", "--no-progress"])
     assert status == 1 and "connection refused" in capsys.readouterr().err
     assert not (tmp_path / "124M" / "model.dat").exists()
 
 
 def test_unknown_size_is_refused_with_the_list(tmp_path, capsys):
-    assert convert_main(["--model-size", "125M", "--models-dir", str(tmp_path)]) == 1
+    assert convert_tf_main(["--model-size", "125M", "--models-dir", str(tmp_path)]) == 1
     assert "124M, 355M, 774M, 1558M" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -105,7 +104,7 @@ def test_unknown_size_is_refused_with_the_list(tmp_path, capsys):
 def test_every_size_family_round_trips(tmp_path, n_embd, n_head):
     hparams = dict(n_vocab=1000, n_ctx=128, n_embd=n_embd, n_head=n_head, n_layer=1)
     tf_variables = write_tf_checkpoint(tmp_path / "ckpt", hparams, seed=n_embd)
-    assert convert_main(["--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "model.dat")]) == 0
+    assert convert_tf_main(["--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "model.dat")]) == 0
     model_file = assert_model_dat_equals(tmp_path / "model.dat", tf_variables)
     assert model_file.hparams == {**hparams, "layer_norm_epsilon": 1e-5}
 
@@ -130,14 +129,14 @@ def test_checkpoint_that_does_not_match_its_hparams(mirror, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(root / "124M", ckpt)
     (ckpt / "hparams.json").write_text('{"n_vocab": 500, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 1}')
-    assert convert_main(["--checkpoint-dir", str(ckpt)]) == 1
+    assert convert_tf_main(["--checkpoint-dir", str(ckpt)]) == 1
     assert "does not account for" in capsys.readouterr().err
     (ckpt / "hparams.json").write_text('{"n_vocab": 501, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}')
-    assert convert_main(["--checkpoint-dir", str(ckpt)]) == 1
+    assert convert_tf_main(["--checkpoint-dir", str(ckpt)]) == 1
     assert "model/wte is [500, 64], expected [501, 64]" in capsys.readouterr().err
     (ckpt / "model.ckpt.data-00000-of-00001").write_bytes(b"\0" * 100)
     (ckpt / "hparams.json").write_text((root / "124M" / "hparams.json").read_text())
-    assert convert_main(["--checkpoint-dir", str(ckpt)]) == 1
+    assert convert_tf_main(["--checkpoint-dir", str(ckpt)]) == 1
     assert "download it again" in capsys.readouterr().err
     assert not (ckpt / "model.dat").exists()
 
@@ -165,6 +164,6 @@ def test_without_tensorflow_nothing_is_downloaded(mirror, tmp_path, capsys, monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real_find_spec(name, *a))
     root, _ = mirror
     with serve_directory(root) as server:
-        status = convert_main(["--models-dir", str(tmp_path), "--base-url", server.url, "--no-progress"])
+        status = convert_tf_main(["--models-dir", str(tmp_path), "--base-url", server.url, "--no-progress"])
         assert server.requests == []
     assert status == 1 and "pip install -e '.[convert]'" in capsys.readouterr().err

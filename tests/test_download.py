@@ -8,7 +8,7 @@ import urllib3
 
 from httpserver import Fault, serve_directory
 from picogpt.download import CHECKPOINT_FILES, download_checkpoint, download_file
-from picogpt.store import MODEL_SIZES, check_model_size
+from picogpt.download import MODEL_SIZES, check_model_size
 from picogpt.errors import PicogptError
 
 FAST = dict(progress=False, backoff=0, timeout=5.0)

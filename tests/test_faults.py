@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import convert_tf_main
 from hf_reference import random_tensors, write_model_dat
 from httpserver import Fault, serve_directory
 from picogpt import cli
@@ -129,7 +130,7 @@ def test_output_path_that_cannot_be_written(tmp_path, capsys):
     from tf_fixture import write_tf_checkpoint
     write_tf_checkpoint(tmp_path / "ckpt", dict(HPARAMS, n_vocab=100), seed=1)
     (tmp_path / "a-file").write_text("not a folder")
-    status = cli.convert_main(["--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a-file" / "m.dat")])
+    status = convert_tf_main(["--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a-file" / "m.dat")])
     assert "cannot write in" in error_line(capsys, status)
 
 
@@ -141,7 +142,7 @@ def test_models_dir_on_a_full_disk(tmp_path, capsys, monkeypatch):
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "posix_fallocate", no_space)
-    status = cli.convert_main(["--checkpoint-dir", str(tmp_path / "models" / "124M")])
+    status = convert_tf_main(["--checkpoint-dir", str(tmp_path / "models" / "124M")])
     err = error_line(capsys, status)
     assert "No space left on device" in err and "MB needed" in err
     assert not [p for p in (tmp_path / "models" / "124M").iterdir() if "model.dat" in p.name]
@@ -161,7 +162,7 @@ def test_download_onto_a_full_disk(tmp_path, capsys, monkeypatch):
         return handle
     monkeypatch.setattr("builtins.open", open_full)
     with serve_directory(tmp_path / "mirror") as server:
-        status = cli.convert_main(["--models-dir", str(tmp_path / "models"), "--base-url", server.url, "--no-progress"])
+        status = convert_tf_main(["--models-dir", str(tmp_path / "models"), "--base-url", server.url, "--no-progress"])
     err = error_line(capsys, status)
     assert "No space left on device" in err or "no space left on device" in err
     assert not (tmp_path / "models" / "124M" / "model.dat").exists()
@@ -248,7 +249,7 @@ def test_argument_parser_fails_only_with_usage_errors(argv):
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
             if argv[:1] == ["verify"]:
-                cli.verify_parser().parse_args(argv[1:])
+                cli.verify_parser("picogpt verify").parse_args(argv[1:])
             else:
                 cli.generate_parser().parse_args(argv[1:] if argv[:1] == ["generate"] else argv)
         except SystemExit as e:

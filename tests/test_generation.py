@@ -14,9 +14,12 @@ from hf_reference import hf_model, random_tensors, write_model_dat
 from picogpt import blas, cli
 from picogpt.errors import PicogptError
 from picogpt.generate import (apply_repetition_penalty, choose_next, complete, generate,
-                              generate_batch, score, softmax64, stream_text, top_k_filter, top_p_filter)
+                              generate_batch, softmax64, stream_text, top_k_filter, top_p_filter)
+from picogpt.scoring import score
 from picogpt.model import GPT2
+from picogpt.store import load
 from picogpt.tokenizer import EOT, decode, encode
+from picogpt.trace import collect
 
 # GPT-2's vocabulary (so text tokenizes into it), narrow and shallow to stay fast.
 HPARAMS = dict(n_vocab=50257, n_ctx=64, n_embd=32, n_head=4, n_layer=2, layer_norm_epsilon=1e-5)
@@ -30,7 +33,7 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_path):
-    return GPT2.from_file(model_path)
+    return load(model_path)
 
 
 class ScriptedModel:
@@ -226,9 +229,9 @@ def test_a_batch_of_different_lengths_gives_each_prompt_what_it_gets_alone(model
     n_pad = [tokens.shape[1] - len(p) for p in prompts]
     for row, p in enumerate(prompts):
         tokens[row, n_pad[row]:] = p
-    out = model.forward(tokens, n_pad=n_pad, all_logits=True, output_hidden_states=True)
+    out = collect(model, tokens, n_pad=n_pad, all_logits=True)
     for row, p in enumerate(prompts):
-        single = model.forward(p, all_logits=True, output_hidden_states=True)
+        single = collect(model, p, all_logits=True)
         np.testing.assert_allclose(out.logits[row, n_pad[row]:], single.logits, atol=1e-5, rtol=0)
         np.testing.assert_allclose(out.hidden_states[-1][row, n_pad[row]:], single.hidden_states[-1], atol=1e-5)
 
@@ -240,7 +243,7 @@ def test_batched_hidden_states_and_attentions_match_hugging_face_with_padding(mo
     longest = max(map(len, prompts))
     tokens = np.array([[0] * (longest - len(p)) + p for p in prompts])
     n_pad = [longest - len(p) for p in prompts]
-    out = model.forward(tokens, n_pad=n_pad, all_logits=True, output_hidden_states=True, output_attentions=True)
+    out = collect(model, tokens, n_pad=n_pad, all_logits=True)
     mask = torch.tensor([[0] * n + [1] * (longest - n) for n in n_pad])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -322,7 +325,7 @@ def test_cli_sampling_is_reproducible_with_a_seed(model_path, capsys):
     first = run_cli(capsys, *args, "--seed", "1")
     assert first[0] == 0 and first == run_cli(capsys, *args, "--seed", "1")
     assert run_cli(capsys, *args, "--seed", "2")[1] != first[1]
-    model = GPT2.from_file(model_path)
+    model = load(model_path)
     expected = complete(model, PROMPTS[0], 15, stop_at_eot=False, temperature=0.8, top_k=50, top_p=0.9,
                         repetition_penalty=1.2, seed=1)
     assert first[1] == expected + "\n"
@@ -332,7 +335,7 @@ def test_cli_prompts_file_and_num_samples(model_path, tmp_path, capsys):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS[:2]) + "\n\n", encoding="utf-8")
     status, out, _ = run_cli(capsys, "--prompts-file", str(prompts_file), "-n", "8", "--model", str(model_path))
-    model = GPT2.from_file(model_path)
+    model = load(model_path)
     expected = complete(model, PROMPTS[:2], 8)
     assert status == 0 and out == f"=== prompt 1/2 ===\n{expected[0]}\n=== prompt 2/2 ===\n{expected[1]}\n"
     status, out, _ = run_cli(capsys, "Hi", "-n", "5", "--model", str(model_path), "--num-samples", "2",
@@ -342,7 +345,7 @@ def test_cli_prompts_file_and_num_samples(model_path, tmp_path, capsys):
 
 
 def test_cli_stop_strings(model_path, capsys):
-    model = GPT2.from_file(model_path)
+    model = load(model_path)
     full = complete(model, PROMPTS[0], 20, stop_at_eot=False)
     stop = full[5:8]
     status, out, _ = run_cli(capsys, PROMPTS[0], "-n", "20", "--model", str(model_path), "--ignore-eot",
@@ -374,7 +377,7 @@ def test_cli_score(model_path, tmp_path, capsys):
     text = "The quick brown fox jumps over the lazy dog."
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     status, out, _ = run_cli(capsys, "score", str(tmp_path / "t.txt"), "--model", str(model_path))
-    result = score(GPT2.from_file(model_path), [EOT] + encode(text))
+    result = score(load(model_path), [EOT] + encode(text))
     assert status == 0
     assert f"tokens scored: {result.n_tokens}\n" in out and f"perplexity: {result.perplexity:.4f}\n" in out
     status, _, err = run_cli(capsys, "score", str(tmp_path / "missing.txt"), "--model", str(model_path))

@@ -14,8 +14,9 @@ from conftest import GPT2_124M_SHAPE
 from hf_reference import hf_model, random_tensors, write_model_dat
 from picogpt.errors import PicogptError
 from picogpt.generate import generate
-from picogpt.model import GPT2
+from picogpt.store import load
 from picogpt.reference import hf_greedy
+from picogpt.trace import collect
 
 LOGITS_TOLERANCE = 1e-4
 HIDDEN_TOLERANCE = 1e-4  # hidden states are of the order of 1-10 here (the residual stream grows with depth)
@@ -54,7 +55,7 @@ def check_parity(model, reference, prompt, n_tokens=20):
     assert greedy == hf_greedy(reference, prompt, n_tokens)
 
     # Hidden states (each block's input, then the final layer norm's output) and attention weights.
-    out = model.forward(prompt, output_hidden_states=True, output_attentions=True)
+    out = collect(model, prompt)
     with torch.no_grad():
         theirs = reference(torch.tensor([prompt]), output_hidden_states=True, output_attentions=True)
     assert len(out.hidden_states) == len(theirs.hidden_states) == model.hparams["n_layer"] + 1
@@ -70,13 +71,13 @@ def check_parity(model, reference, prompt, n_tokens=20):
 def test_matches_hugging_face_for_each_size_family(tmp_path, family):
     hparams = dict(n_vocab=8192, n_ctx=128, n_layer=2, **FAMILIES[family])
     tensors = random_tensors(hparams, seed=sum(map(ord, family)))
-    model = GPT2.from_file(write_model_dat(tmp_path / "model.dat", hparams, tensors))
+    model = load(write_model_dat(tmp_path / "model.dat", hparams, tensors))
     check_parity(model, hf_model(model.hparams, tensors), [i % 8192 for i in PROMPT])
 
 
 def test_matches_hugging_face_at_the_full_124m_shape(model_124m_shape):
     path, tensors = model_124m_shape
-    model = GPT2.from_file(path)
+    model = load(path)
     assert model.n_params == 124_439_808
     check_parity(model, hf_model(model.hparams, tensors), PROMPT)
 
@@ -84,19 +85,19 @@ def test_matches_hugging_face_at_the_full_124m_shape(model_124m_shape):
 @pytest.fixture
 def small_model(tmp_path):
     hparams = dict(n_vocab=300, n_ctx=32, n_embd=48, n_head=6, n_layer=3)
-    return GPT2.from_file(write_model_dat(tmp_path / "model.dat", hparams, random_tensors(hparams, seed=3)))
+    return load(write_model_dat(tmp_path / "model.dat", hparams, random_tensors(hparams, seed=3)))
 
 
 def test_every_step_stays_float32(small_model, monkeypatch):
     """No silent float64 promotion anywhere: masks, constants and scalars keep the arrays at float32."""
-    names = ["gelu", "softmax", "layer_norm", "linear", "attention", "attention_mask", "mha", "mlp", "block"]
+    names = ["gelu", "softmax", "layer_norm", "linear", "attention", "mha", "mlp", "block", "gpt2"]  # the mask: below
     seen = []
     for name in names:
         original = getattr(M, name)
 
         def checked(*args, _original=original, _name=name, **kwargs):
             out = _original(*args, **kwargs)
-            for array in out if isinstance(out, tuple) else (out,):  # attention, mha, block: (x, weights)
+            for array in out if isinstance(out, tuple) else (out,):
                 assert array.dtype == np.float32, f"{_name} returned {array.dtype}"
             seen.append(_name)
             return out
@@ -116,18 +117,21 @@ def test_only_the_last_position_gets_logits_unless_asked(small_model):
 
 def test_the_cache_fills_in_place(small_model):
     cache = small_model.new_cache()
-    keys = cache[0].keys
+    keys = cache.keys  # [n_layer, n_batch, n_head, n_positions, head_dim]
     small_model([1, 2, 3, 4], cache=cache)
     small_model([5], cache=cache)
-    assert all(layer.length == 5 for layer in cache)
-    assert cache[0].keys is keys and np.any(keys[0, :, 4] != 0) and not np.any(keys[0, :, 5:])
+    assert cache.length == 5
+    assert cache.keys is keys and np.any(keys[:, 0, :, 4] != 0) and not np.any(keys[:, 0, :, 5:])
 
 
 def test_attention_mask_is_causal_and_hides_left_padding():
-    mask = M.attention_mask(2, 3, n_pad=[0])  # 2 new tokens at indices 3 and 4, after 3 cached ones
+    positions, mask = M.positions_and_mask(2, 3, n_pad=[0])  # 2 new tokens at indices 3 and 4, after 3 cached ones
+    assert positions.tolist() == [[3, 4]]
     assert mask.dtype == np.float32 and mask.shape == (1, 1, 2, 5)
     assert np.isneginf(mask[0, 0]).tolist() == [[False] * 4 + [True], [False] * 5]
-    padded = np.isneginf(M.attention_mask(3, 0, n_pad=[0, 2])[1, 0])  # row 1 starts with 2 pads
+    positions, mask = M.positions_and_mask(3, 0, n_pad=[0, 2])
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]  # padding does not count; pads sit at position 0
+    padded = np.isneginf(mask[1, 0])  # row 1 starts with 2 pads
     assert padded.tolist() == [[False, True, True],  # a pad sees only itself, so no row is all -inf
                                [True, False, True],
                                [True, True, False]]  # the first real token sees no pad
@@ -156,8 +160,8 @@ def test_model_dat_names_map_to_the_nested_parameters(small_model):
 
 def test_a_cache_can_be_sized_to_the_positions_it_will_hold(small_model):
     cache = small_model.new_cache(n_batch=2, n_positions=5)
-    assert cache[0].keys.shape == (2, 6, 5, 8)  # [n_batch, n_head, n_positions, head_dim]
+    assert cache.keys.shape == (3, 2, 6, 5, 8)  # [n_layer, n_batch, n_head, n_positions, head_dim]
     small_model([[1, 2, 3], [4, 5, 6]], cache=cache)
     with pytest.raises(ValueError, match="6 positions exceed the 5 this cache was made for"):
         small_model([[1, 2, 3], [4, 5, 6]], cache=cache)
-    assert small_model.new_cache(n_positions=10_000)[0].keys.shape[2] == 32  # never beyond n_ctx
+    assert small_model.new_cache(n_positions=10_000).n_positions == 32  # never beyond n_ctx

@@ -8,7 +8,8 @@ import pytest
 
 from hf_reference import random_tensors, write_model_dat
 from picogpt.errors import PicogptError
-from picogpt.modelfile import (ALIGN, PREAMBLE, ModelFileWriter, gpt2_tensor_specs, open_model_file)
+from picogpt.modelfile import ALIGN, PREAMBLE, ModelFileWriter, open_model_file
+from picogpt.tensors import gpt2_tensor_specs
 
 HPARAMS = dict(n_vocab=100, n_ctx=16, n_embd=32, n_head=4, n_layer=2)
 
@@ -111,7 +112,7 @@ def edit_header(path, edit):
 @pytest.mark.parametrize("edit, message", [
     (lambda h: h["hparams"].update(n_layer=3), "tensor names do not match"),
     (lambda h: h["hparams"].update(n_embd=30), "not a multiple of n_head|expected"),
-    (lambda h: h["hparams"].update(n_head=0), "not a positive integer"),
+    (lambda h: h["hparams"].update(n_head=0), "not a positive whole number"),
     (lambda h: h["tensors"][1].update(offset=h["tensors"][0]["offset"]), "overlaps"),
     (lambda h: h["tensors"][-1].update(offset=h["tensors"][-1]["offset"] + 1024), "outside the file"),
     (lambda h: h["tensors"][2].update(shape=[1, 32]), "expected <f4"),

@@ -1,10 +1,9 @@
-"""tools/parity.py: picogpt against PyTorch on a model.dat, layer by layer, as a command with an exit status.
+"""picogpt parity (tools/parity.py): picogpt against PyTorch on a model.dat, layer by layer, as a command with an exit status.
 
 A small random model passes; a copy with one weight of block 1 changed (given to picogpt, the original to
 PyTorch) fails with exit status 1 and names block 1 as the first layer to diverge. Errors are one line.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,14 +19,12 @@ REPO = Path(__file__).resolve().parent.parent
 HPARAMS = dict(n_vocab=50257, n_ctx=64, n_embd=32, n_head=4, n_layer=3)
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("parity_tool", REPO / "tools" / "parity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from picogpt import cli, parity
 
 
-parity = load_tool()
+def main(argv):
+    """What tools/parity.py runs: `picogpt parity`, under the script's name."""
+    return cli.main(["parity", *argv], prog="parity")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,7 @@ def perturbed_copy(folder, tensors, name, index, delta, out_name):
 def test_a_faithful_model_is_within_tolerance(small, tmp_path, capsys):
     folder, _ = small
     report = tmp_path / "parity.json"
-    assert parity.main(["--model", str(folder / "model.dat"), "-n", "8", "--json", str(report)]) == 0
+    assert main(["--model", str(folder / "model.dat"), "-n", "8", "--json", str(report)]) == 0
     out, err = capsys.readouterr()
     assert "verdict: within tolerance (exit status 0)" in out and err == ""
     for heading in ("hidden states", "logits at each prompt position", "greedy continuation, 8 tokens",
@@ -73,7 +70,7 @@ def test_a_faithful_model_is_within_tolerance(small, tmp_path, capsys):
 def test_a_changed_weight_fails_and_names_its_block(small, capsys):
     folder, tensors = small
     perturbed = perturbed_copy(folder, tensors, "h1/mlp/c_fc/w", (0, 0), 0.5, "perturbed.dat")
-    status = parity.main(["--model", str(perturbed), "--reference-model", str(folder / "model.dat"), "-n", "4"])
+    status = main(["--model", str(perturbed), "--reference-model", str(folder / "model.dat"), "-n", "4"])
     out, err = capsys.readouterr()
     assert status == 1 and err == ""
     (verdict,) = [line for line in out.splitlines() if line.startswith("verdict:")]
@@ -88,7 +85,7 @@ def test_the_same_changed_file_on_both_sides_agrees(small, capsys):
     """The check compares implementations, not files: a changed weight that both sides read is no mismatch."""
     folder, tensors = small
     perturbed = perturbed_copy(folder, tensors, "h2/attn/c_proj/w", (3, 4), -0.5, "perturbed2.dat")
-    assert parity.main(["--model", str(perturbed), "-n", "2"]) == 0
+    assert main(["--model", str(perturbed), "-n", "2"]) == 0
     assert "within tolerance" in capsys.readouterr().out
 
 
@@ -96,7 +93,7 @@ def test_a_change_in_the_last_block_is_named_with_the_final_layer_norm(small, tm
     folder, tensors = small
     perturbed = perturbed_copy(folder, tensors, "h2/attn/c_attn/b", (5,), 1.0, "perturbed3.dat")
     report = tmp_path / "r.json"
-    assert parity.main(["--model", str(perturbed), "--reference-model", str(folder / "model.dat"), "-n", "0",
+    assert main(["--model", str(perturbed), "--reference-model", str(folder / "model.dat"), "-n", "0",
                         "--json", str(report)]) == 1
     r = json.loads(report.read_text())
     assert r["first_divergence"] == "block 2 + ln_f"
@@ -118,16 +115,16 @@ def one_error_line(capsys):
 
 
 def test_a_missing_model_is_one_line(tmp_path, capsys):
-    assert parity.main(["--model", str(tmp_path / "nothing" / "model.dat")]) == 1
+    assert main(["--model", str(tmp_path / "nothing" / "model.dat")]) == 1
     assert "does not exist" in one_error_line(capsys)
-    assert parity.main(["--model", "124M", "--models-dir", str(tmp_path)]) == 1
+    assert main(["--model", "124M", "--models-dir", str(tmp_path)]) == 1
     assert "fetch it with: python tools/convert_tf_checkpoint.py --model-size 124M" in one_error_line(capsys)
 
 
 def test_without_pytorch_one_sentence_says_how_to_install_it(small, monkeypatch, capsys):
     folder, _ = small
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    assert parity.main(["--model", str(folder / "model.dat")]) == 1
+    assert main(["--model", str(folder / "model.dat")]) == 1
     err = one_error_line(capsys)
     assert "the parity check needs PyTorch and transformers" in err and "pip install 'picogpt[parity]'" in err
 
@@ -136,14 +133,14 @@ def test_other_mistakes_are_one_line(small, tmp_path, capsys):
     folder, tensors = small
     tiny = dict(HPARAMS, n_vocab=300)
     write_model_dat(tmp_path / "tiny.dat", tiny, random_tensors(tiny, seed=1))
-    assert parity.main(["--model", str(tmp_path / "tiny.dat")]) == 1
+    assert main(["--model", str(tmp_path / "tiny.dat")]) == 1
     assert "outside this model's vocabulary of 300" in one_error_line(capsys)
-    assert parity.main(["--model", str(folder / "model.dat"), "--reference-model", str(tmp_path / "tiny.dat")]) == 1
+    assert main(["--model", str(folder / "model.dat"), "--reference-model", str(tmp_path / "tiny.dat")]) == 1
     assert "different models" in one_error_line(capsys)
-    assert parity.main(["--model", str(folder / "model.dat"), "-n", "60"]) == 1
+    assert main(["--model", str(folder / "model.dat"), "-n", "60"]) == 1
     assert "exceed the model's context of 64" in one_error_line(capsys)
     with pytest.raises(SystemExit) as exit_:
-        parity.main(["--backend", "cuda"])
+        main(["--backend", "cuda"])
     assert exit_.value.code == 2
     assert one_error_line(capsys).endswith("see parity --help\n")
 

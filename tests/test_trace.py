@@ -11,7 +11,7 @@ import picogpt.model as M
 from picogpt.errors import PicogptError
 from picogpt.generate import generate
 from picogpt.model import GPT2
-from picogpt.trace import TRACED, format_trace, print_trace, statistics, trace, tracing
+from picogpt.trace import TRACED, collect, format_trace, print_trace, statistics, trace, tracing
 from tf_fixture import random_weights, to_model_dat_names
 
 HPARAMS = dict(n_vocab=300, n_ctx=32, n_embd=48, n_head=6, n_layer=3, layer_norm_epsilon=1e-5)
@@ -62,9 +62,9 @@ def test_every_block_and_step_in_order_with_its_shape(model):
 
 
 def test_statistics_equal_numpy_on_the_intermediate_values(model):
-    out = model.forward(IDS, output_hidden_states=True, output_attentions=True)
-    rows = trace(model, IDS, output_hidden_states=True)
-    checks = {"embed": out.hidden_states[0], "ln_f": out.hidden_states[-1], "logits": out.logits[-1:]}
+    out = collect(model, IDS, all_logits=True)
+    rows = trace(model, IDS, all_logits=True)
+    checks = {"embed": out.hidden_states[0], "ln_f": out.hidden_states[-1], "logits": out.logits}
     for i in range(3):
         checks[f"block {i} / mha / attention / softmax"] = out.attentions[i]
         if i < 2:
@@ -88,7 +88,7 @@ def test_statistics_equal_numpy_on_the_intermediate_values(model):
 
 
 def test_kept_values_are_the_outputs_themselves(model):
-    out = model.forward(IDS, output_attentions=True)
+    out = collect(model, IDS)
     rows = trace(model, IDS, keep_values=True)
     np.testing.assert_array_equal(row(rows, "block 2 / mha / attention / softmax").value[0], out.attentions[2])
     np.testing.assert_array_equal(row(rows, "logits").value[0], out.logits)

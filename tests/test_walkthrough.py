@@ -12,6 +12,7 @@ import pytest
 import picogpt
 from conftest import GPT2_124M_SHAPE
 from picogpt.model import GPT2
+from picogpt.store import load
 from picogpt.modelfile import ModelFileWriter
 from picogpt.tokenizer import encode
 from picogpt.trace import tracing
@@ -84,10 +85,10 @@ def test_every_function_it_names_exists():
         except (ImportError, AttributeError):
             missing.append(name)
     assert not missing, f"docs/walkthrough.md names what the package does not have: {missing}"
-    for required in ["picogpt.tokenizer.encode", "picogpt.model.layer_norm", "picogpt.model.attention_mask",
+    for required in ["picogpt.tokenizer.encode", "picogpt.model.layer_norm", "picogpt.model.positions_and_mask",
                      "picogpt.model.attention", "picogpt.model.split_heads", "picogpt.model.mha",
                      "picogpt.model.mlp", "picogpt.model.gelu", "picogpt.model.block", "picogpt.model.gpt2",
-                     "picogpt.generate.choose_next", "picogpt.model.LayerCache", "picogpt.model.GPT2.new_cache",
+                     "picogpt.generate.choose_next", "picogpt.model.KVCache", "picogpt.model.GPT2.new_cache",
                      "picogpt.generate.decode_steps", "picogpt.trace.trace", "picogpt.attention_plot.plot_attention"]:
         assert required in names
 
@@ -159,14 +160,14 @@ def test_the_shape_tables_are_what_the_tracer_sees_at_124m_widths():
             n_checked += 1
     assert n_checked >= 25
     assert traced[0]["block 0 / mha / attention / softmax"].mean == pytest.approx(0.2)  # "1 / n_kv (0.2 ...)"
-    assert model.forward(ids, all_logits=True).logits.shape == (5, 50257)  # "[5, 50257]"
+    assert model.forward(ids, all_logits=True).shape == (5, 50257)  # "[5, 50257]"
     assert model(ids).shape == (1, 50257)
 
 
 def test_the_python_snippet_runs(mini_model_path, monkeypatch, capsys):
     _, snippets = code_lines()
     (snippet,) = [s for s in snippets if "format_trace" in s]
-    model = GPT2.from_file(mini_model_path)
+    model = load(mini_model_path)
     monkeypatch.setattr(picogpt, "load", lambda *args, **kwargs: model)  # instead of the real 124M
     exec(compile(snippet, str(DOC), "exec"), {})
     printed = capsys.readouterr().out

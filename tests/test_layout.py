@@ -1,0 +1,131 @@
+"""The package's layout: imports run one way (no circle, function-level imports included), every module
+is importable under its own name and hidden by no other name, and every program is a subcommand."""
+
+import ast
+import importlib
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import picogpt
+from picogpt import cli
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "picogpt"
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+
+
+def imported_modules(path):
+    """The package's modules that a file imports, anywhere in it (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module and node.module.split(".")[0] == "picogpt":
+                parts = node.module.split(".")[1:]
+            elif node.level == 1:
+                parts = node.module.split(".") if node.module else []
+            else:
+                continue
+            if parts:
+                found.add(parts[0])
+            else:  # from . import a, b
+                found.update(alias.name for alias in node.names if alias.name in MODULES)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[1] for alias in node.names
+                         if alias.name.startswith("picogpt.") and alias.name.count(".") >= 1)
+    return found
+
+
+def import_graph():
+    graph = {name: imported_modules(PACKAGE / f"{name}.py") - {name} for name in MODULES}
+    # __init__ imports its public names' homes on first use (picogpt.__getattr__), and __main__ runs cli.
+    graph["__init__"] = set(picogpt._HOMES.values())
+    graph["__main__"] = imported_modules(PACKAGE / "__main__.py")
+    return graph
+
+
+def find_cycle(graph):
+    """A list of modules that import each other in a circle, or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert graph["store"] >= {"convert_tf", "download", "model"}  # the graph is really read
+    assert graph["download"] & {"store", "convert_tf"} == set()
+    assert find_cycle(graph) is None, f"modules import each other in a circle: {' -> '.join(find_cycle(graph))}"
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check itself works
+
+
+def test_the_model_needs_only_the_math_below_it():
+    """model.py is the math: it imports the BLAS switch and the exception type, not the file format."""
+    assert import_graph()["model"] == {"blas", "errors"}
+
+
+def test_every_module_imports_under_its_own_name_and_no_name_hides_one():
+    for name in MODULES:
+        module = importlib.import_module(f"picogpt.{name}")
+        assert isinstance(module, types.ModuleType) and module.__name__ == f"picogpt.{name}"
+        assert getattr(picogpt, name) is module, f"picogpt.{name} is not the module picogpt/{name}.py"
+    assert not set(picogpt.__all__) & set(MODULES)
+    assert {name for name in picogpt.__all__ if callable(getattr(picogpt, name))} == set(picogpt.__all__)
+
+
+def test_the_model_function_takes_the_math_and_returns_one_array():
+    import inspect
+
+    from picogpt import model
+    assert list(inspect.signature(model.gpt2).parameters) == [
+        "ids", "positions", "mask", "wte", "wpe", "blocks", "ln_f", "n_head", "eps", "cache", "last_only"]
+    assert list(inspect.signature(model.block).parameters) == ["x", "layer", "n_head", "eps", "mask", "kv_cache"]
+
+
+def test_every_program_is_a_subcommand_listed_in_the_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    listing = capsys.readouterr().out.split("commands (picogpt COMMAND --help for each):\n", 1)[1]
+    listed = [line.split()[0] for line in listing.splitlines() if line.startswith("  ")]
+    assert listed == list(cli.SUBCOMMANDS)
+    assert {"generate", "score", "attention", "verify", "convert-tf", "convert-hf", "parity", "bench"} <= set(listed)
+
+
+@pytest.mark.parametrize("subcommand", ["convert-tf", "convert-hf", "parity", "bench"])
+def test_python_m_picogpt_subcommand_help(subcommand):
+    done = subprocess.run([sys.executable, "-m", "picogpt", subcommand, "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: picogpt {subcommand} "), done.stderr
+
+
+@pytest.mark.parametrize("script, flag", [("convert_tf_checkpoint.py", "--model-size"),
+                                          ("convert_hf_checkpoint.py", "--out"), ("parity.py", "--reference-model")])
+def test_the_tools_scripts_keep_their_flags(script, flag):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: {script[:-3]} ") and flag in done.stdout
+
+
+def test_a_prompt_that_is_a_command_name_is_generated_with_generate(capsys):
+    assert cli.main(["generate", "score", "-n", "2", "--model", "demo"]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and err == ""
