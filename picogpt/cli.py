@@ -14,6 +14,7 @@ import time
 IMPORTS_STARTED = time.perf_counter()  # -v reports how long importing picogpt's modules took
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -459,8 +460,6 @@ def parity_parser(prog):
 
 
 def parity_command(args):
-    import json
-
     torch, _ = parity.require_torch()  # before loading gigabytes that could not be compared
     started = time.perf_counter()
     model = load_model(args, prog=args.prog)  # the BLAS backend and threads, and the default model, as generate
