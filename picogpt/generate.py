@@ -127,15 +127,24 @@ def decode_steps(model, prompts, n_tokens, use_cache=True, temperature=0.0, top_
     step recomputes all positions. With sliding_window, a text longer than the model's context keeps its
     last n_ctx tokens (once the window is full, every step recomputes it, since GPT-2's positions are
     absolute); without it, prompt plus new tokens must fit.
+
+    The prompts and settings are checked when decode_steps is called, before the first step is asked for.
     """
     prompts = [[int(i) for i in p] for p in prompts]
     if not prompts or not all(prompts):
         raise ValueError("every prompt needs at least one token id (GPT-2 starts an empty text with <|endoftext|>)")
     check_options(temperature, top_k, top_p, repetition_penalty)
-    n_ctx = model.hparams["n_ctx"]
     tokens, n_pad = left_pad(prompts)
     if not sliding_window:
         check_fits(model, tokens.shape[1], n_tokens)
+    return _steps(model, prompts, tokens, n_pad, n_tokens, use_cache, temperature, top_k, top_p,
+                  repetition_penalty, seed)
+
+
+def _steps(model, prompts, tokens, n_pad, n_tokens, use_cache, temperature, top_k, top_p, repetition_penalty,
+           seed):
+    """decode_steps' loop, over checked prompts: tokens [n_batch, longest] left-padded by n_pad [n_batch]."""
+    n_ctx = model.hparams["n_ctx"]
     rng = np.random.default_rng(seed)
     seen = np.zeros((len(prompts), model.hparams["n_vocab"]), dtype=bool)  # for the repetition penalty
     for row, prompt in enumerate(prompts):
@@ -278,18 +287,14 @@ class TextBatch:
 
     num_samples > 1 continues each prompt that many times (rows prompt 0 sample 0, prompt 0 sample 1,
     ...). Iteration ends after n_tokens steps or once every row has finished (see TextStream); options go
-    to decode_steps. Settings and the context are checked here, before any work.
+    to decode_steps, which checks them and the context here, before any work.
     """
 
     def __init__(self, model, prompts, n_tokens, stop=(), stop_at_eot=True, num_samples=1, **options):
         self.prompt_ids = [prompt_ids(p) for p in prompts for _ in range(num_samples)]
-        sampling = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p", "repetition_penalty")}
-        check_options(**sampling)
-        if not options.get("sliding_window"):
-            check_fits(model, max(map(len, self.prompt_ids)), n_tokens)
+        self._steps = decode_steps(model, self.prompt_ids, n_tokens, **options)
         self.streams = [TextStream(stop, stop_at_eot) for _ in self.prompt_ids]
         self.texts = [""] * len(self.prompt_ids)
-        self._steps = decode_steps(model, self.prompt_ids, n_tokens, **options)
 
     def __iter__(self):
         for next_ids in self._steps:
