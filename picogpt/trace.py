@@ -117,11 +117,13 @@ def statistics(x):
 
 
 class _Frame:
-    """A traced call in progress: its path and how often it has called each function so far."""
+    """A traced call in progress: its path, how often it has called each function so far, and (for gpt2)
+    the mask it was given, recorded once its first block starts."""
 
     def __init__(self, function, path, start):
         self.function, self.path, self.start = function, path, start
         self.calls = {}
+        self.mask = None
 
 
 class tracing:
