@@ -24,7 +24,7 @@ from .attention_plot import attention_picture  # noqa: E402
 from .convert_hf import convert_hf_checkpoint  # noqa: E402
 from .convert_tf import convert_checkpoint, require_tensorflow  # noqa: E402
 from .download import DEFAULT_BASE_URL, MODEL_SIZES  # noqa: E402
-from .errors import PicogptError, one_line  # noqa: E402
+from .errors import BadArgument, PicogptError, one_line, plural  # noqa: E402
 from .generate import TextBatch  # noqa: E402
 from .modelfile import open_model_file  # noqa: E402
 from .scoring import score  # noqa: E402
@@ -44,6 +44,11 @@ def run(prog, command, args):
     """Run command(args), turning PicogptError and Ctrl-C into one line on stderr and an exit status."""
     try:
         return command(args) or 0
+    except BadArgument as e:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {one_line(e)}; see {prog} --help", file=sys.stderr)
+        return 2
     except PicogptError as e:
         if args.debug:
             raise
@@ -63,49 +68,27 @@ def run(prog, command, args):
 # ---------------------------------------------------------------------------------------------------
 # Kinds of argument
 
-def whole_number(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+def number_kind(description, convert, allowed):
+    """An argparse type for one kind of number: every kind refuses with the same wording,
+    "expected <description>, got '<text>'", and argparse makes that one line with exit status 2."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or not allowed(value):
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
+        return value
+    parse.__name__ = description  # argparse names the type in some messages
+    return parse
 
 
-def non_negative_int(text):
-    """A whole number >= 0: a count that may be zero (tokens to generate), a seed, an index."""
-    value = whole_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
-
-
-def positive_int(text):
-    """A whole number >= 1: threads, a stride, top-k, samples."""
-    value = whole_number(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 1")
-    return value
-
-
-def number(text):
-    """A float from the command line, or argparse's complaint that it is not one."""
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-def probability(text):
-    value = number(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
-    return value
-
-
-def non_negative_float(text):
-    value = number(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} is not a finite number >= 0")
-    return value
+# One rule per kind of number the options take:
+non_negative_int = number_kind("a whole number >= 0", int, lambda v: v >= 0)  # tokens to generate, a seed, an index
+positive_int = number_kind("a whole number >= 1", int, lambda v: v >= 1)  # threads, a stride, top-k, samples
+positive_float = number_kind("a number > 0", float, lambda v: 0 < v < math.inf)  # a repetition penalty
+non_negative_float = number_kind("a number >= 0", float, lambda v: 0 <= v < math.inf)  # a temperature, a tolerance
+probability = number_kind("a number > 0 and <= 1", float, lambda v: 0 < v <= 1)  # top-p
 
 
 def threads_list(text):
@@ -174,7 +157,7 @@ def generate_parser(prog="picogpt"):
                           help="sample among the K most likely tokens only")
     sampling.add_argument("--top-p", type=probability, default=None, metavar="P",
                           help="sample among the most likely tokens holding probability P (nucleus sampling)")
-    sampling.add_argument("--repetition-penalty", type=non_negative_float, default=1.0, metavar="R",
+    sampling.add_argument("--repetition-penalty", type=positive_float, default=1.0, metavar="R",
                           help="divide positive logits of tokens already in the text by R, multiply negative "
                                "ones (Hugging Face's semantics; 1 is none, 1.2 is typical)")
     sampling.add_argument("--seed", type=non_negative_int, default=None,
@@ -306,8 +289,8 @@ def score_parser(prog):
     p.add_argument("--no-eot", action="store_true",
                    help="do not put <|endoftext|> before the text; the first token is then context only")
     p.add_argument("--stride", type=positive_int, default=None, metavar="N",
-                   help="for a text longer than the context, score it in windows that move N tokens "
-                        "(default: half the context)")
+                   help="for a text longer than the context, score it in windows that move N tokens, "
+                        "less than the context (default: half the context)")
     add_model_arguments(p)
     return p
 
@@ -449,8 +432,8 @@ def parity_parser(prog):
     p.add_argument("--reference-model", default=None, metavar="PATH",
                    help="give PyTorch the weights of this model.dat instead of --model's (same shape): "
                         "compare two conversions, or see where a changed weight shows")
-    p.add_argument("--atol", type=float, default=parity.ATOL, help=f"absolute tolerance (default: {parity.ATOL:g})")
-    p.add_argument("--rtol", type=float, default=parity.RTOL,
+    p.add_argument("--atol", type=non_negative_float, default=parity.ATOL, help=f"absolute tolerance (default: {parity.ATOL:g})")
+    p.add_argument("--rtol", type=non_negative_float, default=parity.RTOL,
                    help=f"tolerance relative to the reference's largest magnitude at each position "
                         f"(default: {parity.RTOL:g})")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")

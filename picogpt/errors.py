@@ -10,6 +10,16 @@ class PicogptError(Exception):
     """A user-facing failure: str(error) is one sentence naming the problem and the fix."""
 
 
+class BadArgument(PicogptError):
+    """A setting that means nothing for this model or input (a scoring stride beyond the context): an
+    argument error, which the command line reports with exit status 2 like argparse's own."""
+
+
+def plural(count, noun):
+    """'1 token', '2 tokens': a count with its noun (regular plurals only)."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def one_line(text):
     """text as one line: its lines joined by single spaces (a message may quote input holding line breaks)."""
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())

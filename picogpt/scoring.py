@@ -7,11 +7,12 @@ negative log-likelihood and the perplexity), with a sliding window for texts lon
 """
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
 
-from .errors import PicogptError
+from .errors import BadArgument, PicogptError
 
 
 class Score(NamedTuple):
@@ -40,15 +41,20 @@ def log_softmax(logits):
 def score(model, ids, stride=None):
     """Log-probability of ids[1:], each token given all before it (ids[0] is context only).
 
-    A text longer than the model's context is scored in windows of n_ctx tokens that overlap by
-    n_ctx - stride (default: half a window); each token is scored once, in the window where it has the
-    most context, as in Hugging Face's guide to perplexity of fixed-length models.
+    A text longer than the model's context is scored in windows of n_ctx tokens, each starting `stride`
+    tokens after the one before (default: half a window); each token is scored once, in the window where
+    it has the most context, as in Hugging Face's guide to perplexity of fixed-length models. The stride
+    must be less than n_ctx: windows must overlap by at least one token, or the first token of a window
+    would have nothing before it (Hugging Face's recipe then skips it; here it is refused).
     """
     ids = [int(i) for i in ids]
     if len(ids) < 2:
         raise PicogptError("scoring needs at least two tokens: the first one is context for the second")
     n_ctx = model.hparams["n_ctx"]
-    stride = stride or max(1, n_ctx // 2)
+    stride = max(1, n_ctx // 2) if stride is None else stride
+    if not (isinstance(stride, numbers.Integral) and 1 <= stride < n_ctx):
+        raise BadArgument(f"the stride must be a whole number from 1 to {n_ctx - 1} (less than the model's context "
+                          f"of {n_ctx} tokens so that the windows overlap), not {stride}")
     log_probs = np.empty(len(ids) - 1)
     scored = 1  # ids[:scored] have been scored (ids[0] never is)
     start = 0

@@ -85,8 +85,8 @@ def test_unknown_or_missing_models(capsys, argv, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["Hi", "-n", "-3"], "-3 is negative"),
-    (["Hi", "-n", "many"], "'many' is not a whole number"),
+    (["Hi", "-n", "-3"], "argument -n/--n-tokens: expected a whole number >= 0, got '-3'"),
+    (["Hi", "-n", "many"], "expected a whole number >= 0, got 'many'"),
     (["Hi", "--no-such-flag"], "unrecognized arguments"),
     (["Hi", "--backend", "mkl"], "invalid choice: 'mkl'"),
 ])

@@ -354,9 +354,9 @@ def test_cli_stop_strings(model_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--top-p", "1.5"], "--top-p: 1.5 is not in (0, 1]"),
-    (["--temperature", "-1"], "--temperature: -1.0 is not a finite number >= 0"),
-    (["--top-k", "x"], "--top-k: 'x' is not a whole number"),
+    (["--top-p", "1.5"], "--top-p: expected a number > 0 and <= 1, got '1.5'"),
+    (["--temperature", "-1"], "--temperature: expected a number >= 0, got '-1'"),
+    (["--top-k", "x"], "--top-k: expected a whole number >= 1, got 'x'"),
 ])
 def test_cli_bad_sampling_arguments_are_one_line_usage_errors(model_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit:

@@ -1,0 +1,155 @@
+"""What a new user meets: numbers given on the command line, scoring strides at the context's edge,
+output to closed pipes and full disks, interrupted start-ups, requests too large for memory, prompts
+from files and pipes, stop strings, batch headers, hints that work as printed.
+
+Each test covers a class of input, not one value: the same kinds of mistake are tried with other values.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import hf_model, random_tensors, write_model_dat
+from picogpt import cli
+from picogpt.errors import BadArgument
+from picogpt.scoring import score
+from picogpt.store import load
+from picogpt.tokenizer import EOT, encode
+
+REPO = Path(__file__).resolve().parent.parent
+HPARAMS = dict(n_vocab=50257, n_ctx=16, n_embd=16, n_head=2, n_layer=2)
+TEXT = ("Return a new list containing all items from the iterable in ascending order. A custom key "
+        "function can be supplied to customize the sort order, and the reverse flag can be set.")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return write_model_dat(tmp_path_factory.mktemp("m") / "model.dat", HPARAMS, random_tensors(HPARAMS, seed=18))
+
+
+def picogpt(*argv, input=None, env=None, timeout=120):
+    """Run `python -m picogpt ARGV` as a user would: (status, stdout, stderr) as text."""
+    done = subprocess.run([sys.executable, "-m", "picogpt", *map(str, argv)], input=input, capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
+
+
+def usage_error(capsys, argv):
+    """The one line of a command line refused as a usage error (exit status 2)."""
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numbers: one rule per kind, exit 2, the same wording
+
+# kind: (values it accepts, values it refuses)
+KINDS = {
+    cli.non_negative_int: (["0", "7", "+3"], ["-1", "1.5", "x", "", "1e3"]),
+    cli.positive_int: (["1", "40"], ["0", "-3", "2.0", "many"]),
+    cli.positive_float: (["0.5", "1e-9", "3"], ["0", "-1", "nan", "inf", "x"]),
+    cli.non_negative_float: (["0", "2.5"], ["-0.1", "nan", "inf", "-inf"]),
+    cli.probability: (["1", "0.5", "1e-3"], ["0", "1.01", "nan", "-0.5"]),
+}
+# a command line each subcommand parses (it is never run: a bad number stops the parser first)
+BASE_ARGV = {"generate": ["generate", "Hi"], "score": ["score", "t.txt"], "attention": ["attention", "Hi", "--layer", "0"],
+             "verify": ["verify", "demo"], "convert-tf": ["convert-tf"], "convert-hf": ["convert-hf", "dir"],
+             "parity": ["parity"], "bench": ["bench"]}
+
+
+def numeric_options():
+    """(subcommand, option, kind) for every option of every subcommand that takes a number."""
+    for name, (make_parser, _, _) in cli.SUBCOMMANDS.items():
+        for action in make_parser(f"picogpt {name}")._actions:
+            assert action.type not in (int, float), f"picogpt {name} {action.option_strings}: use a kind of number"
+            if action.type in KINDS:
+                yield name, action.option_strings[-1], action.type
+
+
+def test_every_number_option_has_a_kind():
+    found = {(name, option) for name, option, _ in numeric_options()}
+    assert {("generate", "--top-k"), ("generate", "--repetition-penalty"), ("score", "--stride"),
+            ("generate", "--threads"), ("parity", "--atol"), ("bench", "--repeats")} <= found
+
+
+@pytest.mark.parametrize("name, option, kind", list(numeric_options()))
+def test_bad_numbers_are_usage_errors_in_one_wording(capsys, name, option, kind):
+    accepted, refused = KINDS[kind]
+    for text in accepted:
+        assert kind(text) is not None
+    for text in refused:
+        err = usage_error(capsys, BASE_ARGV[name] + [f"{option}={text}"])
+        assert option in err and f"expected {kind.__name__}, got {text!r}" in err, err
+
+
+def test_number_kinds_refuse_without_argparse():
+    for kind, (_, refused) in KINDS.items():
+        for text in refused:
+            with pytest.raises(argparse.ArgumentTypeError, match=f"^expected {kind.__name__}, got"):
+                kind(text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring strides at the context's edge, against Hugging Face's sliding-window recipe
+
+def hf_sliding_window_log_probs(reference, ids, n_ctx, stride):
+    """Per-token log-probabilities by the recipe of Hugging Face's guide "Perplexity of fixed-length
+    models": {index in ids: log p(ids[index] | the window before it)} for the tokens it scores."""
+    scored, prev_end = {}, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + n_ctx, len(ids))
+        target_len = end - prev_end  # the window's last target_len tokens are its targets (labels != -100)
+        window = torch.tensor([ids[begin:end]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(reference(window).logits[0].double(), dim=-1)
+        for j in range(max(1, end - begin - target_len), end - begin):  # labels shift: position j-1 predicts j
+            scored[begin + j] = log_probs[j - 1, ids[begin + j]].item()
+        prev_end = end
+        if end == len(ids):
+            break
+    return scored
+
+
+@pytest.fixture(scope="module")
+def score_models(model_path):
+    from picogpt.modelfile import open_model_file
+    return load(model_path), hf_model(HPARAMS, open_model_file(model_path).tensors)
+
+
+@pytest.mark.parametrize("stride", [1, 2, HPARAMS["n_ctx"] // 2, HPARAMS["n_ctx"] - 1])
+def test_score_strides_within_the_context_match_hugging_faces_recipe(score_models, stride):
+    model, reference = score_models
+    ids = [EOT] + encode(TEXT)
+    assert len(ids) > 2 * HPARAMS["n_ctx"]
+    result = score(model, ids, stride=stride)
+    expected = hf_sliding_window_log_probs(reference, ids, HPARAMS["n_ctx"], stride)
+    assert sorted(expected) == list(range(1, len(ids)))  # every token but the first, once
+    np.testing.assert_allclose(result.token_log_probs, [expected[i] for i in range(1, len(ids))], atol=2e-5)
+    assert result.n_tokens == len(ids) - 1
+
+
+@pytest.mark.parametrize("stride", [HPARAMS["n_ctx"], HPARAMS["n_ctx"] + 1, 10 * HPARAMS["n_ctx"]])
+def test_score_strides_of_the_context_or_more_are_refused(score_models, model_path, tmp_path, capsys, stride):
+    model, reference = score_models
+    ids = [EOT] + encode(TEXT)
+    # Hugging Face's recipe leaves tokens unscored there: windows that do not overlap start without context.
+    assert len(hf_sliding_window_log_probs(reference, ids, HPARAMS["n_ctx"], stride)) < len(ids) - 1
+    with pytest.raises(BadArgument, match=f"from 1 to {HPARAMS['n_ctx'] - 1}"):
+        score(model, ids, stride=stride)
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    status = cli.main(["score", str(tmp_path / "t.txt"), "--stride", str(stride), "--model", str(model_path)])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert f"the stride must be a whole number from 1 to 15 (less than the model's context of 16 tokens" in err
