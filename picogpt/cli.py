@@ -14,8 +14,10 @@ import time
 IMPORTS_STARTED = time.perf_counter()  # -v reports how long importing picogpt's modules took
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -40,29 +42,100 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)}; see {self.prog} --help\n")
 
 
-def run(prog, command, args):
-    """Run command(args), turning PicogptError and Ctrl-C into one line on stderr and an exit status."""
+class OutputFailed(Exception):
+    """Writing the command's output (stdout) failed: a closed pipe, a full disk. Holds the OSError."""
+
+
+class CheckedOutput:
+    """sys.stdout while a command runs, telling a failed write to it (OutputFailed) from other OSErrors."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise OutputFailed(e) from e
+
+    def flush(self):
+        try:
+            return self.stream.flush()
+        except OSError as e:
+            raise OutputFailed(e) from e
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def say(prog, message):
+    """One line on stderr; nothing if stderr itself is gone (a closed pipe), since there is nowhere to say it."""
     try:
-        return command(args) or 0
-    except BadArgument as e:
-        if args.debug:
-            raise
-        print(f"{prog}: error: {one_line(e)}; see {prog} --help", file=sys.stderr)
-        return 2
-    except PicogptError as e:
-        if args.debug:
-            raise
-        if getattr(args, "mid_line", False):  # end the half-printed continuation first
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def silence_stdout():
+    """Send what stdout still holds to /dev/null, so that Python's flush at exit cannot fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def end_line(args):
+    """End a half-printed continuation (so the error is on a line of its own), if stdout still works."""
+    if getattr(args, "mid_line", False):
+        try:
             print(flush=True)
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        except (OSError, OutputFailed):
+            pass
+
+
+def run(prog, command, args):
+    """Run command(args), turning failures into one line on stderr and an exit status:
+
+    PicogptError 1 (BadArgument 2, as argparse's own), Ctrl-C 130, a closed output pipe 141 (128 +
+    SIGPIPE, as a shell reports any tool that `| head` closed on) and nothing said, a failed write to the
+    output (a full disk) 1, memory exhausted 1. --debug shows the traceback instead.
+    """
+    stdout, sys.stdout = sys.stdout, CheckedOutput(sys.stdout)
+    try:
+        status = command(args) or 0
+        sys.stdout.flush()
+        return status
+    except OutputFailed as e:
+        if args.debug:
+            raise
+        silence_stdout()
+        error = e.args[0]
+        if error.errno == errno.EPIPE:
+            return 141
+        say(prog, f"error: cannot write the output: {error.strerror}; free some space, or send the output "
+                  "somewhere else")
         return 1
-    except KeyboardInterrupt:
+    except (BadArgument, PicogptError, MemoryError, KeyboardInterrupt) as e:
         if args.debug:
             raise
-        if getattr(args, "mid_line", False):
-            print(flush=True)
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        end_line(args)
+        if isinstance(e, KeyboardInterrupt):
+            say(prog, "interrupted")
+            return 130
+        if isinstance(e, MemoryError):
+            say(prog, "error: out of memory; ask for less at once (fewer samples or prompts, fewer tokens, "
+                      "a shorter prompt) or use a smaller model")
+            return 1
+        if isinstance(e, BadArgument):
+            say(prog, f"error: {one_line(e)}; see {prog} --help")
+            return 2
+        say(prog, f"error: {one_line(e)}")
+        return 1
+    finally:
+        sys.stdout = stdout
 
 
 # ---------------------------------------------------------------------------------------------------

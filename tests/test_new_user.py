@@ -153,3 +153,89 @@ def test_score_strides_of_the_context_or_more_are_refused(score_models, model_pa
     out, err = capsys.readouterr()
     assert status == 2 and out == "" and err.count("\n") == 1
     assert f"the stride must be a whole number from 1 to 15 (less than the model's context of 16 tokens" in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output to a closed pipe or a full disk; Ctrl-C while starting; memory
+
+OUTPUT_COMMANDS = {  # a command of each kind of output: streamed text, a batch, a report, one line
+    "stream": ["Hello", "-n", "12"],
+    "batch": ["Hello", "-n", "4", "--num-samples", "2", "--temperature", "1", "--seed", "1"],
+    "score": ["score", "-"],
+    "verify": ["verify"],
+}
+
+
+def output_command(name, model_path):
+    argv = OUTPUT_COMMANDS[name] + ([str(model_path)] if name == "verify" else ["--model", str(model_path)])
+    return [sys.executable, "-m", "picogpt", *argv]
+
+
+@pytest.mark.parametrize("name", OUTPUT_COMMANDS)
+def test_output_to_a_closed_pipe_stops_quietly(model_path, name):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte, as with `| head -0`, or `| head -1` later
+    try:
+        done = subprocess.run(output_command(name, model_path), stdout=write_end, stderr=subprocess.PIPE,
+                              input=TEXT.encode(), timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.stderr == b"" and done.returncode == 141  # 128 + SIGPIPE, as a shell reports such a tool
+
+
+def test_output_cut_by_head_mid_stream(model_path):
+    shell = f"{' '.join(map(str, output_command('stream', model_path)))} --ignore-eot -n 15 | head -c 1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, timeout=120)
+    assert done.stderr == b"" and len(done.stdout) == 1 and done.returncode in (0, 141)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("name", OUTPUT_COMMANDS)
+def test_output_to_a_full_disk_is_one_line(model_path, name):
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(output_command(name, model_path), stdout=full, stderr=subprocess.PIPE,
+                              input=TEXT.encode(), timeout=120)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith("picogpt") and "cannot write the output: No space left on device" in err, err
+
+
+INTERRUPT_IMPORT = """
+import builtins, runpy, sys
+real_import, module = builtins.__import__, sys.argv[1]
+def interrupted_import(name, *args, **kwargs):
+    if name == module:
+        raise KeyboardInterrupt  # what Ctrl-C does while that module is being imported
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupted_import
+script, sys.argv = sys.argv[2], ["picogpt", "Hello"]
+if script == "-m":
+    runpy.run_module("picogpt", run_name="__main__")
+else:
+    runpy.run_path(script, run_name="__main__")  # the console script pip installed
+"""
+
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "picogpt"
+
+
+@pytest.mark.parametrize("module", ["numpy", "tiktoken", "picogpt.cli"])
+@pytest.mark.parametrize("how", ["-m", "console script"])
+def test_ctrl_c_while_importing_is_one_line(module, how):
+    if how == "console script" and not CONSOLE_SCRIPT.exists():
+        pytest.skip(f"no console script at {CONSOLE_SCRIPT} (picogpt is not installed in this environment)")
+    script = "-m" if how == "-m" else str(CONSOLE_SCRIPT)
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_IMPORT, module, script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 130 and done.stderr == "picogpt: interrupted\n", done.stderr
+
+
+def test_ctrl_c_at_any_moment_of_start_up_leaves_no_traceback(model_path):
+    """Real SIGINTs at moments spread over start-up (imports, loading, the first tokens)."""
+    for delay in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8):
+        process = subprocess.Popen(output_command("stream", model_path), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        assert "Traceback" not in err and process.returncode in (0, 130, -signal.SIGINT), (delay, err)

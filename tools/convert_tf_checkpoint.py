@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from picogpt.cli import main  # noqa: E402
+from picogpt.__main__ import main  # noqa: E402  (Ctrl-C while importing ends quietly)
 
 if __name__ == "__main__":
     sys.exit(main(["convert-tf", *sys.argv[1:]], prog="convert_tf_checkpoint"))
