@@ -10,10 +10,11 @@ under the model is picogpt.scoring's business.
 
 import math
 import numbers
+import os
 
 import numpy as np
 
-from .errors import PicogptError
+from .errors import PicogptError, plural
 from .tokenizer import EOT, StreamDecoder, encode
 
 PAD = 0  # the filler in front of shorter prompts in a batch (any id: attention never looks at it)
@@ -105,6 +106,53 @@ def check_fits(model, n_prompt, n_tokens):
                            f"only the last {n_ctx} tokens with --sliding-window")
 
 
+def memory_needed(hparams, n_batch, n_prompt, n_positions, use_cache=True):
+    """Bytes a batch needs at its peak beyond the weights (which are mapped from the file), by part.
+
+    n_batch rows, prompts padded to n_prompt tokens, up to n_positions tokens in all. The parts: the KV
+    cache (keys and values of every layer, float32), the largest activations of one forward pass (the
+    MLP's [n_batch, n_seq, 4 n_embd] and the attention weights [n_batch, n_head, n_seq, n_positions],
+    each with the copy its next step makes), and each step's logits with their float64 softmax, sums and
+    order for sampling. An estimate to refuse what cannot fit, not an exact count.
+    """
+    n_embd, n_head, n_vocab = hparams["n_embd"], hparams["n_head"], hparams["n_vocab"]
+    n_seq = n_prompt if use_cache else n_positions  # the longest pass: prefill, or the last full recompute
+    cache = 2 * hparams["n_layer"] * n_batch * n_positions * n_embd * 4 if use_cache else 0
+    activations = 2 * 4 * n_batch * n_seq * max(4 * n_embd, n_head * n_positions)
+    logits = n_batch * n_vocab * (4 + 4 * 8 + 1)  # float32 logits, 4 float64 or int64 copies, the seen mask
+    return {"the KV cache": cache, "activations": activations, "logits": logits}
+
+
+def available_memory():
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable), else all of it;
+    None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(hparams, n_batch, n_prompt, n_tokens, use_cache=True):
+    """Refuse, in one sentence and before any work, a batch that cannot fit in the memory available:
+    n_batch prompts padded to n_prompt tokens, n_tokens to generate (the model sees n_ctx at most)."""
+    n_positions = min(n_prompt + n_tokens, hparams["n_ctx"])
+    parts = memory_needed(hparams, n_batch, min(n_prompt, hparams["n_ctx"]), n_positions, use_cache)
+    needed, available = sum(parts.values()), available_memory()
+    if available is not None and needed > available:
+        largest = max(parts, key=parts.get)
+        raise PicogptError(f"{plural(n_batch, 'row')} of up to {plural(n_positions, 'token')} need about "
+                           f"{needed / 1e9:.1f} GB of memory ({largest} {parts[largest] / 1e9:.1f} GB) but "
+                           f"{available / 1e9:.1f} GB is available; ask for fewer samples or prompts at once, "
+                           f"or fewer tokens")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The decoding loop
 
@@ -134,9 +182,11 @@ def decode_steps(model, prompts, n_tokens, use_cache=True, temperature=0.0, top_
     if not prompts or not all(prompts):
         raise ValueError("every prompt needs at least one token id (GPT-2 starts an empty text with <|endoftext|>)")
     check_options(temperature, top_k, top_p, repetition_penalty)
-    tokens, n_pad = left_pad(prompts)
+    n_prompt = max(len(p) for p in prompts)
     if not sliding_window:
-        check_fits(model, tokens.shape[1], n_tokens)
+        check_fits(model, n_prompt, n_tokens)
+    check_memory(model.hparams, len(prompts), n_prompt, n_tokens, use_cache)
+    tokens, n_pad = left_pad(prompts)
     return _steps(model, prompts, tokens, n_pad, n_tokens, use_cache, temperature, top_k, top_p,
                   repetition_penalty, seed)
 
@@ -291,7 +341,11 @@ class TextBatch:
     """
 
     def __init__(self, model, prompts, n_tokens, stop=(), stop_at_eot=True, num_samples=1, **options):
-        self.prompt_ids = [prompt_ids(p) for p in prompts for _ in range(num_samples)]
+        distinct = [prompt_ids(p) for p in prompts]
+        if distinct:  # before making num_samples rows of each: decode_steps checks the same again, with the rest
+            check_memory(model.hparams, len(distinct) * num_samples, max(map(len, distinct)), n_tokens,
+                         options.get("use_cache", True))
+        self.prompt_ids = [ids for ids in distinct for _ in range(num_samples)]
         self._steps = decode_steps(model, self.prompt_ids, n_tokens, **options)
         self.streams = [TextStream(stop, stop_at_eot) for _ in self.prompt_ids]
         self.texts = [""] * len(self.prompt_ids)

@@ -239,3 +239,42 @@ def test_ctrl_c_at_any_moment_of_start_up_leaves_no_traceback(model_path):
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
         assert "Traceback" not in err and process.returncode in (0, 130, -signal.SIGINT), (delay, err)
+
+
+def test_requests_too_large_for_memory_are_refused_before_any_work(model_path, tmp_path):
+    # 10 million samples of 500 tokens: terabytes of KV cache on any machine
+    for argv in (["Hello", "--num-samples", "10000000", "-n", "500", "--temperature", "1"],
+                 ["Hello", "--num-samples", "100000000", "-n", "1"]):
+        started = time.perf_counter()
+        status, out, err = picogpt(*argv, "--model", model_path, "--ignore-eot")
+        assert status == 1 and out == "" and err.count("\n") == 1, err
+        assert "need about" in err and "GB of memory" in err and "is available; ask for fewer samples" in err
+        assert time.perf_counter() - started < 30  # refused up front, not after filling the memory
+    many = tmp_path / "prompts.txt"
+    many.write_text("Hello there\n" * 2_000_000)
+    status, _, err = picogpt("--prompts-file", many, "-n", "9", "--model", model_path)
+    assert status == 1 and "2000000 rows of up to" in err and "GB of memory" in err
+
+
+def test_memory_estimate_grows_with_every_dimension():
+    from picogpt.generate import memory_needed
+    base = sum(memory_needed(HPARAMS, 4, 8, 16).values())
+    for changed in (dict(n_batch=8), dict(n_prompt=12), dict(n_positions=32)):
+        args = dict(dict(n_batch=4, n_prompt=8, n_positions=16), **changed)
+        assert sum(memory_needed(HPARAMS, **args).values()) > base
+    no_cache = memory_needed(HPARAMS, 4, 8, 16, use_cache=False)
+    assert no_cache["the KV cache"] == 0 and no_cache["activations"] > memory_needed(HPARAMS, 4, 8, 16)["activations"]
+
+
+def test_memory_check_against_what_is_available(model_path, monkeypatch):
+    from picogpt import generate
+    model = load(model_path)
+    n_prompt = len(encode("Hi there"))
+    needed = sum(generate.memory_needed(model.hparams, 3, n_prompt, n_prompt + 5).values())
+    monkeypatch.setattr(generate, "available_memory", lambda: needed - 1)
+    with pytest.raises(generate.PicogptError, match=f"3 rows of up to {n_prompt + 5} tokens need about"):
+        generate.complete(model, "Hi there", 5, num_samples=3)
+    with pytest.raises(generate.PicogptError, match="3 rows"):  # the token-level API checks the same
+        generate.generate_batch(model, [encode("Hi there")] * 3, 5)
+    monkeypatch.setattr(generate, "available_memory", lambda: needed)
+    assert len(generate.complete(model, "Hi there", 5, num_samples=3)) == 3
