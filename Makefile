@@ -1,28 +1,43 @@
 # Two entry points on a fresh clone:
 #   make run    virtual environment + picogpt, then generate (GPT-2 124M if fetched, else the shipped demo model)
 #   make test   virtual environment + picogpt with its test extras, then the whole pytest suite
+# and the way from the demo model to GPT-2:
+#   make fetch  download GPT-2 MODEL (default 124M) from OpenAI and convert it (installs TensorFlow first)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= The optional argument
 N ?= 20
 MODEL ?=
+MODELS_DIR ?=
+BASE_URL ?=
 
-.PHONY: run test bench parity install install-test clean
+# A variable as one shell word, exactly as the user gave it: `make run PROMPT='costs $HOME'` keeps
+# $HOME and backquotes literal (make does not expand the value, the shell gets it in single quotes).
+quote = '$(subst ','\'',$(value $(1)))'
+# --option 'value' when the variable is set, nothing when it is empty
+option = $(if $(value $(2)),$(1) $(call quote,$(2)))
+
+.PHONY: run fetch test bench parity install install-convert install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# picogpt alone (fetching GPT-2 needs the converter's TensorFlow too: pip install -e '.[convert]')
+# picogpt alone (fetching GPT-2 needs the converter's TensorFlow too: make fetch installs it)
 $(VENV)/.installed: $(VENV)/bin/python setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-# ... plus the test tools and the PyTorch reference (torch 2.13.0, the CPU wheel)
+# ... plus TensorFlow, which reads OpenAI's checkpoints
+$(VENV)/.installed-convert: $(VENV)/bin/python setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet -e '.[convert]'
+	touch $@ $(VENV)/.installed
+
+# ... plus the test tools and the PyTorch reference (torch 2.13.0, the CPU wheel); TensorFlow is among them
 $(VENV)/.installed-test: $(VENV)/bin/python setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
-	touch $@ $(VENV)/.installed
+	touch $@ $(VENV)/.installed $(VENV)/.installed-convert
 
 # ... plus PyTorch (torch 2.13.0, the CPU wheel) and transformers, for the parity check
 $(VENV)/.installed-parity: $(VENV)/bin/python setup.cfg pyproject.toml
@@ -30,10 +45,18 @@ $(VENV)/.installed-parity: $(VENV)/bin/python setup.cfg pyproject.toml
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
+install-convert: $(VENV)/.installed-convert
 install-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed
-	$(PY) -m picogpt "$(PROMPT)" -n $(N) $(if $(MODEL),--model $(MODEL))
+	$(PY) -m picogpt generate $(call quote,PROMPT) -n $(call quote,N) $(call option,--model,MODEL) \
+		$(call option,--models-dir,MODELS_DIR)
+
+# GPT-2 MODEL (124M, 355M, 774M or 1558M; default 124M) into the per-user models folder, or MODELS_DIR;
+# BASE_URL names a mirror. A cut download resumes when the same command is run again.
+fetch: $(VENV)/.installed-convert
+	$(PY) -m picogpt convert-tf --model-size $(if $(value MODEL),$(call quote,MODEL),124M) \
+		$(call option,--models-dir,MODELS_DIR) $(call option,--base-url,BASE_URL)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
@@ -44,7 +67,7 @@ bench: $(VENV)/.installed-test
 
 # picogpt against PyTorch on MODEL's weights (default as for run), layer by layer; exit status 1 on a mismatch
 parity: $(VENV)/.installed-parity
-	$(PY) -m picogpt parity $(if $(MODEL),--model $(MODEL)) -n $(N)
+	$(PY) -m picogpt parity $(call option,--model,MODEL) $(call option,--models-dir,MODELS_DIR) -n $(call quote,N)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -15,7 +15,7 @@ position s (the token looked at); a cell is the weight softmax gave that key, an
 The upper triangle is 0: the causal mask hides later tokens. Colours run from 0 to 1 in every picture,
 so pictures of different heads compare directly.
 
-matplotlib is an optional extra (pip install 'picogpt[plot]'), imported only when a picture is drawn.
+matplotlib is an optional extra (picogpt's `plot`), imported only when a picture is drawn.
 Figures are drawn with matplotlib's Agg renderer directly (no pyplot, no window, no change to
 matplotlib's global backend), and written atomically: to a temporary file in the same folder, renamed
 into place when complete.
@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import PicogptError
 from .files import temp_file_beside
+from .hints import install_command
 from .generate import prompt_ids
 from .tokenizer import load_tokenizer
 from .trace import collect
@@ -50,8 +51,8 @@ def _matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise PicogptError("attention pictures need matplotlib, which is not installed: "
-                           "pip install 'picogpt[plot]'") from None
+        raise PicogptError(f"attention pictures need matplotlib, which is not installed: "
+                           f"{install_command('plot')}") from None
     return Figure, FigureCanvasAgg
 
 

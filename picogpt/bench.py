@@ -34,7 +34,7 @@ from .modelfile import ModelFileWriter, open_model_file
 from .parity import PROMPT  # the 19-token Alan Turing prompt
 from .reference import hf_greedy
 from .reference import hf_model as reference_model
-from .store import default_models_dir
+from .store import models_dir
 from .tensors import gpt2_tensor_specs
 from .tokenizer import decode, encode
 
@@ -404,8 +404,7 @@ def run(**options):
     if unknown:
         raise TypeError(f"unknown benchmark option {sorted(unknown)[0]!r}; the options are {', '.join(DEFAULTS)}")
     args = SimpleNamespace(**{**DEFAULTS, **options})
-    if args.models_dir is None:
-        args.models_dir = str(default_models_dir())
+    args.models_dir = str(models_dir(args.models_dir))  # a folder named but missing is an error
     warmup = 1
     if args.quick:
         args.sizes, args.tokens, args.repeats, args.no_cache_repeats, args.process_repeats = "tiny", 4, 1, 1, 1

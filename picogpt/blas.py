@@ -42,6 +42,7 @@ from ctypes import c_float, c_void_p
 import numpy as np
 
 from .errors import PicogptError
+from .hints import install_command
 
 BACKENDS = ("numpy", "openblas", "accelerate")
 ACCELERATE = "/System/Library/Frameworks/Accelerate.framework/Accelerate"
@@ -205,7 +206,7 @@ def _load(backend, lib):
     if backend == "openblas":
         sources = openblas_sources()
         if not sources:
-            raise PicogptError("no OpenBLAS library found; pip install scipy-openblas32 (or scipy), "
+            raise PicogptError(f"no OpenBLAS library found; install one with: {install_command('openblas')}, "
                                "or use --backend numpy")
         return CBLAS("openblas", next(iter(sources.values())))
     if backend == "cblas":

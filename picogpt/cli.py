@@ -30,7 +30,8 @@ from .errors import BadArgument, PicogptError, one_line, plural  # noqa: E402
 from .generate import TextBatch  # noqa: E402
 from .modelfile import open_model_file  # noqa: E402
 from .scoring import score  # noqa: E402
-from .store import DEMO, default_model, fetch, load, model_path  # noqa: E402
+from . import store  # noqa: E402
+from .store import DEMO, default_model, fetch, load  # noqa: E402
 from .tokenizer import EOT, encode  # noqa: E402
 from .trace import print_trace  # noqa: E402
 
@@ -177,10 +178,12 @@ def add_model_arguments(p):
                    help=f"{', '.join(MODEL_SIZES)}, {DEMO} (a small model shipped with picogpt) or a path to a "
                         f"model.dat (default: 124M if it has been fetched, else {DEMO})")
     p.add_argument("--models-dir", default=None,
-                   help="where model sizes are looked up (default: $PICOGPT_MODELS_DIR or ./models)")
+                   help="where model sizes are looked up (default: $PICOGPT_MODELS_DIR, else the per-user "
+                        "models folder, where they are fetched to)")
     p.add_argument("--download", action="store_true",
-                   help="download and convert the model if it is missing (needs picogpt[convert])")
-    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="mirror of OpenAI's checkpoints, for --download")
+                   help="download and convert the model if it is missing (needs TensorFlow: make fetch installs it)")
+    p.add_argument("--base-url", default=None, help="mirror of OpenAI's checkpoints, for --download (default: "
+                   "$PICOGPT_BASE_URL, else OpenAI's)")
     p.add_argument("--backend", default="numpy", choices=blas.BACKENDS,
                    help="which BLAS multiplies the matrices: NumPy's own (default), an OpenBLAS found "
                         "automatically, or Apple's Accelerate (macOS)")
@@ -194,14 +197,17 @@ def add_model_arguments(p):
 def load_model(args, prog="picogpt"):
     """Select the BLAS backend, then load the model the arguments name (see add_model_arguments)."""
     blas.use(args.backend, lib=args.blas_lib, threads=args.threads)
-    model = args.model
-    if model is None and args.download:
+    model, download = args.model, getattr(args, "download", None)  # None: the command has no --download
+    if model is None and download:
         model = "124M"
     if model is None:  # an explicit --model 124M that is missing is an error, never a substitution
         model, notice = default_model(args.models_dir)
         if notice:
             print(f"{prog}: {notice}", file=sys.stderr)
-    return load(model, models_dir=args.models_dir, download=args.download, base_url=args.base_url)
+    try:
+        return load(model, models_dir=args.models_dir, download=bool(download), base_url=getattr(args, "base_url", None))
+    except store.NotFetched as e:
+        raise PicogptError(f"{e}" + (" (or add --download)" if download is not None else "")) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,7 +390,7 @@ def score_command(args):
 
 def attention_parser(prog):
     p = ArgumentParser(prog=prog, description="Draw one layer's attention weights over a "
-                       "prompt's tokens as a heatmap: one head, or all heads as a grid (needs picogpt[plot]).")
+                       "prompt's tokens as a heatmap: one head, or all heads as a grid (needs matplotlib).")
     p.add_argument("prompt", help="the text whose tokens attend to each other")
     p.add_argument("--layer", type=non_negative_int, required=True, metavar="L", help="block number, from 0")
     p.add_argument("--head", type=non_negative_int, default=None, metavar="H",
@@ -413,7 +419,7 @@ def verify_parser(prog):
 
 
 def verify_command(args):
-    model_file = open_model_file(model_path(args.model, args.models_dir))
+    model_file = store.model_file(args.model, args.models_dir)
     model_file.verify()
     n_params = sum(t.size for t in model_file.tensors.values())
     print(f"{model_file.path}: OK ({len(model_file.tensors)} tensors, {n_params / 1e6:.1f}M parameters, "
@@ -428,9 +434,10 @@ def convert_tf_parser(prog):
                        "to picogpt's model.dat (or convert one already on disk with --checkpoint-dir).")
     p.add_argument("--model-size", default="124M", help=f"one of {', '.join(MODEL_SIZES)} (default: 124M)")
     p.add_argument("--models-dir", default=None,
-                   help="checkpoints go to MODELS_DIR/SIZE/, model.dat beside them "
-                        "(default: $PICOGPT_MODELS_DIR or ./models)")
-    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"where to download from (default: {DEFAULT_BASE_URL})")
+                   help="checkpoints go to MODELS_DIR/SIZE/, model.dat beside them (default: $PICOGPT_MODELS_DIR, "
+                        "else the per-user models folder; created if missing)")
+    p.add_argument("--base-url", default=None, help=f"where to download from (default: $PICOGPT_BASE_URL, else "
+                   f"{DEFAULT_BASE_URL})")
     p.add_argument("--checkpoint-dir", default=None,
                    help="convert the checkpoint already in this folder, with no network at all")
     p.add_argument("--out", default=None, help="where to write model.dat (default: next to the checkpoint)")
@@ -493,7 +500,8 @@ def parity_parser(prog):
                    help="124M, 355M, 774M, 1558M (looked up under --models-dir), demo, or a path to a model.dat "
                         "(default: 124M if it has been fetched, else demo)")
     p.add_argument("--models-dir", default=None,
-                   help="where model sizes are looked up (default: $PICOGPT_MODELS_DIR or ./models)")
+                   help="where model sizes are looked up (default: $PICOGPT_MODELS_DIR, else the per-user "
+                        "models folder)")
     p.add_argument("--prompt", default=parity.PROMPT, help="text to run through both (default: the 19-token Alan "
                    "Turing prompt; an empty prompt is <|endoftext|>)")
     p.add_argument("-n", "--n-tokens", type=non_negative_int, default=20, metavar="N",
@@ -511,7 +519,6 @@ def parity_parser(prog):
                         f"(default: {parity.RTOL:g})")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(download=False, base_url=DEFAULT_BASE_URL)  # load_model's: parity never downloads
     return p
 
 
@@ -545,7 +552,8 @@ def bench_parser(prog):
     p.add_argument("--sizes", default=d["sizes"], help="GPT-2 shapes to run: 124M, 355M or 124M,355M (default: 124M)")
     p.add_argument("--model", help="benchmark this model.dat alone instead of --sizes")
     p.add_argument("--models-dir", default=None,
-                   help="where real models are found as SIZE/model.dat (default: $PICOGPT_MODELS_DIR or ./models); "
+                   help="where real models are found as SIZE/model.dat (default: $PICOGPT_MODELS_DIR, else the "
+                        "per-user models folder); "
                         "missing ones get random weights")
     p.add_argument("--threads", type=threads_list, default=d["threads"], help="thread counts for the loops (default 1,2)")
     p.add_argument("--process-threads", type=threads_list, default=d["process_threads"],

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PicogptError, first_line
+from .hints import install_command, picogpt_command
 from .modelfile import ModelFileWriter
 from .tensors import HF_LM_HEAD as LM_HEAD
 from .tensors import HF_PREFIX as PREFIX
@@ -211,8 +212,8 @@ def _import_safetensors():
     try:
         from safetensors import safe_open
     except ImportError:
-        raise PicogptError("reading Hugging Face checkpoints needs safetensors: pip install 'picogpt[hf]' "
-                           "(or safetensors)") from None
+        raise PicogptError(f"reading Hugging Face checkpoints needs safetensors, which is not installed: "
+                           f"{install_command('hf')}") from None
     return safe_open
 
 
@@ -293,7 +294,7 @@ def _weight_files(folder):
                            f"{TO_SAFETENSORS.format(folder=folder)}")
     if (folder / "hparams.json").is_file() and any(n.endswith(".ckpt.index") for n in present):
         raise PicogptError(f"{folder} holds an OpenAI TensorFlow checkpoint, not a Hugging Face model; "
-                           f"convert it with tools/convert_tf_checkpoint.py --checkpoint-dir {folder}")
+                           f"convert it with: {picogpt_command('convert-tf', '--checkpoint-dir', folder)}")
     others = [n for n in present if n.endswith((".h5", ".msgpack", ".gguf", ".onnx"))]
     raise PicogptError(f"{folder} has no {SAFETENSORS}" + (f" (only {others[0]}, which picogpt does not read)"
                        if others else "") + "; download the model's config.json and model.safetensors into it")

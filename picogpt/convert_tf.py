@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from .errors import PicogptError, first_line
+from .hints import install_command
 from .modelfile import ModelFileWriter
 from .tensors import TF_PREFIX as PREFIX
 from .tensors import check_hparams, gpt2_tensor_specs, tf_shape
@@ -24,8 +25,8 @@ from .tensors import check_hparams, gpt2_tensor_specs, tf_shape
 def require_tensorflow():
     """Fail at once, without importing it (4 s), if TensorFlow is not installed."""
     if importlib.util.find_spec("tensorflow") is None:
-        raise PicogptError("reading TensorFlow checkpoints needs TensorFlow: "
-                           "pip install -e '.[convert]' (or pip install tensorflow-cpu)")
+        raise PicogptError(f"reading TensorFlow checkpoints needs TensorFlow, which is not installed: "
+                           f"{install_command('convert')}")
 
 
 def _import_tensorflow():

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # for the annotations only
 # OpenAI's release of GPT-2: the four sizes, where they are served, and the files of each checkpoint.
 MODEL_SIZES = ("124M", "355M", "774M", "1558M")
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+BASE_URL_ENV = "PICOGPT_BASE_URL"  # a mirror for every fetch that names none, e.g. inside a company network
 CHECKPOINT_FILES = (
     "checkpoint",
     "encoder.json",
@@ -58,6 +59,11 @@ def check_model_size(size):
     return size
 
 
+def resolve_base_url(given=None):
+    """Where checkpoints are downloaded from: `given`, else $PICOGPT_BASE_URL, else OpenAI's own (DEFAULT_BASE_URL)."""
+    return given or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+
+
 class _Transient(Exception):
     """A fault worth retrying; its str is the reason, for the message if we run out of attempts."""
 
@@ -65,7 +71,7 @@ class _Transient(Exception):
 def download_checkpoint(
     size,
     dest_dir,
-    base_url: str = DEFAULT_BASE_URL,
+    base_url: str | None = None,
     *,
     progress: bool = True,
     retries: int = 5,
@@ -75,9 +81,10 @@ def download_checkpoint(
     """Fetch the seven checkpoint files of one model size into dest_dir (created if needed).
 
     Files already complete in dest_dir are skipped, and `.partial` files are resumed, so re-running
-    after any failure finishes the job. Returns dest_dir as a Path.
+    after any failure finishes the job. base_url: see resolve_base_url(). Returns dest_dir as a Path.
     """
     size = check_model_size(size)
+    base_url = resolve_base_url(base_url)
     dest_dir = Path(dest_dir)
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)

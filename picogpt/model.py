@@ -219,7 +219,7 @@ def nest_params(tensors, n_layer):
 class GPT2:
     """A GPT-2 model: hyper-parameters and weights (model.dat names -> arrays) ready to call.
 
-        model = picogpt.load("124M")               # weights memory-mapped from models/124M/model.dat
+        model = picogpt.load("124M")               # weights memory-mapped from MODELS_DIR/124M/model.dat
         cache = model.new_cache()
         logits = model(prompt_ids, cache=cache)  # [1, n_vocab], next-token logits after the prompt
         logits = model([next_id], cache=cache)   # one more position, reusing the cached keys/values

@@ -48,6 +48,7 @@ import numpy as np
 
 from .errors import PicogptError
 from .files import temp_file_beside
+from .hints import picogpt_command
 from .tensors import check_hparams, gpt2_tensor_specs
 
 MAGIC = b"PICOGPT\0"
@@ -55,7 +56,12 @@ VERSION = 1
 PREAMBLE = struct.Struct("<8sIIQ32s8x")  # magic, version, header length, file size, sha256
 ALIGN = 64
 DTYPE = "<f4"
-REMAKE_HINT = "re-create it with tools/convert_tf_checkpoint.py (or tools/convert_hf_checkpoint.py)"
+
+
+def remake_hint_default():
+    """What to do about a damaged model file of unknown origin (store.py gives a named model's own hint)."""
+    return (f"convert its checkpoint again (see {picogpt_command('convert-tf', '--help')} or "
+            f"{picogpt_command('convert-hf', '--help')})")
 
 
 def _align(n):
@@ -101,7 +107,7 @@ class ModelFileWriter:
 
     def __init__(self, path, hparams):
         self.path = Path(path)
-        self.hparams = check_hparams(hparams, str(path), REMAKE_HINT)
+        self.hparams = check_hparams(hparams, str(path), "check the hyper-parameters given to the writer")
         self.header, self.table, self.file_size = _layout(self.hparams)
         self.written = set()
         self.file = None
@@ -194,6 +200,7 @@ class ModelFile:
     hparams: dict
     tensors: dict  # name -> np.ndarray (a view into the memory map; nothing is read until used)
     sha256: bytes  # the checksum stored in the file
+    remake_hint: str = ""  # what a message about damage tells the user to do
 
     def verify(self):
         """Hash the whole file against the stored checksum and scan every tensor for NaN or infinity;
@@ -201,22 +208,27 @@ class ModelFile:
         with open(self.path, "rb") as f:
             actual = _sha256_from(f, PREAMBLE.size)
         if actual != self.sha256:
-            raise PicogptError(f"{self.path}: checksum mismatch, the file is damaged; {REMAKE_HINT}")
+            raise PicogptError(f"{self.path}: checksum mismatch, the file is damaged; {self.remake_hint}")
         for name, array in self.tensors.items():  # a file written by other software may hash fine but hold NaN
             if not np.isfinite(array).all():
-                raise PicogptError(f"{self.path}: tensor {name} contains NaN or infinite values; {REMAKE_HINT}")
+                raise PicogptError(f"{self.path}: tensor {name} contains NaN or infinite values; {self.remake_hint}")
 
 
-def open_model_file(path):
-    """Map a model.dat, checking everything about its structure before any tensor is touched."""
+def open_model_file(path, remake_hint=None):
+    """Map a model.dat, checking everything about its structure before any tensor is touched.
+
+    remake_hint: what messages about a damaged file tell the user to do (default: convert it again)."""
     path = Path(path)
+    remake_hint = remake_hint or remake_hint_default()
+    if not path.exists():
+        raise PicogptError(f"model file {path} does not exist; give the path of a model.dat, or create one with "
+                           f"{picogpt_command('convert-tf')} (GPT-2 124M) or {picogpt_command('convert-hf', '--help')}")
     if not path.is_file():
-        raise PicogptError(f"model file {path} does not exist; create it with tools/convert_tf_checkpoint.py "
-                           "(or tools/convert_hf_checkpoint.py)")
+        raise PicogptError(f"{path} is not a regular file (a device, a pipe?); give the path of a model.dat")
     size = path.stat().st_size
 
     def bad(problem):
-        return PicogptError(f"{path}: {problem}; {REMAKE_HINT}")
+        return PicogptError(f"{path}: {problem}; {remake_hint}")
 
     with open(path, "rb") as f:
         preamble = f.read(PREAMBLE.size)
@@ -225,7 +237,7 @@ def open_model_file(path):
         _, version, header_len, file_size, digest = PREAMBLE.unpack(preamble)
         if version > VERSION:
             raise PicogptError(f"{path}: model file format version {version} is newer than this picogpt "
-                               f"reads (version {VERSION}); upgrade picogpt or {REMAKE_HINT}")
+                               f"reads (version {VERSION}); upgrade picogpt or {remake_hint}")
         if version != VERSION:
             raise bad(f"unknown model file format version {version}")
         if file_size != size:
@@ -237,7 +249,7 @@ def open_model_file(path):
             hparams, table = header["hparams"], header["tensors"]
         except (ValueError, KeyError, TypeError):
             raise bad("header is not valid JSON with hparams and tensors") from None
-    hparams = check_hparams(hparams, str(path), REMAKE_HINT)
+    hparams = check_hparams(hparams, str(path), remake_hint)
 
     specs = gpt2_tensor_specs(hparams)
     if not isinstance(table, list) or not all(isinstance(e, dict) for e in table):
@@ -261,4 +273,4 @@ def open_model_file(path):
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {e["name"]: np.ndarray(tuple(e["shape"]), DTYPE, buffer=mapped, offset=e["offset"],
                                      order=e["order"]) for e in table}
-    return ModelFile(path=path, hparams=hparams, tensors=tensors, sha256=digest)
+    return ModelFile(path=path, hparams=hparams, tensors=tensors, sha256=digest, remake_hint=remake_hint)

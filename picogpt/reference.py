@@ -7,17 +7,17 @@ the layout model.dat uses, so the names map one to one (picogpt.tensors.model_da
 `h{i}/attn/c_attn/w` is `transformer.h.{i}.attn.c_attn.weight`, `g`/`b` are `weight`/`bias`, and
 `lm_head.weight` is tied to `transformer.wte.weight`.
 
-PyTorch and transformers are an optional extra (`pip install 'picogpt[parity]'`); this module imports
+PyTorch and transformers are an optional extra (picogpt's `parity`, which `make parity` installs); this module imports
 them only inside its functions, and their absence is one PicogptError sentence.
 """
 
 import numpy as np
 
 from .errors import PicogptError
+from .hints import install_command
 from .tensors import HF_LM_HEAD, model_dat_to_hf_name
 from .tokenizer import EOT
 
-INSTALL_HINT = "pip install 'picogpt[parity]' (or: pip install torch==2.13.0 transformers)"
 
 
 def require_torch():
@@ -28,7 +28,7 @@ def require_torch():
     except ImportError as e:
         missing = e.name or "one of them"
         raise PicogptError(f"the parity check needs PyTorch and transformers, and {missing} is not installed: "
-                           f"{INSTALL_HINT}") from None
+                           f"{install_command('parity')}") from None
     return torch, transformers
 
 

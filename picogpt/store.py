@@ -1,58 +1,91 @@
-"""Where models live: names like "124M" -> models/124M/model.dat, loading them, and fetching them.
+"""Where models live: names like "124M" -> MODELS_DIR/124M/model.dat, loading them, and fetching them.
 
-    model = picogpt.load("124M")                 # models/124M/model.dat, weights memory-mapped
+    model = picogpt.load("124M")                 # MODELS_DIR/124M/model.dat, weights memory-mapped
     model = picogpt.load("124M", download=True)  # fetched from OpenAI and converted first if missing
-    path = fetch("124M", "models")               # download + convert, what `picogpt convert-tf` does
+    path = fetch("124M")                         # download + convert, what `picogpt convert-tf` does
+
+MODELS_DIR is one folder per user, whatever the current folder: $PICOGPT_MODELS_DIR, else the user's
+data folder (~/.local/share/picogpt/models on Linux, ~/Library/Application Support/picogpt/models on
+macOS), so a model is found where it was fetched. A folder the user names (--models-dir, or the
+variable) must exist when models are looked up in it: a typo is an error, not the demo model.
 """
 
 import os
 from pathlib import Path
 
 from . import files
+from . import hints
 from .convert_tf import convert_checkpoint, require_tensorflow
-from .download import DEFAULT_BASE_URL, MODEL_SIZES, check_model_size, download_checkpoint
+from .download import MODEL_SIZES, check_model_size, download_checkpoint
 from .errors import PicogptError
 from .model import GPT2
 from .modelfile import open_model_file
 
 MODELS_DIR_ENV = "PICOGPT_MODELS_DIR"
+
+
+class NotFetched(PicogptError):
+    """A model of a known size that has not been fetched (downloaded and converted) yet."""
 DEMO = "demo"  # the small model trained on Python's docstrings that ships in data/demo (see its README)
 
 
 def default_models_dir():
-    """$PICOGPT_MODELS_DIR, else ./models (where tools/convert_tf_checkpoint.py puts them by default)."""
-    return Path(os.environ.get(MODELS_DIR_ENV) or "models")
+    """$PICOGPT_MODELS_DIR, else the per-user data folder's models/ (platformdirs knows it per system)."""
+    if os.environ.get(MODELS_DIR_ENV):
+        return Path(os.environ[MODELS_DIR_ENV])
+    import platformdirs  # 15 ms, for a default only
+    return platformdirs.user_data_path("picogpt", appauthor=False) / "models"
 
 
-def fetch_command(size, models_dir):
-    return f"python tools/convert_tf_checkpoint.py --model-size {size} --models-dir {models_dir}"
+def models_dir(named=None):
+    """The folder sizes are looked up in: `named` (a --models-dir) or the default. A folder the user
+    named (the argument or $PICOGPT_MODELS_DIR) that does not exist is an error."""
+    if named is not None:
+        path, source = Path(named), "given by --models-dir"
+    elif os.environ.get(MODELS_DIR_ENV):
+        path, source = Path(os.environ[MODELS_DIR_ENV]), f"named by ${MODELS_DIR_ENV}"
+    else:
+        return default_models_dir()  # may not exist yet: no model has been fetched
+    if not path.is_dir():
+        problem = "is not a folder" if path.exists() else "does not exist"
+        raise PicogptError(f"the models folder {path} ({source}) {problem}; check the name, or fetch a model "
+                           f"into it with: {hints.fetch_command('124M', named)}")
+    return path
 
 
 def demo_model_path():
     """data/demo/model.dat: in the source checkout, or where setup.cfg's data_files install it."""
     path = files.find_file(f"{DEMO}/model.dat", files.data_dirs())
     if path is None:
-        raise PicogptError("the demo model (data/demo/model.dat) is missing; reinstall picogpt, or re-create it "
-                           "with python tools/train_demo_model.py")
+        raise PicogptError(f"the demo model (data/demo/model.dat) is missing; {demo_remake_hint()}")
     return path
 
 
-def default_model(models_dir=None):
+def demo_remake_hint():
+    if (hints.CHECKOUT / ".git").exists() and (hints.CHECKOUT / "data" / DEMO).is_dir():
+        return f"restore it with: git -C {hints.CHECKOUT} checkout -- data/{DEMO}/model.dat"
+    return "reinstall picogpt"
+
+
+def default_model(named_models_dir=None):
     """GPT-2 124M if it has been fetched, else the demo model; and a notice to show when it is the demo."""
-    models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
-    if (models_dir / "124M" / "model.dat").exists():
+    where = models_dir(named_models_dir)
+    if (where / "124M" / "model.dat").exists():
         return "124M", None
-    return DEMO, (f"GPT-2 124M is not in {models_dir}/, so this is the small demo model trained on Python's "
-                  f"docstrings; fetch 124M with: {fetch_command('124M', models_dir)}")
+    notice = (f"GPT-2 124M is not in {where}/, so this is the small demo model trained on Python's docstrings; "
+              f"fetch 124M with: {hints.fetch_command('124M', named_models_dir)}")
+    old = Path("models") / "124M" / "model.dat"  # where picogpt 0.1 fetched to, relative to the current folder
+    if named_models_dir is None and old.is_file() and old.resolve() != (where / "124M" / "model.dat").resolve():
+        notice += f" (or use the copy in ./models with --models-dir models, or move ./models/124M to {where}/)"
+    return DEMO, notice
 
 
-def model_path(model, models_dir=None):
+def model_path(model, named_models_dir=None):
     """The model.dat for a size name ("124M"), "demo", a model.dat path, or a folder holding a model.dat."""
-    models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
     if model == DEMO:
         return demo_model_path()
     if model in MODEL_SIZES:
-        return models_dir / model / "model.dat"
+        return models_dir(named_models_dir) / model / "model.dat"
     path = Path(model)
     if path.is_dir():
         return path / "model.dat"
@@ -61,10 +94,11 @@ def model_path(model, models_dir=None):
     raise PicogptError(f"unknown model {model!r}: use one of {', '.join(MODEL_SIZES)}, {DEMO} or a path to a model.dat")
 
 
-def fetch(size, models_dir=None, base_url=DEFAULT_BASE_URL, progress=True, out=None):
-    """Download OpenAI's checkpoint of `size` into models_dir/size/ (skipping complete files, resuming
-    partial ones), convert it to `out` (default models_dir/size/model.dat), and return that path. The
-    layout is OpenAI's download script's, so a folder it filled is converted without downloading anything."""
+def fetch(size, models_dir=None, base_url=None, progress=True, out=None):
+    """Download OpenAI's checkpoint of `size` into models_dir/size/ (default: the per-user models folder;
+    created if missing), skipping complete files and resuming partial ones, convert it to `out` (default
+    models_dir/size/model.dat), and return that path. The layout is OpenAI's download script's, so a
+    folder it filled is converted without downloading anything."""
     size = check_model_size(size)
     require_tensorflow()  # before a download of hundreds of megabytes that could not be converted
     models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
@@ -74,18 +108,32 @@ def fetch(size, models_dir=None, base_url=DEFAULT_BASE_URL, progress=True, out=N
     return out
 
 
-def load(model="124M", models_dir=None, download=False, base_url=DEFAULT_BASE_URL, progress=True):
+def model_file(model, named_models_dir=None):
+    """Open (map and check) the model file a name or path stands for, with the hint its damage calls for."""
+    path = model_path(model, named_models_dir)
+    if model == DEMO:
+        hint = demo_remake_hint()
+    elif model in MODEL_SIZES:
+        hint = f"fetch it again with: {hints.fetch_command(model, named_models_dir)}"
+    else:
+        hint = None
+    return open_model_file(path, remake_hint=hint)
+
+
+def load(model="124M", models_dir=None, download=False, base_url=None, progress=True):
     """Load a GPT-2 model by size name or path, its weights memory-mapped.
 
-    With download=True a missing model of a known size is fetched (downloaded from OpenAI or `base_url`
-    and converted) first; otherwise a missing model is an error that gives the command that fetches it.
+    With download=True a missing model of a known size is fetched (downloaded from `base_url`, else
+    $PICOGPT_BASE_URL, else OpenAI, and converted) first; otherwise a missing model is an error that gives the command that fetches it.
+    models_dir: where sizes are looked up (default: $PICOGPT_MODELS_DIR or the per-user models folder).
     """
-    models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
+    if model in MODEL_SIZES and download:
+        where = Path(models_dir) if models_dir is not None else default_models_dir()
+        if not (where / model / "model.dat").exists():
+            fetch(model, where, base_url=base_url, progress=progress)
     path = model_path(model, models_dir)
     if not path.exists() and model in MODEL_SIZES:
-        if not download:
-            raise PicogptError(f"model {model} is not in {models_dir}/; fetch it with: "
-                               f"{fetch_command(model, models_dir)} (or add --download)")
-        fetch(model, models_dir, base_url=base_url, progress=progress)
-    model_file = open_model_file(path)
-    return GPT2(model_file.hparams, model_file.tensors, path=model_file.path)
+        raise NotFetched(f"model {model} is not in {path.parent.parent}/; fetch it with: "
+                         f"{hints.fetch_command(model, models_dir)}")
+    opened = model_file(model, models_dir)
+    return GPT2(opened.hparams, opened.tensors, path=opened.path)

@@ -22,6 +22,7 @@ from tiktoken_ext.openai_public import r50k_pat_str
 
 from . import files
 from .errors import PicogptError
+from .hints import CHECKOUT, python_command
 
 EOT = 50256  # <|endoftext|>, the token GPT-2 saw between documents; also its only special token
 N_VOCAB = 50257
@@ -33,8 +34,14 @@ VOCABULARY_SHA256 = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
     RANKS_FILE: "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
 }
-_REMAKE = {RANKS_FILE: "re-create it with python tools/make_tiktoken_ranks.py or reinstall picogpt"}
-_FIND = {RANKS_FILE: "reinstall picogpt, or in a source checkout run python tools/make_tiktoken_ranks.py"}
+
+
+def _remake_hint(name):
+    """What to do about a missing or damaged vocabulary file: the rank file can be re-derived in a checkout."""
+    tool = CHECKOUT / "tools" / "make_tiktoken_ranks.py"
+    if name == RANKS_FILE and tool.is_file():
+        return f"re-create it with: {python_command()} {tool}"
+    return "reinstall picogpt"
 
 
 def data_dirs() -> list[Path]:
@@ -48,7 +55,7 @@ def check_vocabulary_file(path: Path, contents: bytes) -> bytes:
     actual = hashlib.sha256(contents).hexdigest()
     if actual != expected:
         raise PicogptError(f"GPT-2 vocabulary file {path} is damaged (sha256 {actual}, expected {expected}); "
-                           f"{_REMAKE.get(path.name, 'reinstall picogpt')}")
+                           f"{_remake_hint(path.name)}")
     return contents
 
 
@@ -59,7 +66,7 @@ def vocabulary_file(name: str) -> bytes:
     path = files.find_file(name, dirs)
     if path is None:
         raise PicogptError(f"GPT-2 vocabulary file {name} not found in {' or '.join(map(str, dirs))}; "
-                           f"{_FIND.get(name, 'reinstall picogpt')}")
+                           f"{_remake_hint(name)}")
     try:
         contents = path.read_bytes()
     except OSError as error:

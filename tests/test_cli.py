@@ -11,7 +11,7 @@ import pytest
 from hf_reference import random_tensors, write_model_dat
 from picogpt import cli
 from picogpt.generate import generate
-from picogpt.store import load
+from picogpt.store import default_models_dir, load
 from picogpt.tokenizer import EOT, decode, encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,10 +79,14 @@ def one_line_error(capsys, status, *needles):
         assert needle in err, err
 
 
-def test_missing_model_says_how_to_fetch_it(tmp_path, capsys):
+def test_missing_model_says_how_to_fetch_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout: no make target, the command itself
     status = cli.main(["Hi", "--model", "124M", "--models-dir", str(tmp_path)])
     one_line_error(capsys, status, f"model 124M is not in {tmp_path}/",
-                   f"python tools/convert_tf_checkpoint.py --model-size 124M --models-dir {tmp_path}", "--download")
+                   f"-m picogpt convert-tf --model-size 124M --models-dir {tmp_path}", "--download")
+    monkeypatch.chdir(REPO)  # in the checkout: its make target, which installs TensorFlow too
+    status = cli.main(["Hi", "--model", "124M", "--models-dir", str(tmp_path)])
+    one_line_error(capsys, status, f"fetch it with: make fetch MODEL=124M MODELS_DIR={tmp_path} (or add --download)")
 
 
 def test_unknown_model_name_and_missing_path(tmp_path, capsys):
@@ -137,11 +141,10 @@ def test_python_m_picogpt_runs_as_a_process(model_path):
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
 
 
-REAL_124M = Path(os.environ.get("PICOGPT_MODELS_DIR") or REPO / "models") / "124M" / "model.dat"
+REAL_124M = default_models_dir() / "124M" / "model.dat"  # where make fetch puts it
 
 
-@pytest.mark.skipif(not REAL_124M.exists(), reason=f"GPT-2 124M is not at {REAL_124M}; fetch it with "
-                    "python tools/convert_tf_checkpoint.py --model-size 124M")
+@pytest.mark.skipif(not REAL_124M.exists(), reason=f"GPT-2 124M is not at {REAL_124M}; fetch it with make fetch")
 @pytest.mark.parametrize("prompt, golden", [
     (PROMPT, [703, 484, 561, 307, 1498, 284, 466, 523, 13, 198, 198, 1, 40, 892, 326, 262, 749, 1593, 1517, 318]),
     ("San Francisco is", [257, 1748, 286, 517, 621, 352, 1510, 661]),
@@ -179,7 +182,7 @@ def test_without_model_it_uses_124m_if_fetched_else_the_demo_with_a_notice(model
     assert cli.main(["Hello", "-n", "3", "--models-dir", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert out == expected_text(demo_model_path(), "Hello", 3) + "\n"
-    assert err.count("\n") == 1 and "demo model" in err and "convert_tf_checkpoint.py --model-size 124M" in err
+    assert err.count("\n") == 1 and "demo model" in err and "make fetch MODEL=124M" in err
     assert cli.main(["Hello", "-n", "3", "--model", "demo", "--models-dir", str(tmp_path)]) == 0
     assert capsys.readouterr() == (out, "")  # asked for by name: no notice
     (tmp_path / "124M").mkdir()

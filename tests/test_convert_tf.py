@@ -166,4 +166,4 @@ def test_without_tensorflow_nothing_is_downloaded(mirror, tmp_path, capsys, monk
     with serve_directory(root) as server:
         status = convert_tf_main(["--models-dir", str(tmp_path), "--base-url", server.url, "--no-progress"])
         assert server.requests == []
-    assert status == 1 and "pip install -e '.[convert]'" in capsys.readouterr().err
+    assert status == 1 and "-m pip install 'tensorflow-cpu>=2.15'" in capsys.readouterr().err

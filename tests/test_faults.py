@@ -72,12 +72,13 @@ def test_damaged_model_files(good_model, tmp_path, capsys, case):
     damage, message = MODEL_FILE_CASES[case]
     path = damaged_copy(good_model, tmp_path, damage)
     err = error_line(capsys, cli.main(["Hello", "--model", str(path)]))
-    assert message in err and str(path) in err and ("convert_tf_checkpoint" in err or "upgrade" in err)
+    assert message in err and str(path) in err and ("picogpt convert-tf --help" in err or "upgrade" in err)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["Hi", "--model", "125M"], "unknown model '125M'"),
-    (["Hi", "--model", "124M", "--models-dir", "/nonexistent-models"], "convert_tf_checkpoint.py --model-size 124M"),
+    (["Hi", "--model", "124M", "--models-dir", "/nonexistent-models"],
+     "the models folder /nonexistent-models (given by --models-dir) does not exist"),
     (["Hi", "--model", "/nonexistent/model.dat"], "does not exist"),
 ])
 def test_unknown_or_missing_models(capsys, argv, message):

@@ -95,7 +95,7 @@ def test_reader_names_the_problem_and_the_fix(model_dat, damage, message):
     with pytest.raises(PicogptError, match=message) as e:
         open_model_file(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
-    assert "convert_tf_checkpoint" in str(e.value) or "upgrade picogpt" in str(e.value)
+    assert "picogpt convert-tf --help" in str(e.value) or "upgrade picogpt" in str(e.value)
 
 
 def edit_header(path, edit):

@@ -278,3 +278,107 @@ def test_memory_check_against_what_is_available(model_path, monkeypatch):
         generate.generate_batch(model, [encode("Hi there")] * 3, 5)
     monkeypatch.setattr(generate, "available_memory", lambda: needed)
     assert len(generate.complete(model, "Hi there", 5, num_samples=3)) == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# From the demo model to GPT-2: hints that work as printed, models found where they were fetched
+
+TF_HPARAMS = dict(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=2)
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory):
+    """A local copy of OpenAI's download site holding a small "124M" checkpoint in OpenAI's exact layout."""
+    from httpserver import serve_directory
+    from tf_fixture import write_tf_checkpoint
+    root = tmp_path_factory.mktemp("mirror")
+    write_tf_checkpoint(root / "124M", TF_HPARAMS, seed=18)
+    with serve_directory(root) as server:
+        yield server.url
+
+
+def user_env(tmp_path, **extra):
+    """The environment of a user whose per-user data folder is under tmp_path (nothing of the real one)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PICOGPT_MODELS_DIR", "PICOGPT_BASE_URL")}
+    return dict(env, XDG_DATA_HOME=str(tmp_path / "data-home"), **extra)
+
+
+def hint(err, marker):
+    """The command a message gives after `marker` ("fetch 124M with: "), without a trailing remark."""
+    line = next(line for line in err.splitlines() if marker in line)
+    return line.split(marker, 1)[1].split(" (or ")[0].strip()
+
+
+def test_fetch_hint_works_as_printed_and_the_model_is_found_from_anywhere(tmp_path, mirror):
+    env = user_env(tmp_path, PICOGPT_BASE_URL=mirror)
+    somewhere, elsewhere = tmp_path / "somewhere", tmp_path / "elsewhere"
+    somewhere.mkdir(), elsewhere.mkdir()
+    run = dict(capture_output=True, text=True, env=env, timeout=300)
+    first = subprocess.run([sys.executable, "-m", "picogpt", "Hello", "-n", "3"], cwd=somewhere, **run)
+    assert first.returncode == 0 and "this is the small demo model" in first.stderr
+    command = hint(first.stderr, "fetch 124M with: ")
+    assert "convert-tf --model-size 124M" in command and "tools/" not in command and "picogpt[" not in command
+    fetched = subprocess.run(["bash", "-c", command], cwd=somewhere, **run)  # exactly as printed
+    assert fetched.returncode == 0, fetched.stderr
+    model_dat = tmp_path / "data-home" / "picogpt" / "models" / "124M" / "model.dat"
+    assert model_dat.is_file()
+    after = subprocess.run([sys.executable, "-m", "picogpt", "Hello", "-n", "3"], cwd=elsewhere, **run)
+    assert after.returncode == 0 and after.stderr == ""  # 124M, found from another folder: no notice
+    from picogpt.generate import complete
+    assert after.stdout == complete(load(model_dat), "Hello", 3) + "\n"
+
+
+def test_install_hints_name_this_projects_packages(monkeypatch):
+    from picogpt import hints
+    for extra, package in (("convert", "tensorflow-cpu"), ("plot", "matplotlib"), ("parity", "torch"),
+                           ("hf", "safetensors")):
+        command = hints.install_command(extra)
+        assert "-m pip install" in command and package in command and "picogpt[" not in command, command
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "tensorflow" else object())
+    monkeypatch.chdir("/")
+    command = hints.fetch_command("124M")
+    assert command.startswith(hints.python_command()) and "pip install 'tensorflow-cpu" in command
+    assert command.endswith("-m picogpt convert-tf --model-size 124M")
+
+
+def test_every_printed_hint_names_no_other_projects_install():
+    """No message in the package tells a user to `pip install 'picogpt[...]'` (another project has that name)
+    or to run a tools/ script with a bare python."""
+    for path in (REPO / "picogpt").glob("*.py"):
+        text = path.read_text()
+        assert "pip install 'picogpt[" not in text and 'pip install "picogpt[' not in text, path
+        assert "python tools/" not in text, path
+
+
+def test_make_fetch_then_make_run_uses_gpt2(tmp_path, mirror):
+    venv = Path(sys.prefix)
+    if sys.prefix == sys.base_prefix or not (venv / "bin" / "python").exists():
+        pytest.skip("the tests do not run in a virtual environment for make's VENV")
+    models = tmp_path / "my models"
+    models.mkdir()
+    make = ["make", "-s", "-C", str(REPO), f"VENV={venv}", "-o", f"{venv}/.installed-convert",
+            "-o", f"{venv}/.installed", "-o", f"{venv}/bin/python"]  # this environment, as it is: no installs
+    run = dict(capture_output=True, text=True, env=user_env(tmp_path), timeout=300)
+    fetched = subprocess.run(make + ["fetch", "MODEL=124M", f"MODELS_DIR={models}", f"BASE_URL={mirror}"], **run)
+    assert fetched.returncode == 0, fetched.stderr
+    assert (models / "124M" / "model.dat").is_file()
+    ran = subprocess.run(make + ["run", f"MODELS_DIR={models}", "N=4", "PROMPT=costs $HOME `echo x` it's"], **run)
+    from picogpt.generate import complete
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+    assert ran.stdout == complete(load(models / "124M" / "model.dat"), "costs $HOME `echo x` it's", 4) + "\n"
+
+
+def test_named_models_folder_that_does_not_exist_is_an_error(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "modles"
+    (tmp_path / "t.txt").write_text(TEXT)
+    for argv in (["Hi"], ["Hi", "--model", "124M"], ["score", str(tmp_path / "t.txt")], ["verify", "124M"]):
+        assert cli.main(argv + ["--models-dir", str(missing)]) == 1
+        out, err = capsys.readouterr()
+        assert f"the models folder {missing} (given by --models-dir) does not exist" in err and out == "", err
+    monkeypatch.setenv("PICOGPT_MODELS_DIR", str(missing))
+    assert cli.main(["Hi"]) == 1
+    assert "(named by $PICOGPT_MODELS_DIR) does not exist" in capsys.readouterr().err
+    monkeypatch.delenv("PICOGPT_MODELS_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "fresh-user"))  # the default folder may not exist yet
+    assert cli.main(["Hi", "-n", "2"]) == 0
+    assert "is not in " + str(tmp_path / "fresh-user" / "picogpt" / "models") in capsys.readouterr().err

@@ -118,7 +118,8 @@ def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nothing" / "model.dat")]) == 1
     assert "does not exist" in one_error_line(capsys)
     assert main(["--model", "124M", "--models-dir", str(tmp_path)]) == 1
-    assert "fetch it with: python tools/convert_tf_checkpoint.py --model-size 124M" in one_error_line(capsys)
+    err = one_error_line(capsys)
+    assert "fetch it with: make fetch MODEL=124M" in err and "--download" not in err  # parity has no --download
 
 
 def test_without_pytorch_one_sentence_says_how_to_install_it(small, monkeypatch, capsys):
@@ -126,7 +127,7 @@ def test_without_pytorch_one_sentence_says_how_to_install_it(small, monkeypatch,
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     assert main(["--model", str(folder / "model.dat")]) == 1
     err = one_error_line(capsys)
-    assert "the parity check needs PyTorch and transformers" in err and "pip install 'picogpt[parity]'" in err
+    assert "the parity check needs PyTorch and transformers" in err and "-m pip install torch==2.13.0 'transformers>=4.40'" in err
 
 
 def test_other_mistakes_are_one_line(small, tmp_path, capsys):
