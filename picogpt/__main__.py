@@ -6,11 +6,15 @@ that time ends quietly, as it does later (picogpt.cli.run), instead of with an i
 
 import sys
 
+from picogpt.errors import interrupted  # a module of plain Python: importing it is instant
+
 
 def main(argv=None, prog=None):
     try:
         from picogpt.cli import main as cli_main
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not interrupted(e):
+            raise
         print(f"{prog or 'picogpt'}: interrupted", file=sys.stderr)
         return 130
     return cli_main(argv, prog=prog)

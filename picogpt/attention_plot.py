@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import PicogptError
-from .files import temp_file_beside
+from .files import output_file, temp_file_beside
 from .hints import install_command
 from .generate import prompt_ids
 from .tokenizer import load_tokenizer
@@ -205,7 +205,8 @@ def attention_picture(model, prompt, layer, head=None, out_path="attn.png"):
     """
     h = model.hparams
     check_layer_head(h["n_layer"], h["n_head"], layer, head)
-    _matplotlib()  # fail on a missing extra before running the model
+    _matplotlib()  # fail on a missing extra, or a place the picture cannot go, before running the model
+    out_path = output_file(out_path, default_name="attn.png")  # a folder: attn.png in it
     ids = prompt_ids(prompt)
     if len(ids) > h["n_ctx"]:
         raise PicogptError(f"the prompt is {len(ids)} tokens, more than the model's context of {h['n_ctx']}; "

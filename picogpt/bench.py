@@ -34,6 +34,7 @@ from .modelfile import ModelFileWriter, open_model_file
 from .parity import PROMPT  # the 19-token Alan Turing prompt
 from .reference import hf_greedy
 from .reference import hf_model as reference_model
+from .files import output_file, write_atomically
 from .store import models_dir
 from .tensors import gpt2_tensor_specs
 from .tokenizer import decode, encode
@@ -405,6 +406,7 @@ def run(**options):
         raise TypeError(f"unknown benchmark option {sorted(unknown)[0]!r}; the options are {', '.join(DEFAULTS)}")
     args = SimpleNamespace(**{**DEFAULTS, **options})
     args.models_dir = str(models_dir(args.models_dir))  # a folder named but missing is an error
+    args.json = output_file(args.json, default_name="bench-results.json")  # before minutes of timing
     warmup = 1
     if args.quick:
         args.sizes, args.tokens, args.repeats, args.no_cache_repeats, args.process_repeats = "tiny", 4, 1, 1, 1
@@ -441,8 +443,7 @@ def run(**options):
             results["sections"][size] = dict(source=source, hparams=mf.hparams, tokens=expected, notes=notes, **s)
             del model, hf, mf, rows
     results["seconds"], results["load_average_at_end"] = time.perf_counter() - started, round(os.getloadavg()[0], 2)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_atomically(args.json, (json.dumps(results, indent=1, default=str) + "\n").encode())
     print(f"\ntook {results['seconds']:.0f} s; every timing in {args.json}")
     failed = [t for s in results["sections"].values() for t in s["targets"] if not t["passed"]]
     return 1 if args.check and failed else 0

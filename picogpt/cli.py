@@ -21,12 +21,12 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from . import bench, blas, parity  # noqa: E402
+from . import bench, blas, files, parity  # noqa: E402
 from .attention_plot import attention_picture  # noqa: E402
 from .convert_hf import convert_hf_checkpoint  # noqa: E402
 from .convert_tf import convert_checkpoint, require_tensorflow  # noqa: E402
 from .download import DEFAULT_BASE_URL, MODEL_SIZES  # noqa: E402
-from .errors import BadArgument, PicogptError, one_line, plural  # noqa: E402
+from .errors import BadArgument, PicogptError, interrupted, one_line, plural  # noqa: E402
 from .generate import TextBatch  # noqa: E402
 from .modelfile import open_model_file  # noqa: E402
 from .scoring import score  # noqa: E402
@@ -119,11 +119,11 @@ def run(prog, command, args):
         say(prog, f"error: cannot write the output: {error.strerror}; free some space, or send the output "
                   "somewhere else")
         return 1
-    except (BadArgument, PicogptError, MemoryError, KeyboardInterrupt) as e:
-        if args.debug:
+    except (BadArgument, PicogptError, MemoryError, KeyboardInterrupt, ImportError) as e:
+        if args.debug or (isinstance(e, ImportError) and not interrupted(e)):
             raise
         end_line(args)
-        if isinstance(e, KeyboardInterrupt):
+        if interrupted(e):  # a Ctrl-C, or an import it interrupted (TensorFlow's, matplotlib's)
             say(prog, "interrupted")
             return 130
         if isinstance(e, MemoryError):
@@ -395,8 +395,8 @@ def attention_parser(prog):
     p.add_argument("--layer", type=non_negative_int, required=True, metavar="L", help="block number, from 0")
     p.add_argument("--head", type=non_negative_int, default=None, metavar="H",
                    help="one head, from 0 (default: all heads of the layer as a grid)")
-    p.add_argument("--out", default="attn.png", metavar="FILE", help="picture to write: .png, .svg or .pdf "
-                   "(default: attn.png)")
+    p.add_argument("--out", default="attn.png", metavar="FILE", help="picture to write: .png, .svg or .pdf; "
+                   "a folder means attn.png in it (default: attn.png)")
     add_model_arguments(p)
     return p
 
@@ -411,7 +411,8 @@ def attention_command(args):
 
 def verify_parser(prog):
     p = ArgumentParser(prog=prog,
-                       description="Check a model.dat: structure, SHA-256 checksum, and no NaN or infinite weights.")
+                       description="Check a model.dat: structure, SHA-256 checksum, and no NaN or infinite weights; "
+                       "remove the temporary files that killed conversions left beside it.")
     p.add_argument("model", help="a size name (looked up under --models-dir) or a path to a model.dat")
     p.add_argument("--models-dir", default=None, help="where model sizes are looked up")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -419,6 +420,8 @@ def verify_parser(prog):
 
 
 def verify_command(args):
+    for stale in files.remove_stale_partials(store.model_path(args.model, args.models_dir)):
+        print(f"{args.prog}: removed {stale}, left by a conversion that was killed", file=sys.stderr)
     model_file = store.model_file(args.model, args.models_dir)
     model_file.verify()
     n_params = sum(t.size for t in model_file.tensors.values())
@@ -524,6 +527,8 @@ def parity_parser(prog):
 
 def parity_command(args):
     torch, _ = parity.require_torch()  # before loading gigabytes that could not be compared
+    if args.json:  # and before minutes of work whose numbers could not be written
+        args.json = files.output_file(args.json, default_name="parity.json")
     started = time.perf_counter()
     model = load_model(args, prog=args.prog)  # the BLAS backend and threads, and the default model, as generate
     if args.threads is not None:
@@ -533,10 +538,7 @@ def parity_command(args):
     result["seconds"]["load"] += loaded
     parity.write_report(result)
     if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        except OSError as e:
-            raise PicogptError(f"cannot write {args.json}: {e.strerror}") from None
+        files.write_atomically(args.json, (json.dumps(result, indent=1) + "\n").encode())
     return 0 if result["ok"] else 1
 
 

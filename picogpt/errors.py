@@ -29,3 +29,13 @@ def first_line(error):
     """The first line of an exception's message (libraries raise multi-line ones), or its type's name."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def interrupted(error):
+    """Whether an exception is, or was raised while handling, a Ctrl-C: an extension module interrupted
+    while importing (NumPy's) reports an ImportError whose context is the KeyboardInterrupt."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -4,13 +4,19 @@ Shipped data (GPT-2's vocabulary in data/gpt2, the demo model in data/demo) is f
 checkout's data/ folder (an editable install runs from it), else where setup.cfg's data_files install it.
 
 Writing: into a hidden temporary file beside the final name, renamed onto it (os.replace) only once
-complete, deleted on any failure.
+complete, deleted on any failure. A process killed outright (SIGKILL, a power cut) cannot delete it, so
+its name says whose it is, `.model.dat.HOST.PID.RANDOM.partial`, and the next writer of the same file
+(or `picogpt verify`) removes those whose process is gone from this machine.
 """
 
 import os
+import re
+import socket
 import sys
 import tempfile
 from pathlib import Path
+
+from .errors import PicogptError
 
 
 def data_dirs():
@@ -23,14 +29,56 @@ def find_file(name, dirs):
     return next((Path(d) / name for d in dirs if (Path(d) / name).is_file()), None)
 
 
+def _host():
+    """This machine's name, reduced to letters, digits and dashes (it is part of file names)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "localhost"
+
+
+def _process_is_gone(pid):
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows: never claim it is gone
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists but is someone else's (EPERM), or we cannot tell
+        return False
+    return False
+
+
+def remove_stale_partials(path, suffix=".partial"):
+    """Delete the temporary files that writers of `path` killed on this machine left beside it (their
+    process no longer exists); files of live writers, of other machines, or of unknown origin are kept.
+    Returns the paths removed."""
+    path = Path(path)
+    own = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+{re.escape(suffix)}$")
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = own.match(name)
+        if match and match["host"] == _host() and _process_is_gone(int(match["pid"])):
+            try:
+                os.unlink(path.parent / name)
+                removed.append(path.parent / name)
+            except OSError:
+                pass
+    return removed
+
+
 def temp_file_beside(path, suffix):
     """A new hidden temporary file in path's folder (same file system, so the rename is atomic): (fd, Path).
 
-    mkstemp makes it private (mode 0600); it gets the permissions any new file would (0666 less the
-    umask), since it is to become an ordinary file such as a model or a picture.
+    Its name carries this machine's name and process id, and stale ones of earlier writers of the same
+    path are removed first (see remove_stale_partials). mkstemp makes it private (mode 0600); it gets the
+    permissions any new file would (0666 less the umask), since it is to become an ordinary file such as
+    a model or a picture.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    remove_stale_partials(path, suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=suffix)
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -40,3 +88,46 @@ def temp_file_beside(path, suffix):
         os.unlink(tmp)
         raise
     return fd, Path(tmp)
+
+
+def output_file(path, default_name=None):
+    """Where an output file goes, checked before the work that makes it: a path naming a folder means
+    default_name inside it (without one, it is an error that says so); the folder must exist and take a
+    new file. Returns the Path; a problem is one PicogptError sentence."""
+    path = Path(path)
+    if path.is_dir():
+        if default_name is None:
+            raise PicogptError(f"{path} is a folder; give a file name, such as {path / 'results.json'}")
+        path = path / default_name
+    folder = path.parent
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise PicogptError(f"cannot write {path}: the folder {folder} {problem}; create it or choose another")
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # the one sure test of "can a file be made here"
+            pass
+    except OSError as e:
+        raise PicogptError(f"cannot write {path}: {e.strerror}; choose a writable folder") from None
+    return path
+
+
+def write_atomically(path, data):
+    """Write bytes to path so that it appears complete or not at all (a temporary file renamed onto it)."""
+    path = Path(path)
+    try:
+        fd, tmp = temp_file_beside(path, ".partial")
+    except OSError as e:
+        raise PicogptError(f"cannot write {path}: {e.strerror}; choose a writable folder") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise PicogptError(f"cannot write {path}: {e.strerror}; free some space or choose another folder") from None
+        raise
+    return path

@@ -97,13 +97,15 @@ def check_options(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.
         raise PicogptError(f"the repetition penalty must be a number > 0 (1 is none), not {repetition_penalty}")
 
 
-def check_fits(model, n_prompt, n_tokens):
-    """Fail before any work if the prompt and the new tokens cannot fit in the model's context."""
+def check_fits(model, n_prompt, n_tokens, remedy=None):
+    """Fail before any work if the prompt and the new tokens cannot fit in the model's context; remedy
+    replaces the advice (for a command without --sliding-window)."""
     n_ctx = model.hparams["n_ctx"]
     if n_prompt + n_tokens > n_ctx:
-        raise PicogptError(f"the prompt ({n_prompt} tokens) plus {n_tokens} new tokens exceed the model's "
-                           f"context of {n_ctx} tokens; shorten the prompt, ask for fewer tokens, or keep "
-                           f"only the last {n_ctx} tokens with --sliding-window")
+        remedy = remedy or (f"shorten the prompt, ask for fewer tokens, or keep only the last {n_ctx} tokens "
+                            f"with --sliding-window")
+        raise PicogptError(f"the prompt ({plural(n_prompt, 'token')}) plus {plural(n_tokens, 'new token')} exceed "
+                           f"the model's context of {n_ctx} tokens; {remedy}")
 
 
 def memory_needed(hparams, n_batch, n_prompt, n_positions, use_cache=True):

@@ -118,7 +118,7 @@ def check(model, prompt=PROMPT, n_tokens=20, atol=ATOL, rtol=RTOL, reference_mod
     if max(ids) >= h["n_vocab"]:
         raise PicogptError(f"the prompt has token id {max(ids)}, outside this model's vocabulary of "
                            f"{h['n_vocab']}; use a prompt of tokens below {h['n_vocab']}")
-    check_fits(model, len(ids), n_tokens)
+    check_fits(model, len(ids), n_tokens, remedy="use a shorter --prompt or fewer tokens (-n)")
     reference = hf_model(ref_file.hparams, ref_file.tensors)
     loaded = time.perf_counter()
 

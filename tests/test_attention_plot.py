@@ -134,7 +134,7 @@ def test_bad_layer_or_head_is_one_sentence_before_any_work(model, tmp_path):
 
 
 def test_writing_is_atomic(model, tmp_path, monkeypatch):
-    with pytest.raises(PicogptError, match="cannot write .*missing.*: No such file or directory"):
+    with pytest.raises(PicogptError, match="cannot write .*missing.*: the folder .*missing does not exist"):
         attention_picture(model, PROMPT, 0, 0, tmp_path / "missing" / "attn.png")
     with pytest.raises(PicogptError, match=r"use a name ending in \.png, \.svg, \.pdf"):
         attention_picture(model, PROMPT, 0, 0, tmp_path / "attn.jpeg")

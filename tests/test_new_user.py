@@ -202,10 +202,15 @@ def test_output_to_a_full_disk_is_one_line(model_path, name):
 
 INTERRUPT_IMPORT = """
 import builtins, runpy, sys
-real_import, module = builtins.__import__, sys.argv[1]
+real_import, (module, _, how) = builtins.__import__, sys.argv[1].partition(":")
 def interrupted_import(name, *args, **kwargs):
     if name == module:
-        raise KeyboardInterrupt  # what Ctrl-C does while that module is being imported
+        if how != "as ImportError":
+            raise KeyboardInterrupt  # what Ctrl-C does while that module is being imported
+        try:  # an extension module interrupted inside its C initialisation reports it so (NumPy does)
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("PyCapsule_Import could not import module datetime")
     return real_import(name, *args, **kwargs)
 builtins.__import__ = interrupted_import
 script, sys.argv = sys.argv[2], ["picogpt", "Hello"]
@@ -219,7 +224,7 @@ else:
 CONSOLE_SCRIPT = Path(sys.executable).parent / "picogpt"
 
 
-@pytest.mark.parametrize("module", ["numpy", "tiktoken", "picogpt.cli"])
+@pytest.mark.parametrize("module", ["numpy", "numpy:as ImportError", "tiktoken", "picogpt.cli"])
 @pytest.mark.parametrize("how", ["-m", "console script"])
 def test_ctrl_c_while_importing_is_one_line(module, how):
     if how == "console script" and not CONSOLE_SCRIPT.exists():
@@ -382,3 +387,127 @@ def test_named_models_folder_that_does_not_exist_is_an_error(tmp_path, capsys, m
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "fresh-user"))  # the default folder may not exist yet
     assert cli.main(["Hi", "-n", "2"]) == 0
     assert "is not in " + str(tmp_path / "fresh-user" / "picogpt" / "models") in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files left behind by a killed run
+
+KILLED_WRITER = """
+import os, signal, sys
+from picogpt.modelfile import ModelFileWriter
+sys.path.insert(0, {tests!r})
+from hf_reference import random_tensors
+hparams = {hparams!r}
+with ModelFileWriter(sys.argv[1], hparams) as out:
+    for i, (name, array) in enumerate(random_tensors(hparams, seed=1).items()):
+        out.write(name, array)
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # killed outright mid-write: no handler runs
+"""
+
+
+def killed_conversion(path):
+    code = KILLED_WRITER.format(tests=str(REPO / "tests"), hparams=HPARAMS)
+    before = path.read_bytes() if path.exists() else None
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    left = [p for p in path.parent.iterdir() if p.name.endswith(".partial") and p.name.startswith(f".{path.name}.")]
+    assert len(left) == 1 and left[0].name.startswith(f".{path.name}.")
+    assert (path.read_bytes() if path.exists() else None) == before  # the old file, if any, is untouched
+    return left[0]
+
+
+def test_partial_files_of_killed_writers_are_removed_by_the_next_writer_and_by_verify(tmp_path, capsys):
+    path = tmp_path / "model.dat"
+    killed_conversion(path)
+    write_model_dat(path, HPARAMS, random_tensors(HPARAMS, seed=2))  # the next conversion of the same file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.dat"]
+
+    stale = killed_conversion(tmp_path / "other.dat")
+    write_model_dat(tmp_path / "other.dat.bak", HPARAMS, random_tensors(HPARAMS, seed=2))
+    assert stale.exists()  # a writer of another file leaves it alone
+    assert cli.main(["verify", str(tmp_path / "model.dat")]) == 0
+    assert stale.exists()
+    killed = killed_conversion(path)
+    assert cli.main(["verify", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert f"removed {killed}, left by a conversion that was killed" in err and not killed.exists()
+
+
+def test_partial_files_of_live_writers_other_machines_and_unknown_origin_are_kept(tmp_path):
+    from picogpt import files
+    path = tmp_path / "model.dat"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        keep = [tmp_path / f".model.dat.{files._host()}.{sleeper.pid}.abc123.partial",  # a live writer
+                tmp_path / f".model.dat.{files._host()}x.999999999.abc123.partial",  # another machine's
+                tmp_path / ".model.dat.k2j4h5g6.partial",  # an older picogpt's: whose, unknown
+                tmp_path / "model.ckpt.data-00000-of-00001.partial"]  # a download to resume
+        gone = tmp_path / f".model.dat.{files._host()}.999999999.abc123.partial"  # no such process
+        for p in keep + [gone]:
+            p.write_bytes(b"x")
+        assert files.remove_stale_partials(path) == [gone]
+        assert all(p.exists() for p in keep) and not gone.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output paths checked before the work; hints that point the right way
+
+def test_unwritable_outputs_are_refused_before_the_work(model_path, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    for target, problem in ((tmp_path / "no-such-folder" / "r.json", "does not exist"),
+                            (tmp_path / "a-file" / "r.json", "is not a folder")):
+        assert cli.main(["parity", "--model", str(model_path), "--prompt", "Hi", "-n", "2", "--json", str(target)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and f"cannot write {target}: the folder" in err and problem in err
+        assert cli.main(["bench", "--quick", "--json", str(target)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and f"cannot write {target}" in err
+    assert cli.main(["parity", "--model", str(model_path), "--prompt", "Hi", "-n", "2", "--json", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "parity.json").read_text())["ok"] is True  # a folder: the file goes in it
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root may write anywhere")
+def test_read_only_folder_is_refused_before_the_work(model_path, tmp_path, capsys):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    assert cli.main(["parity", "--model", str(model_path), "--json", str(tmp_path / "ro" / "r.json")]) == 1
+    assert "Permission denied" in capsys.readouterr().err
+
+
+def test_attention_out_may_be_a_folder(tmp_path, capsys):
+    assert cli.main(["attention", "Hello world", "--layer", "0", "--model", "demo", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "attn.png").stat().st_size > 1000
+    assert f"wrote {tmp_path / 'attn.png'}" in capsys.readouterr().err
+
+
+def test_model_paths_that_are_not_files(tmp_path, capsys):
+    if Path("/dev/null").exists():
+        assert cli.main(["Hi", "--model", "/dev/null"]) == 1
+        err = capsys.readouterr().err
+        assert "/dev/null is not a regular file" in err and "does not exist" not in err
+
+
+def test_a_damaged_demo_model_says_how_to_restore_it(tmp_path, capsys, monkeypatch):
+    from picogpt import files, store
+    data = tmp_path / "data"
+    (data / "demo").mkdir(parents=True)
+    (data / "demo" / "model.dat").write_bytes(store.demo_model_path().read_bytes()[:-10])
+    monkeypatch.setattr(files, "data_dirs", lambda: [data])
+    assert cli.main(["Hi", "--model", "demo"]) == 1
+    err = capsys.readouterr().err
+    assert "truncated" in err and "convert" not in err
+    assert f"restore it with: git -C {REPO} checkout -- data/demo/model.dat" in err
+    done = subprocess.run(["git", "-C", str(REPO), "checkout", "--", "data/demo/model.dat"], capture_output=True)
+    assert done.returncode == 0  # the hint works as printed (here it changes nothing: the checkout's copy is good)
+
+
+def test_advice_names_only_flags_the_command_has(model_path, capsys):
+    assert cli.main(["parity", "--model", str(model_path), "-n", "5"]) == 1  # the 19-token prompt, a 16-token context
+    err = capsys.readouterr().err
+    assert "use a shorter --prompt or fewer tokens (-n)" in err and "--sliding-window" not in err
+    assert cli.main(["Hello " * 20, "--model", str(model_path), "-n", "5"]) == 1
+    assert "--sliding-window" in capsys.readouterr().err  # generate has it
