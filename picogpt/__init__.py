@@ -11,6 +11,7 @@
 The modules, bottom to top (each imports only modules above it in this list):
 
     errors, files       the one exception type; shipped data and atomic writes
+    hints               commands quoted in messages, spelled to work as printed here
     tensors             GPT-2's hyper-parameters and tensor names (model.dat's, OpenAI's, Hugging Face's)
     modelfile           the model.dat format: write, map, validate
     blas, tokenizer     BLAS backends; GPT-2's BPE tokenizer and its vocabulary files
@@ -24,9 +25,12 @@ The modules, bottom to top (each imports only modules above it in this list):
     reference, parity, bench    the PyTorch reference; the layer-by-layer check and the benchmark against it
     cli                 every `picogpt` subcommand (__main__ runs it)
 
-The names below are imported on first use, so that `import picogpt` itself costs nothing and
-`picogpt -v` can time the imports the command line makes.
+__version__ (the installed package's version too: setup.cfg reads it from here) is the only name
+defined up front. The names below are imported on first use, so that `import picogpt` itself costs
+nothing and `picogpt -v` can time the imports the command line makes.
 """
+
+__version__ = "0.2.0"
 
 import importlib
 

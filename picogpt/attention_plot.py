@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .errors import PicogptError
+from .errors import PicogptError, plural
 from .files import output_file, temp_file_beside
 from .hints import install_command
 from .generate import prompt_ids
@@ -209,6 +209,6 @@ def attention_picture(model, prompt, layer, head=None, out_path="attn.png"):
     out_path = output_file(out_path, default_name="attn.png")  # a folder: attn.png in it
     ids = prompt_ids(prompt)
     if len(ids) > h["n_ctx"]:
-        raise PicogptError(f"the prompt is {len(ids)} tokens, more than the model's context of {h['n_ctx']}; "
+        raise PicogptError(f"the prompt is {plural(len(ids), 'token')}, more than the model's context of {h['n_ctx']}; "
                            f"shorten it")
     return plot_attention(attention_weights(model, ids), token_labels(ids), layer, head, out_path)

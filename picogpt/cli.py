@@ -18,10 +18,12 @@ import errno  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import secrets  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from . import bench, blas, files, parity  # noqa: E402
+from . import __version__, bench, blas, files, parity  # noqa: E402
 from .attention_plot import attention_picture  # noqa: E402
 from .convert_hf import convert_hf_checkpoint  # noqa: E402
 from .convert_tf import convert_checkpoint, require_tensorflow  # noqa: E402
@@ -165,6 +167,19 @@ non_negative_float = number_kind("a number >= 0", float, lambda v: 0 <= v < math
 probability = number_kind("a number > 0 and <= 1", float, lambda v: 0 < v <= 1)  # top-p
 
 
+def stop_text(text):
+    """A --stop string, with backslash escapes (\\n, \\t, \\\\, \\u2615) read as in Python, so a newline can
+    be given; empty text is refused (it would stop before the first token)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected text to stop before, got '' (an empty stop would stop at once)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unknown escape such as \q is kept as it is
+            return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise argparse.ArgumentTypeError(f"bad escape in {text!r}: {e.reason} (write \\\\ for a backslash)") from None
+
+
 def threads_list(text):
     return [positive_int(t) for t in text.split(",") if t]
 
@@ -219,7 +234,8 @@ def generate_parser(prog="picogpt"):
     p = ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Generate text with GPT-2, computed in NumPy.",
                        epilog=f"commands (picogpt COMMAND --help for each):\n{commands}\n\n"
-                              "A prompt that is a command's name is continued with: picogpt generate PROMPT")
+                              "A prompt that is a command's name is continued with: picogpt generate PROMPT "
+                              "(or picogpt [OPTIONS] -- PROMPT)")
     p.add_argument("prompt", nargs="?", default=None,
                    help="text to continue (default: read standard input if it is not a terminal; "
                         "an empty prompt starts from <|endoftext|>)")
@@ -229,9 +245,11 @@ def generate_parser(prog="picogpt"):
                    help="continue every line of this UTF-8 file (blank lines skipped), all in one batch")
     p.add_argument("-n", "--n-tokens", type=non_negative_int, default=20, metavar="N",
                    help="number of tokens to generate at most (default: 20)")
-    sampling = p.add_argument_group("sampling (default: greedy, the most likely token every time)")
-    sampling.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
-                          help="sample from softmax(logits / T); 0 is greedy (default: 0)")
+    sampling = p.add_argument_group("sampling (default: greedy, the most likely token every time; --top-k, "
+                                    "--top-p, --seed or --num-samples > 1 without --temperature sample at 1)")
+    sampling.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
+                          help="sample from softmax(logits / T); 0 is greedy (default: 0, or 1 with another "
+                               "sampling flag)")
     sampling.add_argument("--top-k", type=positive_int, default=None, metavar="K",
                           help="sample among the K most likely tokens only")
     sampling.add_argument("--top-p", type=probability, default=None, metavar="P",
@@ -240,12 +258,13 @@ def generate_parser(prog="picogpt"):
                           help="divide positive logits of tokens already in the text by R, multiply negative "
                                "ones (Hugging Face's semantics; 1 is none, 1.2 is typical)")
     sampling.add_argument("--seed", type=non_negative_int, default=None,
-                          help="seed for sampling: the same seed gives the same text (default: random)")
+                          help="seed for sampling: the same seed gives the same text (default: random; -v shows it)")
     sampling.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                           help="continue the prompt N times, as one batch (default: 1)")
     stopping = p.add_argument_group("stopping")
-    stopping.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                          help="stop before this text (repeat for several); it is not printed")
+    stopping.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_text,
+                          help="stop before this text (repeat for several); it is not printed. Backslash "
+                               "escapes are read as in Python: --stop '\\n' stops at a line break")
     stopping.add_argument("--ignore-eot", action="store_true",
                           help="do not stop at <|endoftext|>: generate all N tokens")
     stopping.add_argument("--sliding-window", action="store_true",
@@ -257,7 +276,8 @@ def generate_parser(prog="picogpt"):
     p.add_argument("--trace", action="store_true",
                    help="print every step of the prompt's forward pass (shapes, mean, std, max |x|) on stderr")
     p.add_argument("-v", "--verbose", action="store_true",
-                   help="report the model, BLAS, tokens and timings on stderr")
+                   help="report the model, BLAS, sampling settings (the seed), tokens and timings on stderr")
+    p.add_argument("--version", action="version", version=f"picogpt {__version__} ({Path(__file__).parent})")
     return p
 
 
@@ -272,35 +292,76 @@ def read_text(name, what):
         except OSError as e:
             raise PicogptError(f"cannot read the {what} file {name}: {e.strerror}") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark some editors write is no text
     except UnicodeDecodeError as e:
         raise PicogptError(f"the {what} in {name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
                            f"{e.start}); save it as UTF-8") from None
 
 
 def read_prompts(args):
-    """The prompts: the argument, else the file (or standard input); or every line of --prompts-file."""
+    """The prompts: the argument, else the file (or standard input); or every line of --prompts-file.
+
+    Returns (prompts, where): where[i] says where prompt i came from ("line 7") for batch headers, or None.
+    A prompt read from a file or a pipe loses one final line break, which `echo` and editors add: it
+    continues the same text as the argument would (end it with two line breaks to keep one).
+    """
     given = [name for name, value in (("a prompt argument", args.prompt), ("--prompt-file", args.prompt_file),
                                       ("--prompts-file", args.prompts_file)) if value is not None]
     if len(given) > 1:
         raise PicogptError(f"give only one of {' and '.join(given)}")
     if args.prompts_file is not None:
-        prompts = [line for line in read_text(args.prompts_file, "prompts").splitlines() if line.strip()]
-        if not prompts:
+        lines = read_text(args.prompts_file, "prompts").splitlines()
+        numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+        if not numbered:
             raise PicogptError(f"{args.prompts_file} holds no prompts (one per line)")
-        return prompts
+        return [line for _, line in numbered], [f"line {number}" for number, _ in numbered]
     if args.prompt is not None:
-        return [args.prompt]
+        return [args.prompt], [None]
     if args.prompt_file is None and sys.stdin.isatty():
-        return [""]
-    return [read_text(args.prompt_file or "-", "prompt")]
+        return [""], [None]
+    text = read_text(args.prompt_file or "-", "prompt")
+    return [text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text], [None]
+
+
+def sampling_settings(args):
+    """The temperature and seed to run with. Sampling flags without --temperature sample at 1 (they
+    would do nothing greedy); with an explicit --temperature 0 they are refused. A run that samples
+    without --seed gets a random one, which -v shows, so a good sample can be had again."""
+    flags = [flag for flag, given in (("--top-k", args.top_k is not None), ("--top-p", args.top_p is not None),
+                                      ("--seed", args.seed is not None), ("--num-samples", args.num_samples > 1))
+             if given]
+    temperature = args.temperature
+    if temperature is None:
+        temperature = 1.0 if flags else 0.0
+    elif temperature == 0 and flags:
+        raise BadArgument(f"{' and '.join(flags)} only matter{'s' if len(flags) == 1 else ''} when sampling, "
+                          f"and --temperature 0 is greedy; "
+                          f"drop --temperature 0 (sampling at 1) or give a temperature > 0")
+    seed = args.seed
+    if temperature > 0 and seed is None:
+        seed = secrets.randbelow(2**32)
+    return temperature, seed
+
+
+def header(row, n_prompts, num_samples, prompts, where):
+    """The line above one result of a batch: which prompt (its text, and its line in --prompts-file) and sample."""
+    prompt, sample = divmod(row, num_samples)
+    parts = []
+    if n_prompts > 1:
+        text = prompts[prompt] if len(prompts[prompt]) <= 40 else prompts[prompt][:37] + "..."
+        parts.append(f"prompt {prompt + 1}/{n_prompts}" + (f" ({where[prompt]})" if where[prompt] else "") +
+                     f": {one_line(repr(text))}")
+    if num_samples > 1:
+        parts.append(f"sample {sample + 1}/{num_samples}")
+    return f"=== {', '.join(parts)} ==="
 
 
 def generate_command(args):
     t0 = time.perf_counter()
     model = load_model(args)
     t1 = time.perf_counter()
-    prompts = read_prompts(args)
+    prompts, where = read_prompts(args)
+    args.temperature, args.seed = sampling_settings(args)
     batch = TextBatch(model, prompts, args.n_tokens, stop=args.stop, stop_at_eot=not args.ignore_eot,
                       num_samples=args.num_samples, use_cache=not args.no_cache, seed=args.seed,
                       sliding_window=args.sliding_window, temperature=args.temperature, top_k=args.top_k,
@@ -324,10 +385,7 @@ def generate_command(args):
         sys.stdout.write(rest[0] + "\n")
     else:
         for row, text in enumerate(batch.texts):
-            prompt, sample = divmod(row, args.num_samples)
-            label = ", ".join(([f"prompt {prompt + 1}/{len(prompts)}"] if len(prompts) > 1 else []) +
-                              ([f"sample {sample + 1}/{args.num_samples}"] if args.num_samples > 1 else []))
-            sys.stdout.write(f"=== {label} ===\n{text}\n")
+            sys.stdout.write(f"{header(row, len(prompts), args.num_samples, prompts, where)}\n{text}\n")
     sys.stdout.flush()
     args.mid_line = False
     if args.verbose:
@@ -342,6 +400,8 @@ def verbose_report(model, batch, args, step_times, imports, load_s, tokenizer_s)
         f"model: {model.path} ({model.n_params / 1e6:.1f}M parameters, n_layer {h['n_layer']}, "
         f"n_embd {h['n_embd']}, n_head {h['n_head']}, n_ctx {h['n_ctx']}, n_vocab {h['n_vocab']})",
         f"blas: {blas.describe()}",
+        f"sampling: temperature {args.temperature:g}, top-k {args.top_k}, top-p {args.top_p}, seed {args.seed} "
+        f"(the same text again: --seed {args.seed})" if args.temperature > 0 else "sampling: none (greedy)",
     ]
     for row, (ids, out) in enumerate(zip(batch.prompt_ids, batch.tokens)):
         which = f" [{row + 1}]" if n_rows > 1 else ""
@@ -351,8 +411,8 @@ def verbose_report(model, batch, args, step_times, imports, load_s, tokenizer_s)
               f"{'prefill' if not args.no_cache else 'first token'}: {step_times[0] if step_times else 0:.3f} s"]
     decode = step_times[1:]
     if decode:
-        lines.append(f"decode: {sum(decode):.3f} s for {len(decode)} steps of {n_rows} "
-                     f"sequence{'s' if n_rows > 1 else ''}, {1000 * sum(decode) / len(decode):.1f} ms/step, "
+        lines.append(f"decode: {sum(decode):.3f} s for {plural(len(decode), 'step')} of "
+                     f"{plural(n_rows, 'sequence')}, {1000 * sum(decode) / len(decode):.1f} ms/step, "
                      f"{len(decode) * n_rows / sum(decode):.1f} tokens/s")
     lines.append(f"total generation: {sum(step_times):.3f} s, {sum(map(len, batch.tokens))} new tokens")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from .errors import PicogptError, one_line
+from .errors import PicogptError, one_line, plural
 
 if TYPE_CHECKING:  # for the annotations only
     import requests
@@ -140,7 +140,7 @@ def download_file(
                 reason = str(e)
             if attempt + 1 < attempts:
                 time.sleep(backoff * 2**attempt)
-        raise PicogptError(one_line(f"download of {url} failed after {attempts} attempts ({reason}); {_NETWORK_FIX}"))
+        raise PicogptError(one_line(f"download of {url} failed after {plural(attempts, 'attempt')} ({reason}); {_NETWORK_FIX}"))
     finally:
         if own_session:
             session.close()

@@ -95,6 +95,9 @@ def check_options(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.
     if not (isinstance(repetition_penalty, numbers.Real) and math.isfinite(repetition_penalty)
             and repetition_penalty > 0):
         raise PicogptError(f"the repetition penalty must be a number > 0 (1 is none), not {repetition_penalty}")
+    if temperature == 0 and (top_k is not None or (top_p is not None and top_p < 1)):  # silently ignored otherwise
+        raise PicogptError("top-k and top-p choose what is sampled, but temperature 0 is greedy and samples "
+                           "nothing; give a temperature > 0 (1 samples from the model's own distribution)")
 
 
 def check_fits(model, n_prompt, n_tokens, remedy=None):
@@ -216,7 +219,7 @@ def _steps(model, prompts, tokens, n_pad, n_tokens, use_cache, temperature, top_
             n_cached = tokens.shape[1]
         logits = logits[:, -1]  # [n_batch, n_vocab]
         if not np.isfinite(logits).all():  # damaged weights: stop rather than decode garbage
-            raise PicogptError(f"the model produced NaN or infinite logits after {tokens.shape[1]} tokens; its "
+            raise PicogptError(f"the model produced NaN or infinite logits after {plural(tokens.shape[1], 'token')}; its "
                                f"weights are damaged: check them with picogpt verify {model.path or 'MODEL'}")
         if repetition_penalty != 1:
             logits = apply_repetition_penalty(logits, seen, np.float32(repetition_penalty))

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PicogptError
+from .errors import PicogptError, plural
 from .files import temp_file_beside
 from .hints import picogpt_command
 from .tensors import check_hparams, gpt2_tensor_specs
@@ -167,7 +167,7 @@ class ModelFileWriter:
         try:
             missing = [name for name in self.table if name not in self.written]
             if missing:
-                raise PicogptError(f"the checkpoint lacks {len(missing)} tensors of this model, "
+                raise PicogptError(f"the checkpoint lacks {plural(len(missing), 'tensor')} of this model, "
                                    f"e.g. {missing[0]}; it is incomplete or not a GPT-2 checkpoint")
             self.file.truncate(self.file_size)
             self.file.flush()
@@ -256,7 +256,7 @@ def open_model_file(path, remake_hint=None):
         raise bad("tensor table is not a list of objects")
     names = [e.get("name") for e in table]
     if sorted(map(str, names)) != sorted(specs) or len(set(names)) != len(names):
-        raise bad(f"tensor names do not match a GPT-2 model with {hparams['n_layer']} layers")
+        raise bad(f"tensor names do not match a GPT-2 model with {plural(hparams['n_layer'], 'layer')}")
     end_of_previous = PREAMBLE.size + header_len
     for e in sorted(table, key=lambda e: e.get("offset") if type(e.get("offset")) is int else -1):
         shape, order = specs[e["name"]]

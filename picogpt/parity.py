@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 from . import blas
-from .errors import PicogptError, one_line
+from .errors import PicogptError, one_line, plural
 from .generate import check_fits, generate, prompt_ids
 from .modelfile import open_model_file
 from .reference import hf_forward, hf_greedy, hf_model, require_torch
@@ -188,14 +188,14 @@ def header(label, width, position=True):
 
 def describe_tokens(result, want_name, got_name):
     if result["identical"]:
-        return f"identical, {result['n']} of {result['n']} tokens: ok"
+        return f"identical, {result['n']} of {plural(result['n'], 'token')}: ok"
     i = result["first_difference"]
     what = (f"first differ at token {i}: {want_name} {result['expected']} {token_text(result['expected'])}, "
             f"{got_name} {result['got']} {token_text(result['got'])}; the reference's logits for the two are "
             f"{abs(result['reference_gap']):.1e} apart")
     if result["tie"]:
         return f"{what}, within the tolerance {result['tolerance']:.1e}: a near tie, either is float32 rounding " \
-               f"(ok; the {result['n'] - i - 1} tokens after it are not compared)"
+               f"(ok; {plural(result['n'] - i - 1, 'later token')} not compared)"
     return f"{what}, more than the tolerance {result['tolerance']:.1e}: MISMATCH"
 
 
@@ -212,7 +212,7 @@ def write_report(r, file=None):
     p(f"picogpt     {r['picogpt_blas']}",
       f"PyTorch     torch {r['torch']}, transformers {r['transformers']}: GPT2LMHeadModel, CPU, float32, "
       f"{r['torch_threads']} thread{'s' if r['torch_threads'] != 1 else ''}",
-      f"prompt      {len(r['prompt_ids'])} tokens: {one_line(repr(r['prompt']))}",
+      f"prompt      {plural(len(r['prompt_ids']), 'token')}: {one_line(repr(r['prompt']))}",
       f"tolerance   max|Δ| <= {r['atol']:.0e} + {r['rtol']:.0e} x max|reference|, at each position", "")
 
     width = max(16, max(len(x["layer"]) for x in r["hidden_states"]) + 2)
@@ -225,7 +225,7 @@ def write_report(r, file=None):
       *(row(f"{x['position']:>3}  {token_text(x['token'])}", x, width, position=False) for x in r["logits"]), "")
 
     g = r["greedy"]
-    p(f"greedy continuation, {r['n_tokens']} tokens")
+    p(f"greedy continuation, {plural(r['n_tokens'], 'token')}")
     if r["n_tokens"]:
         p(f"  PyTorch   {one_line(repr(decode(g['reference_tokens'])))}",
           f"  picogpt   {one_line(repr(decode(g['picogpt_tokens'])))}",

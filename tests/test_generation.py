@@ -158,6 +158,8 @@ def test_repetition_penalty_discourages_repeats(model):
     (dict(top_k=0), "top-k must be a whole number >= 1"),
     (dict(top_p=1.5), r"top-p must be in \(0, 1\]"),
     (dict(repetition_penalty=0), "repetition penalty must be a number > 0"),
+    (dict(top_k=40), "temperature 0 is greedy"),
+    (dict(top_p=0.9, temperature=0), "temperature 0 is greedy"),
 ])
 def test_meaningless_sampling_settings_are_refused(model, options, message):
     with pytest.raises(PicogptError, match=message):
@@ -337,7 +339,8 @@ def test_cli_prompts_file_and_num_samples(model_path, tmp_path, capsys):
     status, out, _ = run_cli(capsys, "--prompts-file", str(prompts_file), "-n", "8", "--model", str(model_path))
     model = load(model_path)
     expected = complete(model, PROMPTS[:2], 8)
-    assert status == 0 and out == f"=== prompt 1/2 ===\n{expected[0]}\n=== prompt 2/2 ===\n{expected[1]}\n"
+    assert status == 0 and out == (f"=== prompt 1/2 (line 1): {PROMPTS[0]!r} ===\n{expected[0]}\n"
+                                   f"=== prompt 2/2 (line 2): {PROMPTS[1]!r} ===\n{expected[1]}\n")
     status, out, _ = run_cli(capsys, "Hi", "-n", "5", "--model", str(model_path), "--num-samples", "2",
                              "--temperature", "1", "--seed", "3")
     samples = complete(model, "Hi", 5, num_samples=2, temperature=1.0, seed=3)

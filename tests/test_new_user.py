@@ -511,3 +511,111 @@ def test_advice_names_only_flags_the_command_has(model_path, capsys):
     assert "use a shorter --prompt or fewer tokens (-n)" in err and "--sliding-window" not in err
     assert cli.main(["Hello " * 20, "--model", str(model_path), "-n", "5"]) == 1
     assert "--sliding-window" in capsys.readouterr().err  # generate has it
+
+
+# ---------------------------------------------------------------------------------------------------
+# Surprises: sampling flags, prompts from pipes and files, stop strings, headers, --version, grammar
+
+def test_sampling_flags_without_a_temperature_sample(model_path, capsys):
+    for flags in (["--top-k", "40"], ["--top-p", "0.9"], ["--seed", "5"]):
+        assert cli.main(["Hello", "-n", "12", "--model", str(model_path), "--ignore-eot", "-v", *flags]) == 0
+        out, err = capsys.readouterr()
+        assert "sampling: temperature 1," in err
+        seed = int(err.split("the same text again: --seed ")[1].split(")")[0])
+        top_k = int(flags[1]) if flags[0] == "--top-k" else None
+        top_p = float(flags[1]) if flags[0] == "--top-p" else None
+        from picogpt.generate import complete
+        again = complete(load(model_path), "Hello", 12, stop_at_eot=False, temperature=1.0, top_k=top_k,
+                         top_p=top_p, seed=seed)
+        assert out == again + "\n"  # the seed -v showed gives the same text
+    assert cli.main(["Hello", "-n", "6", "--model", str(model_path), "--num-samples", "3", "--ignore-eot"]) == 0
+    samples = [block.split("\n", 1)[1] for block in capsys.readouterr().out.split("=== ")[1:]]
+    assert len(samples) == 3 and len(set(samples)) > 1  # three samples, not one greedy text three times
+
+
+@pytest.mark.parametrize("flags", [["--top-k", "40"], ["--seed", "1"], ["--num-samples", "2"], ["--top-p", "0.5"]])
+def test_sampling_flags_with_temperature_zero_are_refused(model_path, capsys, flags):
+    assert cli.main(["Hello", "--model", str(model_path), "--temperature", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flags[0]} only matters when sampling, and --temperature 0 is greedy" in err
+
+
+def test_greedy_by_default_and_says_so(model_path, capsys):
+    assert cli.main(["Hello", "-n", "3", "--model", str(model_path), "-v"]) == 0
+    assert "sampling: none (greedy)" in capsys.readouterr().err
+
+
+def test_a_prompt_from_a_pipe_or_a_file_continues_the_same_text_as_the_argument(model_path, tmp_path):
+    argument = picogpt("The optional argument", "-n", "6", "--model", model_path)
+    assert argument[0] == 0
+    for piped in ("The optional argument\n", "The optional argument\r\n"):
+        assert picogpt("-n", "6", "--model", model_path, input=piped) == argument
+    (tmp_path / "p.txt").write_bytes("\ufeffThe optional argument\n".encode("utf-8"))  # as Notepad saves it
+    assert picogpt("-f", tmp_path / "p.txt", "-n", "6", "--model", model_path) == argument
+    status, _, err = picogpt("-f", tmp_path / "p.txt", "-n", "1", "--model", model_path, "-v")
+    assert f"input tokens ({len(encode('The optional argument'))})" in err
+    two = picogpt("-n", "6", "--model", model_path, "-v", input="The optional argument\n\n")[2]
+    assert f"input tokens ({len(encode('The optional argument' + chr(10)))})" in two  # one line break kept
+
+
+def test_a_byte_order_mark_is_not_scored(model_path, tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeff".encode() + TEXT.encode())
+    (tmp_path / "plain.txt").write_bytes(TEXT.encode())
+    assert picogpt("score", tmp_path / "bom.txt", "--model", model_path) == \
+        picogpt("score", tmp_path / "plain.txt", "--model", model_path)
+
+
+@pytest.mark.parametrize("given, meant", [("\\n", "\n"), ("\\n\\n", "\n\n"), ("\\t", "\t"), (".", "."),
+                                          ("\\\\n", "\\n"), ("\\u2615", "\u2615"), ("caf\u00e9", "caf\u00e9")])
+def test_stop_strings_read_escapes(given, meant):
+    assert cli.stop_text(given) == meant
+
+
+def test_stop_newline_stops_at_a_line_break(capsys):
+    assert cli.main(["The optional argument", "-n", "30", "--model", "demo"]) == 0
+    full = capsys.readouterr().out[:-1]
+    assert "\n" in full  # the demo model writes several lines here
+    assert cli.main(["The optional argument", "-n", "30", "--model", "demo", "--stop", "\\n"]) == 0
+    assert capsys.readouterr().out == full[:full.index("\n")] + "\n"
+
+
+@pytest.mark.parametrize("bad", ["", "\\"])
+def test_empty_or_broken_stop_strings_are_usage_errors(capsys, bad):
+    err = usage_error(capsys, ["Hi", "--stop", bad])
+    assert "argument --stop" in err
+
+
+def test_batch_headers_name_the_prompt_and_its_line(model_path, tmp_path, capsys):
+    long_prompt = "A very long prompt that goes on and on about nothing at all"
+    (tmp_path / "p.txt").write_text(f"Hello there\n\n   \n{long_prompt}\n")
+    assert cli.main(["--prompts-file", str(tmp_path / "p.txt"), "-n", "3", "--model", str(model_path),
+                     "--num-samples", "2", "--seed", "1"]) == 0
+    headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("=== ")]
+    assert headers == ["=== prompt 1/2 (line 1): 'Hello there', sample 1/2 ===",
+                       "=== prompt 1/2 (line 1): 'Hello there', sample 2/2 ===",
+                       f"=== prompt 2/2 (line 4): {long_prompt[:37]!r}..., sample 1/2 ===".replace("'...", "...'"),
+                       f"=== prompt 2/2 (line 4): {long_prompt[:37]!r}..., sample 2/2 ===".replace("'...", "...'")]
+
+
+def test_version_and_the_prompt_that_is_a_command_name(capsys):
+    import picogpt
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith(f"picogpt {picogpt.__version__} (")
+    assert cli.main(["generate", "score", "-n", "2", "--model", "demo"]) == 0
+    generated = capsys.readouterr().out
+    assert cli.main(["-n", "2", "--model", "demo", "--", "score"]) == 0
+    assert capsys.readouterr().out == generated
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "picogpt generate PROMPT" in capsys.readouterr().out
+
+
+def test_counts_in_messages_are_grammatical(model_path, capsys):
+    assert cli.main(["Hello", "-n", "2", "--model", str(model_path), "-v", "--ignore-eot"]) == 0
+    err = capsys.readouterr().err
+    assert "for 1 step of 1 sequence," in err
+    assert cli.main(["", "-n", "16", "--model", str(model_path)]) == 1
+    assert "the prompt (1 token) plus 16 new tokens exceed" in capsys.readouterr().err
+    from picogpt.errors import plural
+    assert [plural(n, "token") for n in (0, 1, 2)] == ["0 tokens", "1 token", "2 tokens"]
