@@ -619,3 +619,35 @@ def test_counts_in_messages_are_grammatical(model_path, capsys):
     assert "the prompt (1 token) plus 16 new tokens exceed" in capsys.readouterr().err
     from picogpt.errors import plural
     assert [plural(n, "token") for n in (0, 1, 2)] == ["0 tokens", "1 token", "2 tokens"]
+
+
+def test_running_out_of_memory_is_one_line(model_path, capsys, monkeypatch):
+    from picogpt import generate
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(generate, "choose_next", exhausted)  # memory that runs out in spite of the estimate
+    assert cli.main(["Hello", "-n", "3", "--model", str(model_path)]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("picogpt: error: out of memory; ask for less at once")
+
+
+def test_the_readmes_error_table_names_tests_that_exist():
+    import ast
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## When things go wrong", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| bad input")]
+    assert len(rows) > 40
+    defined = {}
+    for path in (REPO / "tests").glob("test_*.py"):
+        defined[path.name] = {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
+    for row in rows:
+        cell = row.rstrip(" |").rsplit("|", 1)[1]
+        current = None
+        for ref in [r.strip("` ") for r in cell.split(",")]:
+            name = ref.split(" ")[0]
+            if "::" not in name:
+                continue
+            file, test = name.split("::")
+            current = file or current
+            assert test in defined[current], f"the README names {current}::{test}, which does not exist"
