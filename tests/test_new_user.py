@@ -637,7 +637,7 @@ def test_the_readmes_error_table_names_tests_that_exist():
     readme = (REPO / "README.md").read_text()
     table = readme.split("## When things go wrong", 1)[1]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| bad input")]
-    assert len(rows) > 40
+    assert len(rows) > 30
     defined = {}
     for path in (REPO / "tests").glob("test_*.py"):
         defined[path.name] = {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
