@@ -645,7 +645,7 @@ def test_the_readmes_error_table_names_tests_that_exist():
         cell = row.rstrip(" |").rsplit("|", 1)[1]
         current = None
         for ref in [r.strip("` ") for r in cell.split(",")]:
-            name = ref.split(" ")[0]
+            name = ref.split(" ")[0].strip("`")
             if "::" not in name:
                 continue
             file, test = name.split("::")
