@@ -6,6 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# pip says nothing but errors (-qq): a fresh `make run` prints only picogpt's notice and its text
+PIP_INSTALL := $(PY) -m pip install --quiet --quiet
 PROMPT ?= The optional argument
 N ?= 20
 MODEL ?=
@@ -21,41 +23,41 @@ option = $(if $(value $(2)),$(1) $(call quote,$(2)))
 .PHONY: run fetch test bench parity install install-convert install-test clean
 
 $(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP_INSTALL) --upgrade pip
 
 # picogpt alone (fetching GPT-2 needs the converter's TensorFlow too: make fetch installs it)
 $(VENV)/.installed: $(VENV)/bin/python setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet -e .
-	touch $@
+	@$(PIP_INSTALL) -e .
+	@touch $@
 
 # ... plus TensorFlow, which reads OpenAI's checkpoints
 $(VENV)/.installed-convert: $(VENV)/bin/python setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet -e '.[convert]'
-	touch $@ $(VENV)/.installed
+	@$(PIP_INSTALL) -e '.[convert]'
+	@touch $@ $(VENV)/.installed
 
 # ... plus the test tools and the PyTorch reference (torch 2.13.0, the CPU wheel); TensorFlow is among them
 $(VENV)/.installed-test: $(VENV)/bin/python setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $@ $(VENV)/.installed $(VENV)/.installed-convert
+	@$(PIP_INSTALL) -e '.[test]'
+	@touch $@ $(VENV)/.installed $(VENV)/.installed-convert
 
 # ... plus PyTorch (torch 2.13.0, the CPU wheel) and transformers, for the parity check
 $(VENV)/.installed-parity: $(VENV)/bin/python setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet -e '.[parity]'
-	touch $@ $(VENV)/.installed
+	@$(PIP_INSTALL) -e '.[parity]'
+	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-convert: $(VENV)/.installed-convert
 install-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed
-	$(PY) -m picogpt generate $(call quote,PROMPT) -n $(call quote,N) $(call option,--model,MODEL) \
+	@$(PY) -m picogpt generate $(call quote,PROMPT) -n $(call quote,N) $(call option,--model,MODEL) \
 		$(call option,--models-dir,MODELS_DIR)
 
 # GPT-2 MODEL (124M, 355M, 774M or 1558M; default 124M) into the per-user models folder, or MODELS_DIR;
 # BASE_URL names a mirror. A cut download resumes when the same command is run again.
 fetch: $(VENV)/.installed-convert
-	$(PY) -m picogpt convert-tf --model-size $(if $(value MODEL),$(call quote,MODEL),124M) \
+	@$(PY) -m picogpt convert-tf --model-size $(if $(value MODEL),$(call quote,MODEL),124M) \
 		$(call option,--models-dir,MODELS_DIR) $(call option,--base-url,BASE_URL)
 
 test: $(VENV)/.installed-test
