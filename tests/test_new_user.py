@@ -152,7 +152,7 @@ def test_score_strides_of_the_context_or_more_are_refused(score_models, model_pa
     status = cli.main(["score", str(tmp_path / "t.txt"), "--stride", str(stride), "--model", str(model_path)])
     out, err = capsys.readouterr()
     assert status == 2 and out == "" and err.count("\n") == 1
-    assert f"the stride must be a whole number from 1 to 15 (less than the model's context of 16 tokens" in err
+    assert "the stride must be a whole number from 1 to 15 (less than the model's context of 16 tokens" in err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,7 +304,8 @@ def mirror(tmp_path_factory):
 
 def user_env(tmp_path, **extra):
     """The environment of a user whose per-user data folder is under tmp_path (nothing of the real one)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PICOGPT_MODELS_DIR", "PICOGPT_BASE_URL")}
+    env = {k: v for k, v in os.environ.items()  # nor of `make test` around the tests (a make inside would say so)
+           if k not in ("PICOGPT_MODELS_DIR", "PICOGPT_BASE_URL", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     return dict(env, XDG_DATA_HOME=str(tmp_path / "data-home"), **extra)
 
 
@@ -651,3 +652,22 @@ def test_the_readmes_error_table_names_tests_that_exist():
             file, test = name.split("::")
             current = file or current
             assert test in defined[current], f"the README names {current}::{test}, which does not exist"
+
+
+def test_a_fresh_clones_make_run_prints_only_the_notice_and_the_text(tmp_path):
+    """The README's first command on a fresh clone (its committed state): a new venv, picogpt installed
+    into it, the demo model's text on stdout and the one-line notice on stderr; nothing else."""
+    import shutil
+    if shutil.which("git") is None or shutil.which("make") is None or not (REPO / ".git").exists():
+        pytest.skip("needs git, make and a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    done = subprocess.run(["make", "run"], cwd=clone, capture_output=True, text=True, env=user_env(tmp_path),
+                          timeout=900)
+    from picogpt.generate import complete
+    from picogpt.store import demo_model_path
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == complete(load(demo_model_path()), "The optional argument", 20) + "\n"
+    models = tmp_path / "data-home" / "picogpt" / "models"
+    assert done.stderr == (f"picogpt: GPT-2 124M is not in {models}/, so this is the small demo model trained on "
+                           f"Python's docstrings; fetch 124M with: make fetch MODEL=124M\n")
