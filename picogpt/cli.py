@@ -220,7 +220,8 @@ def load_model(args, prog="picogpt"):
         if notice:
             print(f"{prog}: {notice}", file=sys.stderr)
     try:
-        return load(model, models_dir=args.models_dir, download=bool(download), base_url=getattr(args, "base_url", None))
+        return load(model, models_dir=args.models_dir, download=bool(download),
+                    base_url=getattr(args, "base_url", None))
     except store.NotFetched as e:
         raise PicogptError(f"{e}" + (" (or add --download)" if download is not None else "")) from None
 
@@ -576,7 +577,8 @@ def parity_parser(prog):
     p.add_argument("--reference-model", default=None, metavar="PATH",
                    help="give PyTorch the weights of this model.dat instead of --model's (same shape): "
                         "compare two conversions, or see where a changed weight shows")
-    p.add_argument("--atol", type=non_negative_float, default=parity.ATOL, help=f"absolute tolerance (default: {parity.ATOL:g})")
+    p.add_argument("--atol", type=non_negative_float, default=parity.ATOL,
+                   help=f"absolute tolerance (default: {parity.ATOL:g})")
     p.add_argument("--rtol", type=non_negative_float, default=parity.RTOL,
                    help=f"tolerance relative to the reference's largest magnitude at each position "
                         f"(default: {parity.RTOL:g})")
@@ -617,7 +619,8 @@ def bench_parser(prog):
                    help="where real models are found as SIZE/model.dat (default: $PICOGPT_MODELS_DIR, else the "
                         "per-user models folder); "
                         "missing ones get random weights")
-    p.add_argument("--threads", type=threads_list, default=d["threads"], help="thread counts for the loops (default 1,2)")
+    p.add_argument("--threads", type=threads_list, default=d["threads"],
+                   help="thread counts for the loops (default 1,2)")
     p.add_argument("--process-threads", type=threads_list, default=d["process_threads"],
                    help="thread counts for the whole-process rows (default 2)")
     p.add_argument("--repeats", type=positive_int, default=d["repeats"], help="timed runs per contestant (default 5)")

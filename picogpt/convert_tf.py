@@ -64,7 +64,8 @@ def convert_checkpoint(checkpoint_dir, out_path):
     unexpected = sorted(set(stored_shapes) - {PREFIX + name for name in specs})
     if unexpected:
         raise PicogptError(f"the checkpoint has variable {unexpected[0]} that its hparams.json "
-                           f"({plural(hparams['n_layer'], 'layer')}) does not account for; the two files do not belong together")
+                           f"({plural(hparams['n_layer'], 'layer')}) does not account for; the two files do not "
+                           f"belong together")
     with ModelFileWriter(out_path, hparams) as out:
         for name, (shape, _) in specs.items():
             stored = stored_shapes.get(PREFIX + name)

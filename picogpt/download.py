@@ -140,7 +140,8 @@ def download_file(
                 reason = str(e)
             if attempt + 1 < attempts:
                 time.sleep(backoff * 2**attempt)
-        raise PicogptError(one_line(f"download of {url} failed after {plural(attempts, 'attempt')} ({reason}); {_NETWORK_FIX}"))
+        raise PicogptError(one_line(f"download of {url} failed after {plural(attempts, 'attempt')} ({reason}); "
+                                    f"{_NETWORK_FIX}"))
     finally:
         if own_session:
             session.close()

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from .errors import PicogptError, plural
+from .hints import picogpt_command
 from .tokenizer import EOT, StreamDecoder, encode
 
 PAD = 0  # the filler in front of shorter prompts in a batch (any id: attention never looks at it)
@@ -219,8 +220,9 @@ def _steps(model, prompts, tokens, n_pad, n_tokens, use_cache, temperature, top_
             n_cached = tokens.shape[1]
         logits = logits[:, -1]  # [n_batch, n_vocab]
         if not np.isfinite(logits).all():  # damaged weights: stop rather than decode garbage
-            raise PicogptError(f"the model produced NaN or infinite logits after {plural(tokens.shape[1], 'token')}; its "
-                               f"weights are damaged: check them with picogpt verify {model.path or 'MODEL'}")
+            raise PicogptError(f"the model produced NaN or infinite logits after {plural(tokens.shape[1], 'token')}; "
+                               f"its weights are damaged: check them with: "
+                               f"{picogpt_command('verify', model.path or 'MODEL')}")
         if repetition_penalty != 1:
             logits = apply_repetition_penalty(logits, seen, np.float32(repetition_penalty))
         next_ids = choose_next(logits, rng, temperature, top_k, top_p)

@@ -124,7 +124,8 @@ def load(model="124M", models_dir=None, download=False, base_url=None, progress=
     """Load a GPT-2 model by size name or path, its weights memory-mapped.
 
     With download=True a missing model of a known size is fetched (downloaded from `base_url`, else
-    $PICOGPT_BASE_URL, else OpenAI, and converted) first; otherwise a missing model is an error that gives the command that fetches it.
+    $PICOGPT_BASE_URL, else OpenAI, and converted) first; otherwise a missing model is an error that gives
+    the command that fetches it.
     models_dir: where sizes are looked up (default: $PICOGPT_MODELS_DIR or the per-user models folder).
     """
     if model in MODEL_SIZES and download:

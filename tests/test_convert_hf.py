@@ -444,6 +444,7 @@ def test_default_out_is_model_dat_in_the_folder(small, tmp_path, capsys):
 
 def test_without_safetensors_the_error_says_what_to_install(small, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)  # makes `import safetensors` fail
-    with pytest.raises(PicogptError, match=r"needs safetensors, which is not installed: .* -m pip install 'safetensors>=0.4'$"):
+    with pytest.raises(PicogptError,
+                       match=r"needs safetensors, which is not installed: .* -m pip install 'safetensors>=0.4'$"):
         convert_hf_checkpoint(small[0], tmp_path / "model.dat")
     assert not (tmp_path / "model.dat").exists()

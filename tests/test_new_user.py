@@ -64,7 +64,8 @@ KINDS = {
     cli.probability: (["1", "0.5", "1e-3"], ["0", "1.01", "nan", "-0.5"]),
 }
 # a command line each subcommand parses (it is never run: a bad number stops the parser first)
-BASE_ARGV = {"generate": ["generate", "Hi"], "score": ["score", "t.txt"], "attention": ["attention", "Hi", "--layer", "0"],
+BASE_ARGV = {"generate": ["generate", "Hi"], "score": ["score", "t.txt"],
+             "attention": ["attention", "Hi", "--layer", "0"],
              "verify": ["verify", "demo"], "convert-tf": ["convert-tf"], "convert-hf": ["convert-hf", "dir"],
              "parity": ["parity"], "bench": ["bench"]}
 
@@ -641,7 +642,8 @@ def test_the_readmes_error_table_names_tests_that_exist():
     assert len(rows) > 30
     defined = {}
     for path in (REPO / "tests").glob("test_*.py"):
-        defined[path.name] = {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
+        defined[path.name] = {node.name for node in ast.walk(ast.parse(path.read_text()))
+                              if isinstance(node, ast.FunctionDef)}
     for row in rows:
         cell = row.rstrip(" |").rsplit("|", 1)[1]
         current = None

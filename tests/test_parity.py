@@ -127,7 +127,8 @@ def test_without_pytorch_one_sentence_says_how_to_install_it(small, monkeypatch,
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     assert main(["--model", str(folder / "model.dat")]) == 1
     err = one_error_line(capsys)
-    assert "the parity check needs PyTorch and transformers" in err and "-m pip install torch==2.13.0 'transformers>=4.40'" in err
+    assert "the parity check needs PyTorch and transformers" in err
+    assert "-m pip install torch==2.13.0 'transformers>=4.40'" in err
 
 
 def test_other_mistakes_are_one_line(small, tmp_path, capsys):
