@@ -237,10 +237,14 @@ def test_ctrl_c_while_importing_is_one_line(module, how):
 
 
 def test_ctrl_c_at_any_moment_of_start_up_leaves_no_traceback(model_path):
-    """Real SIGINTs at moments spread over start-up (imports, loading, the first tokens)."""
-    for delay in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8):
-        process = subprocess.Popen(output_command("stream", model_path), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+    """Real SIGINTs while NumPy is being imported (inside its C initialisation too) and later."""
+    for delay in (0, 0.01, 0.03, 0.1, 0.3, 0.8):
+        process = subprocess.Popen([sys.executable, "-X", "importtime", *output_command("stream", model_path)[1:]],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        lines = []
+        while not any("numpy" in line for line in lines):  # -X importtime: a line as each module is imported
+            lines.append(process.stderr.readline())
+            assert lines[-1], "".join(lines)
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
