@@ -34,6 +34,11 @@ def _import_cli():
 def main(argv=None, prog=None):
     try:
         cli_main = _import_cli()
+    except ModuleNotFoundError as e:
+        if _ctrl_c_while_importing or e.name not in REQUIRED_MODULES:
+            raise
+        print(f"{prog or 'picogpt'}: error: {missing_requirement(e.name)}", file=sys.stderr)
+        return 1
     except BaseException as e:
         from picogpt.errors import interrupted
         if not (_ctrl_c_while_importing or interrupted(e)):
@@ -41,6 +46,29 @@ def main(argv=None, prog=None):
         print(f"{prog or 'picogpt'}: interrupted", file=sys.stderr)
         return 130
     return cli_main(argv, prog=prog)
+
+
+# The modules of setup.cfg's install_requires: one of them missing means picogpt runs under a Python
+# it was not installed into (the system's, beside a checkout's virtual environment).
+REQUIRED_MODULES = {"numpy", "scipy", "threadpoolctl", "tiktoken", "requests", "tqdm", "platformdirs"}
+
+
+def missing_requirement(module):
+    """One sentence for a required module that this Python lacks, with the command that works instead."""
+    from pathlib import Path
+    checkout = Path(__file__).resolve().parent.parent
+    venv_python = checkout / ".venv" / "bin" / "python"
+    if venv_python.exists() and Path(sys.prefix).resolve() != (checkout / ".venv").resolve():
+        try:
+            venv_python = venv_python.relative_to(Path.cwd())
+        except ValueError:
+            pass
+        script = sys.argv[0] if sys.argv[0].endswith(".py") and not sys.argv[0].endswith("__main__.py") else None
+        command = f"{venv_python} {script}" if script else f"{venv_python} -m picogpt"
+        return (f"{module} is not installed for {sys.executable}, which is not picogpt's virtual environment; "
+                f"run {command} (or source its bin/activate first)")
+    return (f"{module} is not installed for {sys.executable}; install picogpt's requirements with: "
+            f"{sys.executable} -m pip install -e {checkout} (or make install in {checkout})")
 
 
 if __name__ == "__main__":

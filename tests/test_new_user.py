@@ -677,3 +677,30 @@ def test_a_fresh_clones_make_run_prints_only_the_notice_and_the_text(tmp_path):
     models = tmp_path / "data-home" / "picogpt" / "models"
     assert done.stderr == (f"picogpt: GPT-2 124M is not in {models}/, so this is the small demo model trained on "
                            f"Python's docstrings; fetch 124M with: make fetch MODEL=124M\n")
+
+
+MISSING_MODULE = """
+import builtins, runpy, sys
+real_import = builtins.__import__
+def without_tiktoken(name, *args, **kwargs):
+    if name == "tiktoken":
+        raise ModuleNotFoundError("No module named 'tiktoken'", name="tiktoken")  # a Python without it
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = without_tiktoken
+sys.argv = ["picogpt", "Hello"]
+runpy.run_module("picogpt", run_name="__main__")
+"""
+
+
+def test_a_python_without_picogpts_requirements_gets_one_line():
+    done = subprocess.run([sys.executable, "-c", MISSING_MODULE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"picogpt: error: tiktoken is not installed for {sys.executable}")
+
+
+def test_the_required_modules_are_setup_cfgs():
+    from picogpt.__main__ import REQUIRED_MODULES
+    text = (REPO / "setup.cfg").read_text()
+    block = text.split("install_requires =", 1)[1].split("\n\n", 1)[0]
+    names = {line.strip().split(">")[0].split("=")[0].split("<")[0] for line in block.splitlines() if line.strip()}
+    assert names == REQUIRED_MODULES
