@@ -22,7 +22,6 @@ into place when complete.
 """
 
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import PicogptError, plural
-from .files import output_file, temp_file_beside
+from .files import atomic_output, output_file
 from .hints import install_command
 from .generate import prompt_ids
 from .tokenizer import load_tokenizer
@@ -177,23 +176,9 @@ def save_figure(figure, out_path):
     if fmt not in FORMATS:
         raise PicogptError(f"cannot draw a picture as {path.name}: use a name ending in "
                            f"{', '.join('.' + f for f in FORMATS)}")
-    try:
-        fd, tmp = temp_file_beside(path, ".tmp")
-    except OSError as e:
-        raise PicogptError(f"cannot write {path}: {e.strerror}; choose a writable folder") from None
-    try:
-        with os.fdopen(fd, "wb") as f, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Glyph .* missing from")  # emoji, CJK in labels
-            figure.savefig(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise PicogptError(f"cannot write {path}: {e.strerror}; choose a writable folder") from None
-        raise
+    with atomic_output(path) as f, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")  # emoji, CJK in labels
+        figure.savefig(f, format=fmt)
     return path
 
 

@@ -9,6 +9,7 @@ its name says whose it is, `.model.dat.HOST.PID.RANDOM.partial`, and the next wr
 (or `picogpt verify`) removes those whose process is gone from this machine.
 """
 
+import contextlib
 import os
 import re
 import socket
@@ -111,8 +112,11 @@ def output_file(path, default_name=None):
     return path
 
 
-def write_atomically(path, data):
-    """Write bytes to path so that it appears complete or not at all (a temporary file renamed onto it)."""
+@contextlib.contextmanager
+def atomic_output(path):
+    """`with atomic_output(path) as f:` writes a file that appears complete or not at all: f is a
+    temporary file beside path, renamed onto it when the block ends, deleted if it fails. An OSError (a
+    full disk, a folder that takes no files) becomes one PicogptError sentence."""
     path = Path(path)
     try:
         fd, tmp = temp_file_beside(path, ".partial")
@@ -120,7 +124,7 @@ def write_atomically(path, data):
         raise PicogptError(f"cannot write {path}: {e.strerror}; choose a writable folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -130,4 +134,10 @@ def write_atomically(path, data):
         if isinstance(e, OSError):
             raise PicogptError(f"cannot write {path}: {e.strerror}; free some space or choose another folder") from None
         raise
-    return path
+
+
+def write_atomically(path, data):
+    """Write bytes to path so that it appears complete or not at all (see atomic_output)."""
+    with atomic_output(path) as f:
+        f.write(data)
+    return Path(path)
