@@ -51,8 +51,8 @@ install-convert: $(VENV)/.installed-convert
 install-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed
-	@$(PY) -m picogpt generate $(call quote,PROMPT) -n $(call quote,N) $(call option,--model,MODEL) \
-		$(call option,--models-dir,MODELS_DIR)
+	@$(PY) -m picogpt generate -n $(call quote,N) $(call option,--model,MODEL) \
+		$(call option,--models-dir,MODELS_DIR) -- $(call quote,PROMPT)
 
 # GPT-2 MODEL (124M, 355M, 774M or 1558M; default 124M) into the per-user models folder, or MODELS_DIR;
 # BASE_URL names a mirror. A cut download resumes when the same command is run again.

@@ -6,6 +6,7 @@ A Ctrl-C can reach an extension module inside its C initialisation, which may re
 ImportError that no longer mentions it (NumPy does), so the signal itself is noted while importing.
 """
 
+import shlex
 import signal
 import sys
 
@@ -34,17 +35,15 @@ def _import_cli():
 def main(argv=None, prog=None):
     try:
         cli_main = _import_cli()
-    except ModuleNotFoundError as e:
-        if _ctrl_c_while_importing or e.name not in REQUIRED_MODULES:
-            raise
-        print(f"{prog or 'picogpt'}: error: {missing_requirement(e.name)}", file=sys.stderr)
-        return 1
     except BaseException as e:
         from picogpt.errors import interrupted
-        if not (_ctrl_c_while_importing or interrupted(e)):
-            raise
-        print(f"{prog or 'picogpt'}: interrupted", file=sys.stderr)
-        return 130
+        if _ctrl_c_while_importing or interrupted(e):
+            print(f"{prog or 'picogpt'}: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(e, ModuleNotFoundError) and e.name in REQUIRED_MODULES:
+            print(f"{prog or 'picogpt'}: error: {missing_requirement(e.name)}", file=sys.stderr)
+            return 1
+        raise
     return cli_main(argv, prog=prog)
 
 
@@ -64,11 +63,12 @@ def missing_requirement(module):
         except ValueError:
             pass
         script = sys.argv[0] if sys.argv[0].endswith(".py") and not sys.argv[0].endswith("__main__.py") else None
-        command = f"{venv_python} {script}" if script else f"{venv_python} -m picogpt"
+        python = shlex.quote(str(venv_python))
+        command = f"{python} {shlex.quote(script)}" if script else f"{python} -m picogpt"
         return (f"{module} is not installed for {sys.executable}, which is not picogpt's virtual environment; "
                 f"run {command} (or source its bin/activate first)")
     return (f"{module} is not installed for {sys.executable}; install picogpt's requirements with: "
-            f"{sys.executable} -m pip install -e {checkout} (or make install in {checkout})")
+            f"{shlex.quote(sys.executable)} -m pip install -e {shlex.quote(str(checkout))}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -43,6 +44,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {one_line(message)}; see {self.prog} --help\n")
+
+
+class Terminated(BaseException):
+    """SIGTERM (a plain `kill`), raised like Ctrl-C's KeyboardInterrupt so that half-written files are
+    deleted on the way out."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
 
 
 class OutputFailed(Exception):
@@ -108,6 +118,10 @@ def run(prog, command, args):
     """
     stdout, sys.stdout = sys.stdout, CheckedOutput(sys.stdout)
     try:
+        previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread
+        previous_sigterm = None
+    try:
         status = command(args) or 0
         sys.stdout.flush()
         return status
@@ -121,6 +135,10 @@ def run(prog, command, args):
         say(prog, f"error: cannot write the output: {error.strerror}; free some space, or send the output "
                   "somewhere else")
         return 1
+    except Terminated:
+        end_line(args)
+        say(prog, "terminated")
+        return 143  # 128 + SIGTERM
     except (BadArgument, PicogptError, MemoryError, KeyboardInterrupt, ImportError) as e:
         if args.debug or (isinstance(e, ImportError) and not interrupted(e)):
             raise
@@ -139,6 +157,8 @@ def run(prog, command, args):
         return 1
     finally:
         sys.stdout = stdout
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,14 +190,16 @@ probability = number_kind("a number > 0 and <= 1", float, lambda v: 0 < v <= 1) 
 def stop_text(text):
     """A --stop string, with backslash escapes (\\n, \\t, \\\\, \\u2615) read as in Python, so a newline can
     be given; empty text is refused (it would stop before the first token)."""
-    if not text:
-        raise argparse.ArgumentTypeError("expected text to stop before, got '' (an empty stop would stop at once)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an unknown escape such as \q is kept as it is
-            return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+            stop = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as e:
         raise argparse.ArgumentTypeError(f"bad escape in {text!r}: {e.reason} (write \\\\ for a backslash)") from None
+    if not stop:  # "", or a backslash and a line break
+        raise argparse.ArgumentTypeError(f"expected text to stop before, got {text!r} (an empty stop would stop "
+                                         f"at once)")
+    return stop
 
 
 def threads_list(text):
@@ -285,6 +307,8 @@ def generate_parser(prog="picogpt"):
 def read_text(name, what):
     """The contents of a UTF-8 file ('-' is standard input), or a one-line error naming the problem."""
     if name == "-":
+        if sys.stdin is None:
+            raise PicogptError(f"standard input is closed; give the {what} as a file")
         name, data = "standard input", sys.stdin.buffer.read()
     else:
         try:
@@ -318,7 +342,7 @@ def read_prompts(args):
         return [line for _, line in numbered], [f"line {number}" for number, _ in numbered]
     if args.prompt is not None:
         return [args.prompt], [None]
-    if args.prompt_file is None and sys.stdin.isatty():
+    if args.prompt_file is None and (sys.stdin is None or sys.stdin.isatty()):  # None: stdin closed (<&-)
         return [""], [None]
     text = read_text(args.prompt_file or "-", "prompt")
     return [text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text], [None]
@@ -415,7 +439,7 @@ def verbose_report(model, batch, args, step_times, imports, load_s, tokenizer_s)
         lines.append(f"decode: {sum(decode):.3f} s for {plural(len(decode), 'step')} of "
                      f"{plural(n_rows, 'sequence')}, {1000 * sum(decode) / len(decode):.1f} ms/step, "
                      f"{len(decode) * n_rows / sum(decode):.1f} tokens/s")
-    lines.append(f"total generation: {sum(step_times):.3f} s, {sum(map(len, batch.tokens))} new tokens")
+    lines.append(f"total generation: {sum(step_times):.3f} s, {plural(sum(map(len, batch.tokens)), 'new token')}")
     return "\n".join(lines)
 
 
@@ -513,15 +537,16 @@ def convert_tf_parser(prog):
 def convert_tf_command(args):
     started = time.perf_counter()
     if args.checkpoint_dir is None:  # fetch: download (resuming) + convert
-        out = fetch(args.model_size, args.models_dir, base_url=args.base_url, progress=not args.no_progress,
-                    out=args.out)
+        out = args.out and files.output_file(args.out, "model.dat", create_folder=True)
+        out = fetch(args.model_size, args.models_dir, base_url=args.base_url, progress=not args.no_progress, out=out)
         hparams = open_model_file(out).hparams
     else:
         require_tensorflow()
         checkpoint_dir = Path(args.checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise PicogptError(f"checkpoint folder {checkpoint_dir} does not exist")
-        out = Path(args.out) if args.out is not None else checkpoint_dir / "model.dat"
+        out = files.output_file(args.out if args.out is not None else checkpoint_dir / "model.dat", "model.dat",
+                                create_folder=True)
         hparams = convert_checkpoint(checkpoint_dir, out)
     report_written(out, hparams, time.perf_counter() - started)
 
@@ -548,6 +573,8 @@ def convert_hf_parser(prog):
 
 def convert_hf_command(args):
     out = Path(args.out) if args.out is not None else Path(args.folder) / "model.dat"
+    if args.out is not None or Path(args.folder).is_dir():  # (a missing folder is convert_hf's to explain)
+        out = files.output_file(out, "model.dat", create_folder=True)
     t = time.perf_counter()
     hparams = convert_hf_checkpoint(args.folder, out)
     report_written(out, hparams, time.perf_counter() - t)

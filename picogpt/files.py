@@ -91,16 +91,28 @@ def temp_file_beside(path, suffix):
     return fd, Path(tmp)
 
 
-def output_file(path, default_name=None):
+def output_file(path, default_name=None, create_folder=False):
     """Where an output file goes, checked before the work that makes it: a path naming a folder means
-    default_name inside it (without one, it is an error that says so); the folder must exist and take a
-    new file. Returns the Path; a problem is one PicogptError sentence."""
+    default_name inside it (without one, it is an error that says so); a symbolic link means the file it
+    points to; a device or pipe (/dev/stdout) is written as it is, if it can be; otherwise the folder
+    must exist (or is made, with create_folder) and take a new file. Returns the Path; a problem is one
+    PicogptError sentence."""
     path = Path(path)
     if path.is_dir():
         if default_name is None:
             raise PicogptError(f"{path} is a folder; give a file name, such as {path / 'results.json'}")
         path = path / default_name
+    if path.exists() and not path.is_file():  # a device or a pipe: no temporary file beside it
+        if not os.access(path, os.W_OK):
+            raise PicogptError(f"cannot write {path}: permission denied; choose another file")
+        return path
+    path = path.resolve() if path.is_symlink() else path  # replace the file a link points to, not the link
     folder = path.parent
+    if create_folder:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PicogptError(f"cannot write in {folder}: {e.strerror}; choose a writable folder") from None
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
         raise PicogptError(f"cannot write {path}: the folder {folder} {problem}; create it or choose another")
@@ -115,9 +127,18 @@ def output_file(path, default_name=None):
 @contextlib.contextmanager
 def atomic_output(path):
     """`with atomic_output(path) as f:` writes a file that appears complete or not at all: f is a
-    temporary file beside path, renamed onto it when the block ends, deleted if it fails. An OSError (a
-    full disk, a folder that takes no files) becomes one PicogptError sentence."""
+    temporary file beside path, renamed onto it when the block ends, deleted if it fails. A symbolic
+    link's target is what is replaced; a device or a pipe (/dev/stdout) is written directly. An OSError
+    (a full disk, a folder that takes no files) becomes one PicogptError sentence."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        try:
+            with open(path, "wb") as f:
+                yield f
+        except OSError as e:
+            raise PicogptError(f"cannot write {path}: {e.strerror}; choose another file") from None
+        return
+    path = path.resolve() if path.is_symlink() else path
     try:
         fd, tmp = temp_file_beside(path, ".partial")
     except OSError as e:

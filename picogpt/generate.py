@@ -118,31 +118,41 @@ def memory_needed(hparams, n_batch, n_prompt, n_positions, use_cache=True):
     n_batch rows, prompts padded to n_prompt tokens, up to n_positions tokens in all. The parts: the KV
     cache (keys and values of every layer, float32), the largest activations of one forward pass (the
     MLP's [n_batch, n_seq, 4 n_embd] and the attention weights [n_batch, n_head, n_seq, n_positions],
-    each with the copy its next step makes), and each step's logits with their float64 softmax, sums and
-    order for sampling. An estimate to refuse what cannot fit, not an exact count.
+    each with the copy its next step makes), and each step's logits with the float64 softmaxes, sums and
+    sort order that sampling with top-p keeps alive at once (8 copies). An estimate to refuse
+    what cannot fit, on the generous side; not an exact count.
     """
     n_embd, n_head, n_vocab = hparams["n_embd"], hparams["n_head"], hparams["n_vocab"]
     n_seq = n_prompt if use_cache else n_positions  # the longest pass: prefill, or the last full recompute
     cache = 2 * hparams["n_layer"] * n_batch * n_positions * n_embd * 4 if use_cache else 0
     activations = 2 * 4 * n_batch * n_seq * max(4 * n_embd, n_head * n_positions)
-    logits = n_batch * n_vocab * (4 + 4 * 8 + 1)  # float32 logits, 4 float64 or int64 copies, the seen mask
+    logits = n_batch * n_vocab * (4 + 8 * 8 + 2)  # float32 logits, float64/int64 copies, boolean masks
     return {"the KV cache": cache, "activations": activations, "logits": logits}
 
 
 def available_memory():
-    """Bytes of memory the system can give without swapping (Linux's MemAvailable), else all of it;
-    None where neither is known."""
+    """Bytes of memory this process can still get: the system's (Linux's MemAvailable, else all of it),
+    or less where a container's limit (cgroup v2 memory.max less memory.current) says so; None where
+    nothing is known."""
+    known = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            known += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
+    if not known:
+        try:
+            known.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            pass
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            text = limit.read().strip()
+            if text != "max":
+                known.append(int(text) - int(used.read()))
+    except (OSError, ValueError):
+        pass
+    return min(known) if known else None
 
 
 def check_memory(hparams, n_batch, n_prompt, n_tokens, use_cache=True):

@@ -11,6 +11,7 @@ variable) must exist when models are looked up in it: a typo is an error, not th
 """
 
 import os
+import shlex
 from pathlib import Path
 
 from . import files
@@ -63,7 +64,7 @@ def demo_model_path():
 
 def demo_remake_hint():
     if (hints.CHECKOUT / ".git").exists() and (hints.CHECKOUT / "data" / DEMO).is_dir():
-        return f"restore it with: git -C {hints.CHECKOUT} checkout -- data/{DEMO}/model.dat"
+        return f"restore it with: git -C {shlex.quote(str(hints.CHECKOUT))} checkout -- data/{DEMO}/model.dat"
     return "reinstall picogpt"
 
 
@@ -111,6 +112,10 @@ def fetch(size, models_dir=None, base_url=None, progress=True, out=None):
 def model_file(model, named_models_dir=None):
     """Open (map and check) the model file a name or path stands for, with the hint its damage calls for."""
     path = model_path(model, named_models_dir)
+    files.remove_stale_partials(path)  # what killed conversions of this file left beside it
+    if model in MODEL_SIZES and not path.exists():
+        raise NotFetched(f"model {model} is not in {path.parent.parent}/; fetch it with: "
+                         f"{hints.fetch_command(model, named_models_dir)}")
     if model == DEMO:
         hint = demo_remake_hint()
     elif model in MODEL_SIZES:
@@ -132,9 +137,5 @@ def load(model="124M", models_dir=None, download=False, base_url=None, progress=
         where = Path(models_dir) if models_dir is not None else default_models_dir()
         if not (where / model / "model.dat").exists():
             fetch(model, where, base_url=base_url, progress=progress)
-    path = model_path(model, models_dir)
-    if not path.exists() and model in MODEL_SIZES:
-        raise NotFetched(f"model {model} is not in {path.parent.parent}/; fetch it with: "
-                         f"{hints.fetch_command(model, models_dir)}")
-    opened = model_file(model, models_dir)
+    opened = model_file(model, models_dir)  # NotFetched, with the command that fetches it, if missing
     return GPT2(opened.hparams, opened.tensors, path=opened.path)

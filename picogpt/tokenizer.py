@@ -15,6 +15,7 @@ import binascii
 import codecs
 import functools
 import hashlib
+import shlex
 from pathlib import Path
 
 import tiktoken
@@ -40,7 +41,7 @@ def _remake_hint(name):
     """What to do about a missing or damaged vocabulary file: the rank file can be re-derived in a checkout."""
     tool = CHECKOUT / "tools" / "make_tiktoken_ranks.py"
     if name == RANKS_FILE and tool.is_file():
-        return f"re-create it with: {python_command()} {tool}"
+        return f"re-create it with: {python_command()} {shlex.quote(str(tool))}"
     return "reinstall picogpt"
 
 
