@@ -13,6 +13,7 @@ N ?= 20
 MODEL ?=
 MODELS_DIR ?=
 BASE_URL ?=
+DTYPE ?=
 
 # A variable as one shell word, exactly as the user gave it: `make run PROMPT='costs $HOME'` keeps
 # $HOME and backquotes literal (make does not expand the value, the shell gets it in single quotes).
@@ -55,10 +56,11 @@ run: $(VENV)/.installed
 		$(call option,--models-dir,MODELS_DIR) -- $(call quote,PROMPT)
 
 # GPT-2 MODEL (124M, 355M, 774M or 1558M; default 124M) into the per-user models folder, or MODELS_DIR;
-# BASE_URL names a mirror. A cut download resumes when the same command is run again.
+# BASE_URL names a mirror; DTYPE=bf16 stores the weights in bfloat16. A cut download resumes when the same
+# command is run again.
 fetch: $(VENV)/.installed-convert
 	@$(PY) -m picogpt convert-tf --model-size $(if $(value MODEL),$(call quote,MODEL),124M) \
-		$(call option,--models-dir,MODELS_DIR) $(call option,--base-url,BASE_URL)
+		$(call option,--models-dir,MODELS_DIR) $(call option,--base-url,BASE_URL) $(call option,--dtype,DTYPE)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

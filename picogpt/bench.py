@@ -27,15 +27,16 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import blas
+from .bfloat16 import BFloat16Matrix
 from .errors import PicogptError
 from .generate import generate, generate_batch
 from .model import GPT2
-from .modelfile import ModelFileWriter, open_model_file
+from .modelfile import ModelFileWriter, convert_dtype, open_model_file
 from .parity import PROMPT  # the 19-token Alan Turing prompt
 from .reference import hf_greedy
 from .reference import hf_model as reference_model
 from .files import output_file, write_atomically
-from .store import models_dir
+from .store import load, models_dir
 from .tensors import gpt2_tensor_specs
 from .tokenizer import decode, encode
 
@@ -45,6 +46,7 @@ SHAPES = {"124M": dict(n_embd=768, n_head=12, n_layer=12), "355M": dict(n_embd=1
           "tiny": dict(n_embd=64, n_head=4, n_layer=2)}  # tiny: --quick, the smoke test
 SEEDS = {"124M": 124, "355M": 355, "tiny": 1}
 LOOP, STEP, PROCESS, PROCESS_S, MEMORY = 0.65, 1.15, 0.2, 1.2, 1.25  # the targets, see targets()
+BF16_STEP, BF16_FLOOR, BF16_VS_TORCH_BF16, BF16_VS_TORCH, BF16_MEMORY = 0.7, 1.5, 0.5, 0.7, 0.55  # bf16_targets()
 LAUNCHER = """import os, sys, time
 t = time.perf_counter()
 pid = os.fork()
@@ -181,16 +183,66 @@ def child_process(cmd, threads):
     return dict(text=p.stdout.decode(), peak_rss=int(peak) * kib, wall=float(seconds))
 
 
-def contestants(model, hf, path, mf, args, n):
-    """Every contestant of one section, in the order each round runs them; and notes (backends skipped, why)."""
+def bf16_contestants(hf, bf16_path, args, n):
+    """The bfloat16 rows: picogpt on the same weights rounded to bfloat16 (a model.dat of bf16 matrices)
+    multiplied natively by MKL, its products alone and its whole process, and PyTorch in bfloat16; each
+    skipped, with the reason, where this CPU or library cannot run it natively. Their tokens may differ
+    from float32's (bfloat16 rounds), so they are recorded, not checked."""
+    import copy
+
     import torch
     rows, notes = [], []
+    try:
+        blas.use("mkl")
+        native, why = blas.bf16_support()
+    except PicogptError as e:
+        native, why = False, str(e)
+    if native:
+        bf16 = load(bf16_path)  # MKL selected: the matrices stay bfloat16
+        stored = open_model_file(bf16_path).tensors
+        step_bytes = decode_step_bytes(stored)
+        matrices = {name: BFloat16Matrix.of(t) if t.dtype == np.uint16 else t for name, t in stored.items()}
+        rows += [contestant("picogpt mkl bf16, cache", t, partial(blas.use, "mkl", threads=t),
+                            partial(picogpt_generate, bf16, n, True), args.repeats, system="picogpt",
+                            backend="mkl bf16", cache=True, check=False, step_bytes=step_bytes) for t in args.threads]
+        rows += [contestant("mkl bf16 products alone", t, partial(blas.use, "mkl", threads=t),
+                            partial(decode_products, matrices, 3), args.repeats, system="products",
+                            backend="mkl bf16") for t in args.threads]
+        for t in args.process_threads:
+            cmd = [sys.executable, "-m", "picogpt", PROMPT, "-n", str(n), "--model", str(bf16_path), "--threads",
+                   str(t), "--backend", "mkl"]
+            rows.append(contestant("picogpt bf16 process", t, lambda: None, partial(child_process, cmd, t),
+                                   args.process_repeats, system="picogpt bf16 process", check=False))
+    else:
+        notes.append(f"picogpt mkl bf16: skipped, {why}")
+    blas.use("numpy")
+    _, flags = blas.cpu_features()
+    if {"avx512_bf16", "amx_bf16"} & flags or os.environ.get(blas.BF16_ENV) == "native":
+        hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+        rows += [contestant("PyTorch bf16, cache", t, partial(torch.set_num_threads, t),
+                            partial(hf_generate, hf_bf16, PROMPT_IDS, n, True), args.repeats, system="PyTorch bf16",
+                            cache=True, check=False) for t in args.threads]
+    else:
+        notes.append("PyTorch bf16: skipped, this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16)")
+    return rows, notes
+
+
+def decode_step_bytes(tensors):
+    """Bytes a decode step reads: every weight once, except wpe, of which one row."""
+    return sum(t.nbytes for t in tensors.values()) - tensors["wpe"].nbytes + tensors["wpe"][0].nbytes
+
+
+def contestants(model, hf, path, mf, args, n, bf16_path=None):
+    """Every contestant of one section, in the order each round runs them; and notes (backends skipped, why)."""
+    import torch
+    rows, notes, available = [], [], []
     for backend in blas.BACKENDS:
         try:
             blas.use(backend)
         except PicogptError as e:
             notes.append(f"picogpt {backend}: skipped, {e}")
             continue
+        available.append(backend)
         for cache in (True, False):
             rows += [contestant(f"picogpt {backend}, {'cache' if cache else 'no cache'}", t,
                                 partial(blas.use, backend, threads=t), partial(picogpt_generate, model, n, cache),
@@ -220,6 +272,13 @@ def contestants(model, hf, path, mf, args, n):
                             partial(blas.use, "numpy", threads=t),
                             partial(picogpt_batch, model, batch_prompts(size), n, together), args.no_cache_repeats,
                             system="batch", batch=size, together=together) for together in (True, False)]
+        if "mkl" in available:  # MKL's small products cost less per row than OpenBLAS's: a column of its own
+            rows.append(contestant(f"batch of {size}, together, mkl", t, partial(blas.use, "mkl", threads=t),
+                                   partial(picogpt_batch, model, batch_prompts(size), n, True), args.no_cache_repeats,
+                                   system="batch mkl", batch=size, together=True))
+    if bf16_path is not None:
+        more_rows, more_notes = bf16_contestants(hf, bf16_path, args, n)
+        rows, notes = rows + more_rows, notes + more_notes
     blas.use("numpy")
     return rows, notes
 
@@ -242,7 +301,7 @@ def run_rounds(rows, warmup, settle, expected_tokens, expected_text, expected_ba
             got, want = (out["tokens"], expected_tokens) if "tokens" in out else \
                 (out["batch_tokens"], expected_batches[c["batch"]]) if "batch_tokens" in out else \
                 (out.get("text"), expected_text)
-            if got is not None and got != want:
+            if c.get("check", True) and got is not None and got != want:
                 sys.exit(f"bench: {c['name']} ({c['threads']} threads) produced {got!r}, PyTorch {want!r}")
             if r >= 0:  # a process's own wall time excludes starting the launcher
                 c["runs"].append(dict(seconds=out.pop("wall", elapsed), **out))
@@ -260,10 +319,11 @@ def summarize(rows, mf, n):
     model_bytes = sum(t.nbytes for t in tensors.values())
     s = dict(model_bytes=model_bytes, bandwidth_by_kernel={}, rows=[], decode_steps=[],
              # a decode step reads every weight once, except wpe: one row of it
-             decode_step_bytes=model_bytes - tensors["wpe"].nbytes + tensors["wpe"][0].nbytes,
+             decode_step_bytes=decode_step_bytes(tensors),
              kv_cache_bytes=2 * h["n_layer"] * (len(PROMPT_IDS) + n) * h["n_embd"] * 4)  # the positions filled
     seconds = {id(c): median([run["seconds"] for run in c["runs"]]) for c in rows}
     refs = {(c["system"], c["threads"]): seconds[id(c)] for c in rows if c.get("cache", True)}
+    s["bf16_decode_step_bytes"] = next((c["step_bytes"] for c in rows if "step_bytes" in c), None)
     products = {}  # (backend, threads): seconds of a decode step's matrix products alone
     for c in rows:
         if c["system"] in ("bandwidth", "products"):
@@ -284,7 +344,11 @@ def summarize(rows, mf, n):
                                  speedup=seconds[id(alone)] / seconds[id(together)],
                                  runs=[r["seconds"] for r in together["runs"]],
                                  one_by_one_runs=[r["seconds"] for r in alone["runs"]]))
-    for c in (c for c in rows if c["system"] not in ("bandwidth", "products", "batch")):
+        mkl = next((c for c in rows if c["system"] == "batch mkl" and c["batch"] == size), None)
+        if mkl is not None:
+            s["batches"][-1].update(mkl_together_s=seconds[id(mkl)], mkl_tokens_per_s=size * n / seconds[id(mkl)],
+                                    mkl_runs=[r["seconds"] for r in mkl["runs"]])
+    for c in (c for c in rows if c["system"] not in ("bandwidth", "products", "batch", "batch mkl")):
         ref = refs.get(("PyTorch process" if c["system"].endswith("process") else "PyTorch", c["threads"]))
         row = {k: v for k, v in c.items() if k not in ("setup", "run")}
         row.update(median_s=seconds[id(c)], ratio=ref and seconds[id(c)] / ref, tokens_per_s=n / seconds[id(c)])
@@ -295,7 +359,8 @@ def summarize(rows, mf, n):
             s["decode_steps"].append(dict(backend=c["backend"], threads=c["threads"], loop_s=row["median_s"],
                                           ratio=row["ratio"], prefill_s=median([run["steps"][0] for run in c["runs"]]),
                                           decode_step_s=step, products_s=products[c["backend"], c["threads"]],
-                                          floor_s=s["decode_step_bytes"] / s["bandwidth"][c["threads"]]))
+                                          floor_s=c.get("step_bytes", s["decode_step_bytes"])
+                                          / s["bandwidth"][c["threads"]]))
         s["rows"].append(row)
     s["targets"] = [dict(what=w, target=t, passed=bool(ok)) for w, t, ok in targets(s, h)]
     return s
@@ -303,8 +368,9 @@ def summarize(rows, mf, n):
 
 def targets(s, h):
     """(what, target, passed) for the issue's targets; the loop and step ones for the best backend."""
+    yield from bf16_targets(s)
     for t in sorted({d["threads"] for d in s["decode_steps"]}):
-        steps = [d for d in s["decode_steps"] if d["threads"] == t]
+        steps = [d for d in s["decode_steps"] if d["threads"] == t and "bf16" not in d["backend"]]
         best = min(steps, key=lambda d: d["loop_s"])
         if best["ratio"] is not None:
             yield f"cached loop, {best['backend']}, {t}t: {best['ratio']:.2f}x PyTorch's", f"<= {LOOP}x", \
@@ -323,6 +389,27 @@ def targets(s, h):
         yield f"peak memory {p['peak_rss_bytes'] / 1e6:.0f} MB: {x:.2f}x model + KV cache", f"<= {MEMORY}x", x <= MEMORY
 
 
+def bf16_targets(s):
+    """The bfloat16 targets, where the bf16 rows ran: against float32 picogpt, the bf16 floor, PyTorch."""
+    loops = {(r["system"], r.get("backend"), r["threads"]): r["median_s"] for r in s["rows"]}
+    for d in [d for d in s["decode_steps"] if d["backend"] == "mkl bf16"]:
+        t = d["threads"]
+        f32 = min((x for x in s["decode_steps"] if x["threads"] == t and "bf16" not in x["backend"]),
+                  key=lambda x: x["decode_step_s"])
+        x = d["decode_step_s"] / f32["decode_step_s"]
+        yield f"bf16 decode step, {t}t: {x:.2f}x picogpt {f32['backend']} float32's", f"<= {BF16_STEP}x", x <= BF16_STEP
+        x = d["decode_step_s"] / d["floor_s"]
+        yield f"bf16 decode step, {t}t: {x:.2f}x the bf16 floor", f"<= {BF16_FLOOR}x", x <= BF16_FLOOR
+        for ref, target in (("PyTorch bf16", BF16_VS_TORCH_BF16), ("PyTorch", BF16_VS_TORCH)):
+            if (ref, None, t) in loops:
+                x = d["loop_s"] / loops[ref, None, t]
+                yield f"bf16 loop, {t}t: {x:.2f}x {ref}'s", f"<= {target}x", x <= target
+    procs = {r["system"]: r for r in s["rows"] if r["system"].endswith("process")}
+    if "picogpt bf16 process" in procs and "picogpt process" in procs:
+        x = procs["picogpt bf16 process"]["peak_rss_bytes"] / procs["picogpt process"]["peak_rss_bytes"]
+        yield f"bf16 process peak memory: {x:.2f}x float32's", f"<= {BF16_MEMORY}x", x <= BF16_MEMORY
+
+
 def print_section(title, s, notes, n):
     print(f"\n== {title}")
     print(f"{'contestant':<26}{'threads':>8}{'median s':>10}{'vs PyTorch':>12}{'tokens/s':>10}{'runs':>6}")
@@ -337,7 +424,9 @@ def print_section(title, s, notes, n):
         each = ", ".join(f"{k} {b / 1e9:.1f}" for k, b in kernels.items())
         print(f"read bandwidth, {t}t: {s['bandwidth'][t] / 1e9:.1f} GB/s, the best of NumPy's BLAS reading a "
               f"{s['bandwidth_matrix_bytes'] / 2**20:.0f} MiB float32 matrix once ({each} GB/s)")
-    print(f"a decode step reads {s['decode_step_bytes'] / 1e6:.1f} MB of weights (all but wpe's unused rows):")
+    print(f"a decode step reads {s['decode_step_bytes'] / 1e6:.1f} MB of weights (all but wpe's unused rows)"
+          + (f"; {s['bf16_decode_step_bytes'] / 1e6:.1f} MB with bf16 matrices" if s["bf16_decode_step_bytes"] else "")
+          + ":")
     for d in s["decode_steps"]:
         floor = d["floor_s"]
         print(f"  picogpt {d['backend']}, {d['threads']}t: floor {1e3 * floor:.1f} ms; decode step "
@@ -351,10 +440,16 @@ def print_section(title, s, notes, n):
     if s["batches"]:
         print(f"batches: prompts of 15-19 tokens, {n} greedy tokens each, picogpt numpy with the cache, "
               f"{s['batches'][0]['threads']} threads")
-        print(f"{'batch':>7}{'together s':>12}{'tokens/s':>10}{'one by one s':>14}{'tokens/s':>10}{'speed-up':>10}")
+        mkl = "mkl_tokens_per_s" in s["batches"][0]
+        print(f"{'batch':>7}{'together s':>12}{'tokens/s':>10}{'one by one s':>14}{'tokens/s':>10}{'speed-up':>10}"
+              + (f"{'mkl tokens/s':>14}{'vs batch 1':>12}" if mkl else ""))
         for b in s["batches"]:
             print(f"{b['batch']:>7}{b['together_s']:>12.3f}{b['tokens_per_s']:>10.1f}{b['one_by_one_s']:>14.3f}"
-                  f"{b['one_by_one_tokens_per_s']:>10.1f}{b['speedup']:>9.2f}x")
+                  f"{b['one_by_one_tokens_per_s']:>10.1f}{b['speedup']:>9.2f}x"
+                  + (f"{b['mkl_tokens_per_s']:>14.1f}"
+                     f"{b['mkl_tokens_per_s'] / s['batches'][0]['mkl_tokens_per_s']:>11.2f}x" if mkl else ""))
+        if mkl:
+            print("  (mkl: the same batches through --backend mkl; vs batch 1: its tokens/s over batch 1's)")
     for t in s["targets"]:
         print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['what']} (target {t['target']})")
     print(f"(this section took {s['seconds']:.0f} s)")
@@ -429,7 +524,9 @@ def run(**options):
             mf = open_model_file(path)
             model, hf = GPT2(mf.hparams, mf.tensors, path=mf.path), hf_model(mf)
             expected = hf_generate(hf, PROMPT_IDS, n, use_cache=True)
-            rows, notes = contestants(model, hf, path, mf, args, n)
+            bf16_path = Path(tmp) / f"{size}-bf16.dat"
+            convert_dtype(path, bf16_path, "bf16")  # the same weights, rounded: the bf16 rows' model
+            rows, notes = contestants(model, hf, path, mf, args, n, bf16_path)
             # A batch must give each prompt what it gets alone, which for the full prompt is PyTorch's.
             batches = {size: picogpt_batch(model, batch_prompts(size), n, together=False)["batch_tokens"]
                        for size in args.batch_sizes}

@@ -10,7 +10,10 @@ Backends (`BACKENDS`; `use(lib=PATH)` adds a fourth, "cblas"):
   (`ctypes.util.find_library`), and last the 64-bit-int copy NumPy bundles (numpy.libs).
   `use("openblas", lib=PATH)` names the file instead.
 - accelerate: Apple's Accelerate framework (macOS only), through the same CBLAS code.
-- cblas: `use(lib=PATH)` loads any CBLAS library, e.g. MKL's libmkl_rt, BLIS or a system OpenBLAS.
+- mkl: Intel's oneMKL (libmkl_rt from the `mkl` wheel, x86-64), through the same CBLAS code. It also
+  multiplies bfloat16 weights (`cblas_gemm_bf16bf16f32`: activations rounded to bfloat16 per product,
+  sums in float32), the one library here that does; see bf16_support() for when that is worth it.
+- cblas: `use(lib=PATH)` loads any CBLAS library, e.g. BLIS or a system OpenBLAS.
 
 Why ctypes: a CBLAS library is a plain C shared library, so ctypes calls `cblas_sgemm` directly and
 picogpt ships no compiled code. Each product passes row/column-major flags (CblasTrans) and leading
@@ -42,13 +45,16 @@ from ctypes import c_float, c_void_p
 import numpy as np
 
 from .errors import PicogptError
+from .bfloat16 import BFloat16Matrix, round_to_bfloat16
 from .hints import install_command
 
-BACKENDS = ("numpy", "openblas", "accelerate")
+BACKENDS = ("numpy", "openblas", "accelerate", "mkl")
+BF16_ENV = "PICOGPT_BF16"  # "native" or "widen": overrides bf16_support()'s choice (tests, or a user who measured)
 ACCELERATE = "/System/Library/Frameworks/Accelerate.framework/Accelerate"
 _ROW, _NOTRANS, _TRANS = 101, 111, 112  # CblasRowMajor, CblasNoTrans, CblasTrans
 _ONE, _ZERO = c_float(1.0), c_float(0.0)
 _F32 = np.dtype(np.float32)
+
 _fallback = np.matmul  # products the library cannot take (other dtypes, odd strides, broadcasting)
 
 def _pointer(a):
@@ -87,16 +93,21 @@ class Backend:
         info = _blas_info(self.library)
         return info["num_threads"] if info else None
 
-    matmul = staticmethod(np.matmul)
+    @staticmethod
+    def matmul(a, b):
+        if isinstance(b, BFloat16Matrix):  # loaded for another backend: right, though slow (see store.load)
+            return np.matmul(a, b.widened())
+        return np.matmul(a, b)
 
 
-def _layout(strides, rows, cols):
-    """(CBLAS transpose flag, leading dimension) for a float32 [rows, cols] view, or None if neither fits."""
+def _layout(strides, rows, cols, size=4):
+    """(CBLAS transpose flag, leading dimension) for a [rows, cols] view of `size`-byte elements, or None
+    if neither fits."""
     s0, s1 = strides
-    if (s1 == 4 or cols == 1) and s0 % 4 == 0 and s0 >= 4 * cols:
-        return _NOTRANS, max(s0 // 4, cols)
-    if (s0 == 4 or rows == 1) and s1 % 4 == 0 and s1 >= 4 * rows:
-        return _TRANS, max(s1 // 4, rows)
+    if (s1 == size or cols == 1) and s0 % size == 0 and s0 >= size * cols:
+        return _NOTRANS, max(s0 // size, cols)
+    if (s0 == size or rows == 1) and s1 % size == 0 and s1 >= size * rows:
+        return _TRANS, max(s1 // size, rows)
     return None
 
 
@@ -120,6 +131,7 @@ class CBLAS(Backend):
         self.name, self.library, self._lib = name, path, lib
         self._gemm, self._gemv = sym("cblas_sgemm"), sym("cblas_sgemv")
         self._batch = sym("cblas_sgemm_batch_strided")
+        self._gemm_bf16 = getattr(lib, "cblas_gemm_bf16bf16f32", None)  # MKL's; no prefixed or 64_ variants
         config = sym("openblas_get_config")
         if config is not None:
             config.restype = ctypes.c_char_p
@@ -133,7 +145,12 @@ class CBLAS(Backend):
                         f"{info['internal_api']} {info['version']}" if info else "version unknown")
 
     def matmul(self, a, b):
-        """a @ b for float32 [m, k] @ [k, n] and [h, m, k] @ [h, k, n]; other products go to np.matmul."""
+        """a @ b for float32 [m, k] @ [k, n] and [h, m, k] @ [h, k, n], and float32 [m, k] @ bfloat16
+        [k, n] where the library has a bfloat16 product; other products go to np.matmul."""
+        if isinstance(b, BFloat16Matrix):
+            if self._gemm_bf16 is not None and a.ndim == b.ndim == 2:
+                return self._matmul_bf16(a, b)
+            return _fallback(a, b.widened())  # a library without bfloat16 products: widened, slowly
         if (not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or a.dtype is not _F32
                 or b.dtype is not _F32 or a.ndim != b.ndim or a.ndim not in (2, 3)):
             return _fallback(a, b)
@@ -172,6 +189,72 @@ class CBLAS(Backend):
         return c
 
 
+    def _matmul_bf16(self, a, b):
+        """float32 a [m, k] @ bfloat16 b [k, n]: a is rounded to bfloat16 (nearest even), the sums are
+        float32 (MKL's cblas_gemm_bf16bf16f32)."""
+        (m, k), n = a.shape, b.shape[1]
+        layout = _layout(b.strides, k, n, size=2)
+        if layout is None or not m * n * k:
+            return _fallback(a, b.widened())
+        a16 = round_to_bfloat16(np.ascontiguousarray(a, dtype=_F32))
+        (tb, ldb), c, Int = layout, np.empty((m, n), _F32), self._int
+        self._gemm_bf16(_ROW, _NOTRANS, tb, Int(m), Int(n), Int(k), _ONE, _pointer(a16), Int(k), _pointer(b),
+                        Int(ldb), _ZERO, _pointer(c), Int(n))
+        return c
+
+
+def mkl_library():
+    """libmkl_rt of the `mkl` wheel (installed under sys.prefix) or of the system, or None."""
+    names = {"linux": ["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"], "darwin": ["libmkl_rt.2.dylib"],
+             "win32": ["mkl_rt.2.dll"]}.get(sys.platform, [])
+    for folder in (os.path.join(sys.prefix, "lib"), os.path.join(sys.prefix, "Library", "bin")):
+        for name in names:
+            if os.path.exists(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+    return ctypes.util.find_library("mkl_rt")
+
+
+def cpu_features():
+    """(vendor, flags) of this CPU from Linux's /proc/cpuinfo: ("GenuineIntel", {"avx512_bf16", ...});
+    (None, set()) where it cannot be read (macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None, set()
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return fields.get("vendor_id"), set(fields.get("flags", "").split())
+
+
+def bf16_support():
+    """(True, how) if the selected backend multiplies bfloat16 weights natively and fast on this CPU,
+    else (False, why): then bfloat16 weights are widened to float32 at load (see store.load).
+
+    Native needs the library's bfloat16 product (MKL's), a CPU with bfloat16 instructions (avx512_bf16
+    or amx_bf16), and an Intel CPU: MKL picks its bfloat16 kernels by Intel's CPU identification. On an
+    AMD Zen 4 with avx512_bf16, a 1x768 by 768x3072 bfloat16 product took 5.2 ms against 0.12 ms in
+    float32 (MKL 2026.2), and without the instructions Intel's own CPUs are 10-22x slower in bfloat16
+    (the shared performance notes). $PICOGPT_BF16=native or =widen overrides the choice.
+    """
+    backend = current()
+    forced = os.environ.get(BF16_ENV, "").lower()
+    if getattr(backend, "_gemm_bf16", None) is None:
+        return False, f"the {backend.name} backend has no bfloat16 product (--backend mkl has)"
+    if forced in ("native", "widen"):
+        return forced == "native", f"${BF16_ENV}={forced}"
+    vendor, flags = cpu_features()
+    if not flags:
+        return False, "this system does not say whether its CPU has bfloat16 instructions (no /proc/cpuinfo)"
+    found = sorted({"avx512_bf16", "amx_bf16"} & flags)
+    if not found:
+        return False, "this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16)"
+    if vendor != "GenuineIntel":
+        return False, (f"MKL runs its bfloat16 kernels on Intel CPUs only, and this one is {vendor} (measured on "
+                       f"an AMD CPU with avx512_bf16: bfloat16 products 40x slower than float32)")
+    return True, f"{backend.name}'s cblas_gemm_bf16bf16f32 on a CPU with {' and '.join(found)}"
+
+
 def openblas_sources():
     """The OpenBLAS libraries found here, in the order `use("openblas")` tries them: {source: path}."""
     found = {}
@@ -202,7 +285,7 @@ def _load(backend, lib):
     if lib is not None:
         if not os.path.exists(lib) and os.sep in lib:
             raise PicogptError(f"no BLAS library at {lib}; give the path of a CBLAS shared library")
-        return CBLAS("openblas" if backend == "openblas" else "cblas", lib)
+        return CBLAS(backend if backend in ("openblas", "mkl") else "cblas", lib)
     if backend == "openblas":
         sources = openblas_sources()
         if not sources:
@@ -211,6 +294,12 @@ def _load(backend, lib):
         return CBLAS("openblas", next(iter(sources.values())))
     if backend == "cblas":
         raise PicogptError("the cblas backend needs lib=PATH, the path of a CBLAS shared library")
+    if backend == "mkl":
+        path = mkl_library()
+        if path is None:
+            raise PicogptError(f"no MKL library found; install Intel's oneMKL wheel (x86-64 only) with: "
+                               f"{install_command('mkl')}, or use --backend numpy")
+        return CBLAS("mkl", path)
     return Backend()
 
 
@@ -253,7 +342,7 @@ def describe():
            f"thread{'' if threads == 1 else 's'}"
 
 
-_matmul = np.matmul
+_matmul = Backend.matmul
 
 
 def matmul(a, b):

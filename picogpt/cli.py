@@ -31,7 +31,7 @@ from .convert_tf import convert_checkpoint, require_tensorflow  # noqa: E402
 from .download import DEFAULT_BASE_URL, MODEL_SIZES  # noqa: E402
 from .errors import BadArgument, PicogptError, interrupted, one_line, plural  # noqa: E402
 from .generate import TextBatch  # noqa: E402
-from .modelfile import open_model_file  # noqa: E402
+from .modelfile import WEIGHT_DTYPES, convert_dtype, open_model_file  # noqa: E402
 from .scoring import score  # noqa: E402
 from . import store  # noqa: E402
 from .store import DEMO, default_model, fetch, load  # noqa: E402
@@ -242,10 +242,13 @@ def load_model(args, prog="picogpt"):
         if notice:
             print(f"{prog}: {notice}", file=sys.stderr)
     try:
-        return load(model, models_dir=args.models_dir, download=bool(download),
-                    base_url=getattr(args, "base_url", None))
+        loaded = load(model, models_dir=args.models_dir, download=bool(download),
+                      base_url=getattr(args, "base_url", None))
     except store.NotFetched as e:
         raise PicogptError(f"{e}" + (" (or add --download)" if download is not None else "")) from None
+    if loaded.precision.widened:  # a bfloat16 file this backend or CPU cannot multiply natively
+        print(f"{prog}: {loaded.precision.note}", file=sys.stderr)
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -425,6 +428,7 @@ def verbose_report(model, batch, args, step_times, imports, load_s, tokenizer_s)
         f"model: {model.path} ({model.n_params / 1e6:.1f}M parameters, n_layer {h['n_layer']}, "
         f"n_embd {h['n_embd']}, n_head {h['n_head']}, n_ctx {h['n_ctx']}, n_vocab {h['n_vocab']})",
         f"blas: {blas.describe()}",
+        f"weights: {model.precision.note if model.precision else 'float32'}",
         f"sampling: temperature {args.temperature:g}, top-k {args.top_k}, top-p {args.top_p}, seed {args.seed} "
         f"(the same text again: --seed {args.seed})" if args.temperature > 0 else "sampling: none (greedy)",
     ]
@@ -529,6 +533,7 @@ def convert_tf_parser(prog):
     p.add_argument("--checkpoint-dir", default=None,
                    help="convert the checkpoint already in this folder, with no network at all")
     p.add_argument("--out", default=None, help="where to write model.dat (default: next to the checkpoint)")
+    add_dtype_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -538,7 +543,8 @@ def convert_tf_command(args):
     started = time.perf_counter()
     if args.checkpoint_dir is None:  # fetch: download (resuming) + convert
         out = args.out and files.output_file(args.out, "model.dat", create_folder=True)
-        out = fetch(args.model_size, args.models_dir, base_url=args.base_url, progress=not args.no_progress, out=out)
+        out = fetch(args.model_size, args.models_dir, base_url=args.base_url, progress=not args.no_progress, out=out,
+                    weight_dtype=args.dtype)
         hparams = open_model_file(out).hparams
     else:
         require_tensorflow()
@@ -547,7 +553,38 @@ def convert_tf_command(args):
             raise PicogptError(f"checkpoint folder {checkpoint_dir} does not exist")
         out = files.output_file(args.out if args.out is not None else checkpoint_dir / "model.dat", "model.dat",
                                 create_folder=True)
-        hparams = convert_checkpoint(checkpoint_dir, out)
+        hparams = convert_checkpoint(checkpoint_dir, out, args.dtype)
+    report_written(out, hparams, time.perf_counter() - started)
+
+
+def add_dtype_argument(p):
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="f32",
+                   help="how to store the weight matrices: f32 (default) or bf16, bfloat16 rounded to nearest even "
+                        "(half the file; multiplied natively by --backend mkl on Intel CPUs with bfloat16 "
+                        "instructions, widened to float32 at load elsewhere)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# picogpt convert-dtype MODEL --to bf16
+
+def convert_dtype_parser(prog):
+    p = ArgumentParser(prog=prog, description="Rewrite a model.dat with its weight matrices in another type: "
+                       "bf16 (bfloat16, rounded to nearest even: half the bytes) or f32 (exact).")
+    p.add_argument("model", help="a size name (looked up under --models-dir), demo, or a path to a model.dat")
+    p.add_argument("--to", required=True, choices=WEIGHT_DTYPES, help="the weight type to write: f32 or bf16")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="where to write (default: model-bf16.dat or model-f32.dat beside the input)")
+    p.add_argument("--models-dir", default=None, help="where model sizes are looked up")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def convert_dtype_command(args):
+    source = store.model_path(args.model, args.models_dir)
+    out = Path(args.out) if args.out is not None else source.with_name(f"model-{args.to}.dat")
+    out = files.output_file(out, f"model-{args.to}.dat", create_folder=True)
+    started = time.perf_counter()
+    hparams = convert_dtype(source, out, args.to)
     report_written(out, hparams, time.perf_counter() - started)
 
 
@@ -567,6 +604,7 @@ def convert_hf_parser(prog):
     p.add_argument("folder", metavar="DIR", help="the model folder, e.g. one filled by "
                    "`hf download openai-community/gpt2 config.json model.safetensors --local-dir DIR`")
     p.add_argument("--out", default=None, help="where to write model.dat (default: DIR/model.dat)")
+    add_dtype_argument(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -576,7 +614,7 @@ def convert_hf_command(args):
     if args.out is not None or Path(args.folder).is_dir():  # (a missing folder is convert_hf's to explain)
         out = files.output_file(out, "model.dat", create_folder=True)
     t = time.perf_counter()
-    hparams = convert_hf_checkpoint(args.folder, out)
+    hparams = convert_hf_checkpoint(args.folder, out, args.dtype)
     report_written(out, hparams, time.perf_counter() - t)
 
 
@@ -681,6 +719,8 @@ SUBCOMMANDS = {
     "verify": (verify_parser, verify_command, "check a model file's checksum and weights"),
     "convert-tf": (convert_tf_parser, convert_tf_command, "download OpenAI's checkpoint and convert it to model.dat"),
     "convert-hf": (convert_hf_parser, convert_hf_command, "convert a Hugging Face model folder to model.dat"),
+    "convert-dtype": (convert_dtype_parser, convert_dtype_command,
+                      "rewrite a model.dat with bfloat16 (or float32) weight matrices"),
     "parity": (parity_parser, parity_command, "compare picogpt with PyTorch layer by layer on a model"),
     "bench": (bench_parser, bench_command, "time picogpt against PyTorch on the same weights"),
 }

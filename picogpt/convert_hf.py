@@ -300,7 +300,7 @@ def _weight_files(folder):
                        if others else "") + "; download the model's config.json and model.safetensors into it")
 
 
-def convert_hf_checkpoint(folder, out_path):
+def convert_hf_checkpoint(folder, out_path, weight_dtype="f32"):
     """Convert the Hugging Face GPT-2 model folder `folder` to model.dat at `out_path`; return its hparams.
 
     Everything is checked before model.dat is created: config.json, the tokenizer files, and every
@@ -364,7 +364,7 @@ def convert_hf_checkpoint(folder, out_path):
             raise PicogptError(f"{folder}/config.json sets tie_word_embeddings false but the checkpoint has no "
                                f"{LM_HEAD}; the output layer is missing, download the complete model")
 
-        with ModelFileWriter(out_path, hparams) as out:
+        with ModelFileWriter(out_path, hparams, weight_dtype) as out:
             for ours in specs:
                 shard, name = found[ours]
                 out.write(ours, shard.read(name))

@@ -47,7 +47,7 @@ def read_hparams(checkpoint_dir):
     return check_hparams(hparams, str(path), "download the checkpoint again")
 
 
-def convert_checkpoint(checkpoint_dir, out_path):
+def convert_checkpoint(checkpoint_dir, out_path, weight_dtype="f32"):
     """Convert the TF checkpoint in `checkpoint_dir` to model.dat at `out_path`; return its hparams."""
     checkpoint_dir = Path(checkpoint_dir)
     hparams = read_hparams(checkpoint_dir)
@@ -66,7 +66,7 @@ def convert_checkpoint(checkpoint_dir, out_path):
         raise PicogptError(f"the checkpoint has variable {unexpected[0]} that its hparams.json "
                            f"({plural(hparams['n_layer'], 'layer')}) does not account for; the two files do not "
                            f"belong together")
-    with ModelFileWriter(out_path, hparams) as out:
+    with ModelFileWriter(out_path, hparams, weight_dtype) as out:
         for name, (shape, _) in specs.items():
             stored = stored_shapes.get(PREFIX + name)
             if stored is None or tuple(stored) != tf_shape(name, shape):

@@ -228,6 +228,7 @@ class GPT2:
     def __init__(self, hparams, tensors, path=None):
         self.hparams = hparams
         self.path = path  # the model.dat the weights came from, if any
+        self.precision = None  # picogpt.store.load says how the weights are stored and multiplied
         self.params = nest_params(tensors, hparams["n_layer"])
         self.n_params = sum(t.size for t in tensors.values())
 

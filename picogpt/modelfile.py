@@ -8,7 +8,7 @@ Layout (integers little-endian):
 
     offset  bytes  field
     0       8      magic b"PICOGPT\\0"
-    8       4      format version, uint32 (this module writes and reads version 1)
+    8       4      format version, uint32 (1: every tensor float32; 2: the weight matrices may be bfloat16)
     12      4      header length H, uint32; 64 + H is a multiple of 64
     16      8      file size in bytes, uint64 (a truncated or extended copy is caught before any read)
     24      32     SHA-256 of bytes [64, file size): the header and all tensor data (checked on demand)
@@ -24,9 +24,13 @@ The JSON header describes the file completely:
                   "offset": 4096, "nbytes": 154389504}, ...]}
 
 Tensor names are OpenAI's checkpoint names without the "model/" prefix (`wte`, `wpe`, `h0/ln_1/g`,
-`h0/attn/c_attn/w`, ..., `ln_f/b`); picogpt.tensors.gpt2_tensor_specs lists them all with their shapes. Every tensor
-is little-endian float32 and stored in the layout the engine multiplies with, so loading transposes,
-casts and copies nothing:
+`h0/attn/c_attn/w`, ..., `ln_f/b`); picogpt.tensors.gpt2_tensor_specs lists them all with their shapes.
+Every tensor is little-endian float32 ("<f4"), except that a version-2 file may hold the weight matrices
+(`wte` and every `.../w`, see tensors.is_matrix) as bfloat16 ("bf16": the upper 16 bits of the float32,
+rounded to nearest even; half the bytes, 8 bits of mantissa). Layer norms, biases and `wpe` stay float32.
+A float32-only file is written as version 1, byte for byte as before, so older readers still read it.
+Tensors are stored in the layout the engine multiplies with, so loading transposes, casts and copies
+nothing:
 
 - Linear weights are [n_in, n_out], C order, so a layer is `x @ w + b` (the checkpoint's leading 1 of
   its conv1d weights is dropped).
@@ -46,16 +50,22 @@ from pathlib import Path
 
 import numpy as np
 
+from . import bfloat16
 from .errors import PicogptError, plural
 from .files import temp_file_beside
 from .hints import picogpt_command
-from .tensors import check_hparams, gpt2_tensor_specs
+from .tensors import check_hparams, gpt2_tensor_specs, is_matrix
 
 MAGIC = b"PICOGPT\0"
-VERSION = 1
+VERSION = 2  # the newest this module reads and writes; float32-only files are still written as 1
 PREAMBLE = struct.Struct("<8sIIQ32s8x")  # magic, version, header length, file size, sha256
 ALIGN = 64
 DTYPE = "<f4"
+BF16 = "bf16"
+WEIGHT_DTYPES = {"f32": DTYPE, "bf16": BF16}  # what --dtype accepts -> the header's name
+
+
+_NUMPY_DTYPES = {DTYPE: np.dtype(DTYPE), BF16: np.dtype("<u2")}  # bfloat16 as its bit patterns (picogpt.bfloat16)
 
 
 def remake_hint_default():
@@ -64,15 +74,20 @@ def remake_hint_default():
             f"{picogpt_command('convert-hf', '--help')})")
 
 
+_ITEMSIZE = {DTYPE: 4, BF16: 2}
+
+
 def _align(n):
     return -(-n // ALIGN) * ALIGN
 
 
-def _layout(hparams):
-    """The JSON header (bytes, padded) and the tensor table with offsets, for these hparams."""
+def _layout(hparams, weight_dtype=DTYPE):
+    """The JSON header (bytes, padded) and the tensor table with offsets, for these hparams, the weight
+    matrices stored as weight_dtype ("<f4" or "bf16")."""
     specs = gpt2_tensor_specs(hparams)
-    table = [{"name": name, "dtype": DTYPE, "shape": list(shape), "order": order, "offset": 0,
-              "nbytes": 4 * math.prod(shape)} for name, (shape, order) in specs.items()]
+    dtypes = {name: weight_dtype if is_matrix(name) else DTYPE for name in specs}
+    table = [{"name": name, "dtype": dtypes[name], "shape": list(shape), "order": order, "offset": 0,
+              "nbytes": _ITEMSIZE[dtypes[name]] * math.prod(shape)} for name, (shape, order) in specs.items()]
 
     def encode():
         return json.dumps({"hparams": hparams, "tensors": table}, separators=(",", ":")).encode()
@@ -105,10 +120,14 @@ class ModelFileWriter:
     model.dat that exists is always complete.
     """
 
-    def __init__(self, path, hparams):
+    def __init__(self, path, hparams, weight_dtype="f32"):
         self.path = Path(path)
         self.hparams = check_hparams(hparams, str(path), "check the hyper-parameters given to the writer")
-        self.header, self.table, self.file_size = _layout(self.hparams)
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise PicogptError(f"unknown weight dtype {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
+        self.weight_dtype = WEIGHT_DTYPES[weight_dtype]
+        self.version = 1 if self.weight_dtype == DTYPE else 2
+        self.header, self.table, self.file_size = _layout(self.hparams, self.weight_dtype)
         self.written = set()
         self.file = None
 
@@ -122,7 +141,7 @@ class ModelFileWriter:
         try:
             if hasattr(os, "posix_fallocate"):  # fail now, not after minutes of writing, if the disk is full
                 os.posix_fallocate(fd, 0, self.file_size)
-            self.file.write(PREAMBLE.pack(MAGIC, VERSION, len(self.header), self.file_size, bytes(32)))
+            self.file.write(PREAMBLE.pack(MAGIC, self.version, len(self.header), self.file_size, bytes(32)))
             self.file.write(self.header)
         except BaseException as e:
             self._discard()
@@ -142,7 +161,14 @@ class ModelFileWriter:
         if not np.isfinite(array).all():
             raise PicogptError(f"tensor {name} contains NaN or infinite values; the checkpoint is damaged")
         # Fortran order on disk is the C-order bytes of the transpose.
-        data = np.ascontiguousarray(array.T if entry["order"] == "F" else array, dtype=DTYPE)
+        data = array.T if entry["order"] == "F" else array
+        if entry["dtype"] == BF16:  # rounded to nearest even; a value beyond bfloat16's range would be inf
+            data = np.ascontiguousarray(bfloat16.round_to_bfloat16(data), dtype="<u2")
+            if not bfloat16.isfinite(data).all():
+                raise PicogptError(f"tensor {name} has values beyond bfloat16's range (about 3.4e38); "
+                                   f"keep this model in float32 (--dtype f32)")
+        else:
+            data = np.ascontiguousarray(data, dtype=DTYPE)
         try:
             self.file.seek(entry["offset"])
             self.file.write(data.data)
@@ -173,7 +199,7 @@ class ModelFileWriter:
             self.file.flush()
             digest = _sha256_from(self.file, PREAMBLE.size)
             self.file.seek(0)
-            self.file.write(PREAMBLE.pack(MAGIC, VERSION, len(self.header), self.file_size, digest))
+            self.file.write(PREAMBLE.pack(MAGIC, self.version, len(self.header), self.file_size, digest))
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
@@ -198,9 +224,11 @@ class ModelFile:
     """An opened model.dat: hyper-parameters and read-only float32 arrays mapped from the file."""
     path: Path
     hparams: dict
-    tensors: dict  # name -> np.ndarray (a view into the memory map; nothing is read until used)
+    tensors: dict  # name -> np.ndarray (a view into the memory map; nothing is read until used); bfloat16
+    #                matrices are uint16 bit patterns (picogpt.bfloat16)
     sha256: bytes  # the checksum stored in the file
     remake_hint: str = ""  # what a message about damage tells the user to do
+    weight_dtype: str = "f32"  # how the weight matrices are stored: "f32" or "bf16"
 
     def verify(self):
         """Hash the whole file against the stored checksum and scan every tensor for NaN or infinity;
@@ -210,7 +238,8 @@ class ModelFile:
         if actual != self.sha256:
             raise PicogptError(f"{self.path}: checksum mismatch, the file is damaged; {self.remake_hint}")
         for name, array in self.tensors.items():  # a file written by other software may hash fine but hold NaN
-            if not np.isfinite(array).all():
+            finite = bfloat16.isfinite(array) if array.dtype == np.uint16 else np.isfinite(array)
+            if not finite.all():
                 raise PicogptError(f"{self.path}: tensor {name} contains NaN or infinite values; {self.remake_hint}")
 
 
@@ -238,7 +267,7 @@ def open_model_file(path, remake_hint=None):
         if version > VERSION:
             raise PicogptError(f"{path}: model file format version {version} is newer than this picogpt "
                                f"reads (version {VERSION}); upgrade picogpt or {remake_hint}")
-        if version != VERSION:
+        if version not in (1, 2):
             raise bad(f"unknown model file format version {version}")
         if file_size != size:
             raise bad(f"file is {size} bytes but its header says {file_size} (truncated or damaged copy)")
@@ -261,16 +290,31 @@ def open_model_file(path, remake_hint=None):
     for e in sorted(table, key=lambda e: e.get("offset") if type(e.get("offset")) is int else -1):
         shape, order = specs[e["name"]]
         offset, nbytes = e.get("offset"), e.get("nbytes")
-        if e.get("dtype") != DTYPE or e.get("order") != order or e.get("shape") != list(shape):
+        allowed = (DTYPE, BF16) if version >= 2 and is_matrix(e["name"]) else (DTYPE,)
+        if e.get("dtype") not in allowed or e.get("order") != order or e.get("shape") != list(shape):
             raise bad(f"tensor {e['name']} is {e.get('dtype')} {e.get('shape')} order {e.get('order')}, "
-                      f"expected {DTYPE} {list(shape)} order {order} for these hyper-parameters")
-        if type(offset) is not int or type(nbytes) is not int or nbytes != 4 * math.prod(shape):
+                      f"expected {' or '.join(allowed)} {list(shape)} order {order} for these hyper-parameters "
+                      f"(format version {version})")
+        if type(offset) is not int or type(nbytes) is not int or nbytes != _ITEMSIZE[e["dtype"]] * math.prod(shape):
             raise bad(f"tensor {e['name']} has a bad offset or byte count")
         if offset % ALIGN or offset < end_of_previous or offset + nbytes > size:
             raise bad(f"tensor {e['name']} lies outside the file or overlaps another")
         end_of_previous = offset + nbytes
 
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    tensors = {e["name"]: np.ndarray(tuple(e["shape"]), DTYPE, buffer=mapped, offset=e["offset"],
-                                     order=e["order"]) for e in table}
-    return ModelFile(path=path, hparams=hparams, tensors=tensors, sha256=digest, remake_hint=remake_hint)
+    tensors = {e["name"]: np.ndarray(tuple(e["shape"]), _NUMPY_DTYPES[e["dtype"]], buffer=mapped,
+                                     offset=e["offset"], order=e["order"]) for e in table}
+    weight_dtype = "bf16" if any(e["dtype"] == BF16 for e in table) else "f32"
+    return ModelFile(path=path, hparams=hparams, tensors=tensors, sha256=digest, remake_hint=remake_hint,
+                     weight_dtype=weight_dtype)
+
+
+def convert_dtype(in_path, out_path, weight_dtype):
+    """Rewrite the model.dat at in_path with its weight matrices stored as weight_dtype ("f32" or
+    "bf16"), tensor by tensor (never the whole model twice in memory), atomically at out_path. float32
+    to bfloat16 rounds to nearest even; bfloat16 to float32 is exact. Returns the hparams."""
+    source = open_model_file(in_path)
+    with ModelFileWriter(out_path, source.hparams, weight_dtype) as out:
+        for name, tensor in source.tensors.items():
+            out.write(name, bfloat16.widen(tensor) if tensor.dtype == np.uint16 else tensor)
+    return source.hparams

@@ -13,6 +13,7 @@ them only inside its functions, and their absence is one PicogptError sentence.
 
 import numpy as np
 
+from . import bfloat16
 from .errors import PicogptError
 from .hints import install_command
 from .tensors import HF_LM_HEAD, model_dat_to_hf_name
@@ -46,8 +47,14 @@ def hf_config(hparams, attn_implementation="eager"):
         **({"attn_implementation": attn_implementation} if attn_implementation else {}))
 
 
+def as_float32(array):
+    """A model.dat tensor as float32: bfloat16 matrices (uint16 bit patterns) widened exactly."""
+    return bfloat16.widen(array) if array.dtype == np.uint16 else array
+
+
 def hf_model(hparams, tensors, attn_implementation="eager"):
-    """A GPT2LMHeadModel in eval mode (no dropout) holding exactly `tensors` (model.dat names -> arrays).
+    """A GPT2LMHeadModel in eval mode (no dropout) holding exactly `tensors` (model.dat names -> arrays;
+    bfloat16 ones widened to float32, so PyTorch computes in float32 on the same rounded weights).
 
     The arrays are copied into memory PyTorch owns (torch.from_numpy cannot share a read-only memory
     map without a warning, and PyTorch would be free to write it): the model's size in RAM again,
@@ -56,7 +63,7 @@ def hf_model(hparams, tensors, attn_implementation="eager"):
     torch, transformers = require_torch()
     with torch.device("meta"):  # no random initialisation of weights that are replaced at once
         model = transformers.GPT2LMHeadModel(hf_config(hparams, attn_implementation))
-    state = {model_dat_to_hf_name(name): torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+    state = {model_dat_to_hf_name(name): torch.from_numpy(np.array(as_float32(array), dtype=np.float32, order="C"))
              for name, array in tensors.items()}
     state[HF_LM_HEAD] = state[model_dat_to_hf_name("wte")]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -13,9 +13,11 @@ variable) must exist when models are looked up in it: a typo is an error, not th
 import os
 import shlex
 from pathlib import Path
+from typing import NamedTuple
 
-from . import files
-from . import hints
+import numpy as np
+
+from . import bfloat16, blas, files, hints
 from .convert_tf import convert_checkpoint, require_tensorflow
 from .download import MODEL_SIZES, check_model_size, download_checkpoint
 from .errors import PicogptError
@@ -95,17 +97,18 @@ def model_path(model, named_models_dir=None):
     raise PicogptError(f"unknown model {model!r}: use one of {', '.join(MODEL_SIZES)}, {DEMO} or a path to a model.dat")
 
 
-def fetch(size, models_dir=None, base_url=None, progress=True, out=None):
+def fetch(size, models_dir=None, base_url=None, progress=True, out=None, weight_dtype="f32"):
     """Download OpenAI's checkpoint of `size` into models_dir/size/ (default: the per-user models folder;
     created if missing), skipping complete files and resuming partial ones, convert it to `out` (default
     models_dir/size/model.dat), and return that path. The layout is OpenAI's download script's, so a
-    folder it filled is converted without downloading anything."""
+    folder it filled is converted without downloading anything. weight_dtype "bf16" stores the weight
+    matrices in bfloat16 (half the file; see picogpt.bfloat16)."""
     size = check_model_size(size)
     require_tensorflow()  # before a download of hundreds of megabytes that could not be converted
     models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
     checkpoint_dir = download_checkpoint(size, models_dir / size, base_url, progress=progress)
     out = Path(out) if out is not None else checkpoint_dir / "model.dat"
-    convert_checkpoint(checkpoint_dir, out)
+    convert_checkpoint(checkpoint_dir, out, weight_dtype)
     return out
 
 
@@ -138,4 +141,38 @@ def load(model="124M", models_dir=None, download=False, base_url=None, progress=
         if not (where / model / "model.dat").exists():
             fetch(model, where, base_url=base_url, progress=progress)
     opened = model_file(model, models_dir)  # NotFetched, with the command that fetches it, if missing
-    return GPT2(opened.hparams, opened.tensors, path=opened.path)
+    tensors, precision = weights_for_backend(opened)
+    loaded = GPT2(opened.hparams, tensors, path=opened.path)
+    loaded.precision = precision
+    return loaded
+
+
+class Precision(NamedTuple):
+    """How a loaded model's weights are stored and multiplied (-v shows it)."""
+
+    file: str  # the weight matrices' type in the file: "f32" or "bf16"
+    native: bool  # bf16 files: multiplied as bfloat16 by the BLAS (else widened to float32 at load)
+    note: str  # one line saying so, and why
+
+    @property
+    def widened(self):
+        return self.file == "bf16" and not self.native
+
+
+def weights_for_backend(opened):
+    """The tensors to compute with, and how: a bfloat16 file's matrices stay bfloat16 (BFloat16Matrix,
+    half the memory) where the selected BLAS multiplies bfloat16 natively on this CPU
+    (blas.bf16_support), and are widened to float32 once, here, otherwise: exact, never failing, at the
+    cost of float32's memory. The model's code is the same either way."""
+    if opened.weight_dtype != "bf16":
+        return opened.tensors, Precision("f32", False, "float32 weights")
+    native, why = blas.bf16_support()
+    matrices = [name for name in opened.tensors if opened.tensors[name].dtype == np.uint16]
+    if native:
+        tensors = {name: bfloat16.BFloat16Matrix.of(t) if name in matrices else t
+                   for name, t in opened.tensors.items()}
+        return tensors, Precision("bf16", True, f"bfloat16 weights, multiplied as bfloat16: {why}")
+    tensors = {name: bfloat16.widen(t) if name in matrices else t for name, t in opened.tensors.items()}
+    extra = sum(opened.tensors[name].size for name in matrices) * 4
+    return tensors, Precision("bf16", False, f"{opened.path}: bfloat16 weights widened to float32 at load "
+                                             f"({extra / 1e6:.0f} MB of memory): {why}")

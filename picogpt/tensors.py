@@ -41,6 +41,12 @@ def check_hparams(hparams, where, fix, names=None):
     return clean
 
 
+def is_matrix(name):
+    """Whether a model.dat tensor is a weight matrix the model multiplies by (`wte`, every `.../w`):
+    the tensors a bfloat16 model.dat stores in bfloat16. Layer norms, biases and `wpe` stay float32."""
+    return name == "wte" or name.endswith("/w")
+
+
 def gpt2_tensor_specs(hparams):
     """{name: (shape, order)} of every tensor a GPT-2 model.dat holds, in file order.
 

@@ -5,6 +5,7 @@ every contestant generated the same tokens as PyTorch (the benchmark refuses to 
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_quick_bench_writes_consistent_results(tmp_path):
+HAS_MKL = __import__("picogpt.blas").blas.mkl_library() is not None
+
+
+@pytest.mark.parametrize("bf16", ["as this CPU allows", "native"])
+def test_quick_bench_writes_consistent_results(tmp_path, bf16):
+    if bf16 == "native" and not HAS_MKL:
+        pytest.skip("Intel's oneMKL wheel is not installed (pip install mkl; x86-64 only)")
     out = tmp_path / "x.json"
+    env = dict(os.environ, PICOGPT_BF16="native") if bf16 == "native" else \
+        {k: v for k, v in os.environ.items() if k != "PICOGPT_BF16"}
     p = subprocess.run([sys.executable, "-m", "picogpt", "bench", "--quick", "--json", str(out)],
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
+                       capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert p.returncode == 0, p.stderr
     results = json.loads(out.read_text())
     assert {"machine", "prompt_ids", "n_tokens", "sections", "seconds"} <= set(results)
@@ -33,14 +42,23 @@ def test_quick_bench_writes_consistent_results(tmp_path):
     for r in rows:
         assert r["runs"] and r["median_s"] > 0 and r["tokens_per_s"] > 0 and "threads" in r
         for run in r["runs"]:
-            if r["system"] in ("picogpt", "PyTorch"):
+            if r["system"] in ("picogpt", "PyTorch") and "bf16" not in r["name"]:  # bf16 may round its way
                 assert run["tokens"] == section["tokens"], r["name"]
     assert any(r["system"] == "picogpt" and r["backend"] == "numpy" and r["cache"] for r in rows)
-    assert {(r["system"], r["cache"]) for r in rows if "cache" in r} == {
+    assert {(r["system"], r["cache"]) for r in rows if "cache" in r} - {("PyTorch bf16", True)} == {
         ("picogpt", True), ("picogpt", False), ("PyTorch", True), ("PyTorch", False)}
+    # bfloat16: rows where it runs natively (forced here by PICOGPT_BF16=native), else a note saying why not
+    bf16_rows = [r for r in rows if r.get("backend") == "mkl bf16"]
+    if bf16 == "native":
+        assert {r["threads"] for r in bf16_rows} == {1, 2} and any(r["system"] == "PyTorch bf16" for r in rows)
+        assert any(r["system"] == "picogpt bf16 process" for r in rows)
+        assert sum("bf16" in t["what"] for t in section["targets"]) >= 6
+        assert section["bf16_decode_step_bytes"] < 0.6 * section["decode_step_bytes"]
+    else:
+        assert bf16_rows or any(n.startswith("picogpt mkl bf16: skipped, ") for n in section["notes"])
     # The whole-process rows printed the same text, and measured the child's own memory.
     procs = [r for r in rows if r["system"].endswith("process")]
-    assert len({run["text"] for r in procs for run in r["runs"]}) == 1
+    assert len({run["text"] for r in procs if "bf16" not in r["system"] for run in r["runs"]}) == 1
     assert all(r["peak_rss_bytes"] > 0 for r in procs)
 
     assert all(b > 0 for b in section["bandwidth"].values())
@@ -54,5 +72,6 @@ def test_quick_bench_writes_consistent_results(tmp_path):
     assert [b["batch"] for b in section["batches"]] == [1, 3]
     for b in section["batches"]:
         assert b["together_s"] > 0 and b["one_by_one_s"] > 0 and b["speedup"] > 0 and b["runs"]
+        assert ("mkl_tokens_per_s" in b) == HAS_MKL  # the MKL column
         assert b["tokens_per_s"] == pytest.approx(b["batch"] * 4 / b["together_s"])
     assert "PASS" in p.stdout or "FAIL" in p.stdout

@@ -26,7 +26,7 @@ MISSING = {
     "system": "no system libopenblas (e.g. apt install libopenblas0-pthread)",
 }
 EXTRA = [path for path in os.environ.get("PICOGPT_TEST_CBLAS", "").split(os.pathsep) if path]
-CASES = (["numpy", "accelerate"] + [f"openblas:{source}" for source in MISSING]
+CASES = (["numpy", "accelerate", "mkl"] + [f"openblas:{source}" for source in MISSING]
          + [f"cblas:{path}" for path in EXTRA])
 
 
@@ -55,6 +55,8 @@ def select(case, variant="default"):
         pytest.skip("Apple's Accelerate exists on macOS only")
     if kind == "openblas" and where not in SOURCES:
         pytest.skip(MISSING[where])
+    if kind == "mkl" and blas.mkl_library() is None:
+        pytest.skip("Intel's oneMKL wheel is not installed (pip install mkl; x86-64 only)")
     backend = blas.use(kind, lib=SOURCES.get(where) or where or None)
     if kind != "numpy":
         for name in ("_gemm", "_gemv", "_batch"):
