@@ -234,3 +234,11 @@ def test_a_bf16_model_moved_to_a_backend_without_bf16_products_stays_right(files
     model = GPT2(open_model_file(files["bf16"]).hparams, tensors)
     np.testing.assert_allclose(model(IDS, all_logits=True), store.load(files["rounded"])(IDS, all_logits=True),
                                rtol=0, atol=1e-5)
+
+
+def test_without_mkl_the_backend_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setattr(blas, "mkl_library", lambda: None)
+    assert cli.main(["Hi", "--backend", "mkl", "--model", "demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no MKL library found; install Intel's oneMKL wheel" in err
+    assert "-m pip install 'mkl>=2024'" in err and "picogpt[" not in err

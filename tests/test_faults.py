@@ -89,7 +89,7 @@ def test_unknown_or_missing_models(capsys, argv, message):
     (["Hi", "-n", "-3"], "argument -n/--n-tokens: expected a whole number >= 0, got '-3'"),
     (["Hi", "-n", "many"], "expected a whole number >= 0, got 'many'"),
     (["Hi", "--no-such-flag"], "unrecognized arguments"),
-    (["Hi", "--backend", "mkl"], "invalid choice: 'mkl'"),
+    (["Hi", "--backend", "blis"], "invalid choice: 'blis'"),
 ])
 def test_bad_arguments_are_one_line_with_status_2(good_model, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
