@@ -11,6 +11,7 @@
 The modules, bottom to top (each imports only modules above it in this list):
 
     errors, files       the one exception type; shipped data and atomic writes
+    bfloat16            bfloat16 weights as uint16 bit patterns: rounding, widening, BFloat16Matrix
     hints               commands quoted in messages, spelled to work as printed here
     tensors             GPT-2's hyper-parameters and tensor names (model.dat's, OpenAI's, Hugging Face's)
     modelfile           the model.dat format: write, map, validate

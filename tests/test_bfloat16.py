@@ -242,3 +242,11 @@ def test_without_mkl_the_backend_says_how_to_install_it(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no MKL library found; install Intel's oneMKL wheel" in err
     assert "-m pip install 'mkl>=2024'" in err and "picogpt[" not in err
+
+
+def test_the_1558m_bf16_file_is_about_3_1_gb():
+    from picogpt.modelfile import _layout
+    hparams = dict(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48, layer_norm_epsilon=1e-5)
+    _, _, f32_size = _layout(hparams)
+    _, _, bf16_size = _layout(hparams, "bf16")
+    assert 3.05e9 < bf16_size < 3.2e9 and bf16_size < 0.51 * f32_size
