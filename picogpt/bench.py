@@ -36,7 +36,7 @@ from .parity import PROMPT  # the 19-token Alan Turing prompt
 from .reference import hf_greedy
 from .reference import hf_model as reference_model
 from .files import output_file, write_atomically
-from .store import load, models_dir
+from .store import load, models_dir, weights_for_backend
 from .tensors import gpt2_tensor_specs
 from .tokenizer import decode, encode
 
@@ -183,11 +183,12 @@ def child_process(cmd, threads):
     return dict(text=p.stdout.decode(), peak_rss=int(peak) * kib, wall=float(seconds))
 
 
-def bf16_contestants(hf, bf16_path, args, n):
-    """The bfloat16 rows: picogpt on the same weights rounded to bfloat16 (a model.dat of bf16 matrices)
-    multiplied natively by MKL, its products alone and its whole process, and PyTorch in bfloat16; each
-    skipped, with the reason, where this CPU or library cannot run it natively. Their tokens may differ
-    from float32's (bfloat16 rounds), so they are recorded, not checked."""
+def bf16_contestants(hf, path, bf16_path, args, n):
+    """The bfloat16 rows: picogpt on the same weights rounded to bfloat16 (written to bf16_path as a
+    model.dat of bf16 matrices) multiplied natively by MKL, its products alone and its whole process, and
+    PyTorch in bfloat16; skipped, with the reason, where this CPU or library cannot run it natively.
+    bfloat16 may round its way to other tokens than float32's: picogpt's bf16 rows must all give the
+    tokens of one bf16 run made first; PyTorch's bfloat16 rounds differently and is recorded only."""
     import copy
 
     import torch
@@ -198,13 +199,16 @@ def bf16_contestants(hf, bf16_path, args, n):
     except PicogptError as e:
         native, why = False, str(e)
     if native:
+        convert_dtype(path, bf16_path, "bf16")  # the same weights, rounded
         bf16 = load(bf16_path)  # MKL selected: the matrices stay bfloat16
+        tokens = picogpt_generate(bf16, n, True)["tokens"]
         stored = open_model_file(bf16_path).tensors
         step_bytes = decode_step_bytes(stored)
         matrices = {name: BFloat16Matrix.of(t) if t.dtype == np.uint16 else t for name, t in stored.items()}
         rows += [contestant("picogpt mkl bf16, cache", t, partial(blas.use, "mkl", threads=t),
                             partial(picogpt_generate, bf16, n, True), args.repeats, system="picogpt",
-                            backend="mkl bf16", cache=True, check=False, step_bytes=step_bytes) for t in args.threads]
+                            backend="mkl bf16", cache=True, expect=tokens, step_bytes=step_bytes)
+                 for t in args.threads]
         rows += [contestant("mkl bf16 products alone", t, partial(blas.use, "mkl", threads=t),
                             partial(decode_products, matrices, 3), args.repeats, system="products",
                             backend="mkl bf16") for t in args.threads]
@@ -212,7 +216,7 @@ def bf16_contestants(hf, bf16_path, args, n):
             cmd = [sys.executable, "-m", "picogpt", PROMPT, "-n", str(n), "--model", str(bf16_path), "--threads",
                    str(t), "--backend", "mkl"]
             rows.append(contestant("picogpt bf16 process", t, lambda: None, partial(child_process, cmd, t),
-                                   args.process_repeats, system="picogpt bf16 process", check=False))
+                                   args.process_repeats, system="picogpt bf16 process", expect=decode(tokens) + "\n"))
     else:
         notes.append(f"picogpt mkl bf16: skipped, {why}")
     blas.use("numpy")
@@ -277,7 +281,7 @@ def contestants(model, hf, path, mf, args, n, bf16_path=None):
                                    partial(picogpt_batch, model, batch_prompts(size), n, True), args.no_cache_repeats,
                                    system="batch mkl", batch=size, together=True))
     if bf16_path is not None:
-        more_rows, more_notes = bf16_contestants(hf, bf16_path, args, n)
+        more_rows, more_notes = bf16_contestants(hf, path, bf16_path, args, n)
         rows, notes = rows + more_rows, notes + more_notes
     blas.use("numpy")
     return rows, notes
@@ -301,6 +305,7 @@ def run_rounds(rows, warmup, settle, expected_tokens, expected_text, expected_ba
             got, want = (out["tokens"], expected_tokens) if "tokens" in out else \
                 (out["batch_tokens"], expected_batches[c["batch"]]) if "batch_tokens" in out else \
                 (out.get("text"), expected_text)
+            want = c.get("expect", want)
             if c.get("check", True) and got is not None and got != want:
                 sys.exit(f"bench: {c['name']} ({c['threads']} threads) produced {got!r}, PyTorch {want!r}")
             if r >= 0:  # a process's own wall time excludes starting the launcher
@@ -522,11 +527,11 @@ def run(**options):
             section_started = time.perf_counter()
             path, source = find_model(size, args, tmp)
             mf = open_model_file(path)
+            tensors, _ = weights_for_backend(mf, "widen")  # the float32 rows: a bfloat16 file's weights widened
+            mf = SimpleNamespace(hparams=mf.hparams, tensors=tensors, path=mf.path)
             model, hf = GPT2(mf.hparams, mf.tensors, path=mf.path), hf_model(mf)
             expected = hf_generate(hf, PROMPT_IDS, n, use_cache=True)
-            bf16_path = Path(tmp) / f"{size}-bf16.dat"
-            convert_dtype(path, bf16_path, "bf16")  # the same weights, rounded: the bf16 rows' model
-            rows, notes = contestants(model, hf, path, mf, args, n, bf16_path)
+            rows, notes = contestants(model, hf, path, mf, args, n, bf16_path=Path(tmp) / f"{size}-bf16.dat")
             # A batch must give each prompt what it gets alone, which for the full prompt is PyTorch's.
             batches = {size: picogpt_batch(model, batch_prompts(size), n, together=False)["batch_tokens"]
                        for size in args.batch_sizes}

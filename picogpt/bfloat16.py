@@ -19,16 +19,21 @@ def round_to_bfloat16(array):
     Adding 0x7FFF plus the lowest kept bit, then dropping the low 16 bits, rounds to nearest with ties
     to even; a value beyond bfloat16's range becomes infinity. (Not for NaN: weights are checked first.)
     """
-    bits = np.asarray(array, dtype=np.float32).view(np.uint32)
-    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    return rounded.astype(np.uint16)
+    values = np.asarray(array, dtype=np.float32)
+    bits = values.view(np.uint32)
+    rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16))
+    rounded = rounded.astype(np.uint16)
+    nan = np.isnan(values)
+    return np.where(nan, np.uint16(0x7FC0), rounded) if nan.any() else rounded  # a NaN stays NaN
 
 
 def widen(bits):
     """bfloat16 bit patterns (uint16) -> float32, exactly, keeping C or Fortran order."""
     bits = np.asarray(bits, dtype=np.uint16)
     order = "F" if bits.flags.f_contiguous and not bits.flags.c_contiguous else "C"
-    return (bits.astype(np.uint32, order=order) << np.uint32(16)).view(np.float32)
+    wide = bits.astype(np.uint32, order=order)
+    wide <<= np.uint32(16)  # in place: one float32-sized array, not two
+    return wide.view(np.float32)
 
 
 def isfinite(bits):
@@ -50,9 +55,15 @@ class BFloat16Matrix(np.ndarray):
 
     def __getitem__(self, index):
         picked = super().__getitem__(index)
-        if isinstance(index, np.ndarray) and index.dtype.kind in "iu":  # rows by token id: float32 values
-            return widen(picked.view(np.ndarray))
-        return picked
+        if isinstance(picked, BFloat16Matrix) and not np.may_share_memory(picked, self):  # rows picked by ids
+            return widen(picked.view(np.ndarray))  # (fancy indexing copies): float32 values
+        return picked  # a view (a slice, .T): still the weights, still BFloat16Matrix
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        """Any NumPy arithmetic on it (`x @ w`, `w + 1`, `w.sum()`) sees float32 values, never the bit
+        patterns: widened first. (picogpt.blas multiplies it as bfloat16 without this detour.)"""
+        inputs = tuple(x.widened() if isinstance(x, BFloat16Matrix) else x for x in inputs)
+        return getattr(ufunc, method)(*inputs, **kwargs)
 
     def widened(self):
         """The same matrix in float32 (a new array, same order)."""

@@ -131,7 +131,14 @@ class CBLAS(Backend):
         self.name, self.library, self._lib = name, path, lib
         self._gemm, self._gemv = sym("cblas_sgemm"), sym("cblas_sgemv")
         self._batch = sym("cblas_sgemm_batch_strided")
-        self._gemm_bf16 = getattr(lib, "cblas_gemm_bf16bf16f32", None)  # MKL's; no prefixed or 64_ variants
+        self._gemm_bf16 = getattr(lib, "cblas_gemm_bf16bf16f32", None)  # MKL's (LP64: see below)
+        if hasattr(lib, "MKL_Set_Interface_Layer"):
+            # libmkl_rt's plain names take 64-bit ints if $MKL_INTERFACE_LAYER says ILP64: pin them to 32-bit
+            # (LP64, what this code passes) before the first call; a library that refuses is not used.
+            lib.MKL_Set_Interface_Layer.restype = ctypes.c_int
+            if lib.MKL_Set_Interface_Layer(ctypes.c_int(0)) != 0:  # MKL_INTERFACE_LP64
+                raise PicogptError(f"{path} would not use 32-bit integers (MKL_INTERFACE_LAYER is "
+                                   f"{os.environ.get('MKL_INTERFACE_LAYER')!r}); unset MKL_INTERFACE_LAYER")
         config = sym("openblas_get_config")
         if config is not None:
             config.restype = ctypes.c_char_p
@@ -310,7 +317,7 @@ _limits = None  # the threadpoolctl limits in force, kept so they last until the
 def use(backend="numpy", lib=None, threads=None):
     """Select the BLAS that `matmul` calls, process-wide, and return it.
 
-    backend: "numpy", "openblas" or "accelerate". lib=PATH loads that CBLAS library instead of
+    backend: "numpy", "openblas", "accelerate" or "mkl". lib=PATH loads that CBLAS library instead of
     searching (named "openblas" with backend="openblas", else "cblas"). threads=N sets the BLAS
     thread count with threadpoolctl; None leaves the libraries' own counts (undoing earlier limits).
     """

@@ -243,7 +243,7 @@ def load_model(args, prog="picogpt"):
             print(f"{prog}: {notice}", file=sys.stderr)
     try:
         loaded = load(model, models_dir=args.models_dir, download=bool(download),
-                      base_url=getattr(args, "base_url", None))
+                      base_url=getattr(args, "base_url", None), quiet=True, bf16=getattr(args, "bf16", None))
     except store.NotFetched as e:
         raise PicogptError(f"{e}" + (" (or add --download)" if download is not None else "")) from None
     if loaded.precision.widened:  # a bfloat16 file this backend or CPU cannot multiply natively
@@ -648,6 +648,7 @@ def parity_parser(prog):
                    help=f"tolerance relative to the reference's largest magnitude at each position "
                         f"(default: {parity.RTOL:g})")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")
+    p.set_defaults(bf16="widen")  # a bfloat16 file: the float32 model of its rounded weights, at float32's tolerance
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 

@@ -221,7 +221,8 @@ def _sha256_from(file, offset):
 
 @dataclass
 class ModelFile:
-    """An opened model.dat: hyper-parameters and read-only float32 arrays mapped from the file."""
+    """An opened model.dat: hyper-parameters and read-only arrays mapped from the file (float32, and
+    bfloat16 matrices as uint16 bit patterns)."""
     path: Path
     hparams: dict
     tensors: dict  # name -> np.ndarray (a view into the memory map; nothing is read until used); bfloat16

@@ -12,6 +12,7 @@ variable) must exist when models are looked up in it: a typo is an error, not th
 
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,20 +129,24 @@ def model_file(model, named_models_dir=None):
     return open_model_file(path, remake_hint=hint)
 
 
-def load(model="124M", models_dir=None, download=False, base_url=None, progress=True):
+def load(model="124M", models_dir=None, download=False, base_url=None, progress=True, bf16=None, quiet=False):
     """Load a GPT-2 model by size name or path, its weights memory-mapped.
 
     With download=True a missing model of a known size is fetched (downloaded from `base_url`, else
     $PICOGPT_BASE_URL, else OpenAI, and converted) first; otherwise a missing model is an error that gives
     the command that fetches it.
     models_dir: where sizes are looked up (default: $PICOGPT_MODELS_DIR or the per-user models folder).
+    A bfloat16 file is multiplied natively or widened to float32 (see weights_for_backend; bf16="widen"
+    or "native" decides instead); widening is said in one line on stderr unless quiet.
     """
     if model in MODEL_SIZES and download:
         where = Path(models_dir) if models_dir is not None else default_models_dir()
         if not (where / model / "model.dat").exists():
             fetch(model, where, base_url=base_url, progress=progress)
     opened = model_file(model, models_dir)  # NotFetched, with the command that fetches it, if missing
-    tensors, precision = weights_for_backend(opened)
+    tensors, precision = weights_for_backend(opened, bf16)
+    if precision.widened and not quiet:
+        print(f"picogpt: {precision.note}", file=sys.stderr)
     loaded = GPT2(opened.hparams, tensors, path=opened.path)
     loaded.precision = precision
     return loaded
@@ -159,20 +164,24 @@ class Precision(NamedTuple):
         return self.file == "bf16" and not self.native
 
 
-def weights_for_backend(opened):
+def weights_for_backend(opened, bf16=None):
     """The tensors to compute with, and how: a bfloat16 file's matrices stay bfloat16 (BFloat16Matrix,
     half the memory) where the selected BLAS multiplies bfloat16 natively on this CPU
     (blas.bf16_support), and are widened to float32 once, here, otherwise: exact, never failing, at the
-    cost of float32's memory. The model's code is the same either way."""
+    cost of float32's memory (the file's mapping is then let go: every tensor is copied). The model's code
+    is the same either way. bf16="widen" or "native" overrides the choice (native still needs a backend
+    with bfloat16 products)."""
     if opened.weight_dtype != "bf16":
         return opened.tensors, Precision("f32", False, "float32 weights")
     native, why = blas.bf16_support()
+    if bf16 == "widen" or (bf16 == "native" and getattr(blas.current(), "_gemm_bf16", None) is not None):
+        native, why = bf16 == "native", f"asked for ({bf16})"
     matrices = [name for name in opened.tensors if opened.tensors[name].dtype == np.uint16]
     if native:
         tensors = {name: bfloat16.BFloat16Matrix.of(t) if name in matrices else t
                    for name, t in opened.tensors.items()}
         return tensors, Precision("bf16", True, f"bfloat16 weights, multiplied as bfloat16: {why}")
-    tensors = {name: bfloat16.widen(t) if name in matrices else t for name, t in opened.tensors.items()}
+    tensors = {name: bfloat16.widen(t) if name in matrices else np.array(t) for name, t in opened.tensors.items()}
     extra = sum(opened.tensors[name].size for name in matrices) * 4
     return tensors, Precision("bf16", False, f"{opened.path}: bfloat16 weights widened to float32 at load "
                                              f"({extra / 1e6:.0f} MB of memory): {why}")

@@ -173,6 +173,7 @@ def test_widened_bf16_is_exactly_the_float32_model_of_the_rounded_weights(files,
     assert model.precision.widened and "numpy backend has no bfloat16 product" in model.precision.note
     assert all(not isinstance(t, BFloat16Matrix) for t in model.params["blocks"][0]["attn"]["c_attn"].values())
     np.testing.assert_array_equal(model(IDS, all_logits=True), store.load(files["rounded"])(IDS, all_logits=True))
+    capsys.readouterr()
     assert cli.main(["Hello", "-n", "5", "--model", str(files["bf16"])]) == 0
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and "bfloat16 weights widened to float32 at load (" in err and "MB of memory)" in err
@@ -250,3 +251,24 @@ def test_the_1558m_bf16_file_is_about_3_1_gb():
     _, _, f32_size = _layout(hparams)
     _, _, bf16_size = _layout(hparams, "bf16")
     assert 3.05e9 < bf16_size < 3.2e9 and bf16_size < 0.51 * f32_size
+
+
+def test_bit_patterns_never_reach_the_model_as_numbers(files):
+    from picogpt.model import GPT2
+    opened = open_model_file(files["bf16"])
+    with pytest.raises(TypeError, match="bfloat16 bit patterns"):
+        GPT2(opened.hparams, opened.tensors)
+    m = BFloat16Matrix.of(opened.tensors["h0/mlp/c_fc/w"])
+    w = widen(opened.tensors["h0/mlp/c_fc/w"])
+    x = np.ones((1, m.shape[0]), np.float32)
+    np.testing.assert_allclose(x @ m, x @ w, rtol=1e-5)  # NumPy arithmetic sees values
+    assert m[[0, 1]].dtype == np.float32 and type(m.T) is BFloat16Matrix and type(m[1:3]) is BFloat16Matrix
+
+
+def test_widening_lets_go_of_the_file_and_the_library_says_so(files, capsys):
+    model = store.load(files["bf16"])
+    assert "bfloat16 weights widened to float32 at load" in capsys.readouterr().err
+    assert all(not np.may_share_memory(t, np.memmap(files["bf16"], mode="r"))
+               for block in model.params["blocks"] for part in block.values() for t in part.values())
+    store.load(files["bf16"], quiet=True)
+    assert capsys.readouterr().err == ""
