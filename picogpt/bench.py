@@ -29,6 +29,7 @@ import numpy as np
 from . import blas
 from .bfloat16 import BFloat16Matrix
 from .errors import PicogptError
+from .beam import beam_search
 from .generate import generate, generate_batch
 from .model import GPT2
 from .modelfile import ModelFileWriter, convert_dtype, open_model_file
@@ -38,14 +39,14 @@ from .reference import hf_model as reference_model
 from .files import output_file, write_atomically
 from .store import load, models_dir, weights_for_backend
 from .tensors import gpt2_tensor_specs
-from .tokenizer import decode, encode
+from .tokenizer import EOT, decode, encode
 
 PROMPT_IDS = [  # encode(PROMPT), written out so that importing this module loads no tokenizer
     36235, 39141, 18765, 1143, 326, 9061, 561, 530, 1110, 1716, 845, 3665, 11, 475, 772, 339, 714, 407, 5967]
 SHAPES = {"124M": dict(n_embd=768, n_head=12, n_layer=12), "355M": dict(n_embd=1024, n_head=16, n_layer=24),
           "tiny": dict(n_embd=64, n_head=4, n_layer=2)}  # tiny: --quick, the smoke test
 SEEDS = {"124M": 124, "355M": 355, "tiny": 1}
-LOOP, STEP, PROCESS, PROCESS_S, MEMORY = 0.65, 1.15, 0.2, 1.2, 1.25  # the targets, see targets()
+LOOP, STEP, PROCESS, PROCESS_S, MEMORY, BEAM = 0.65, 1.15, 0.2, 1.2, 1.25, 0.6  # the targets, see targets()
 BF16_STEP, BF16_FLOOR, BF16_VS_TORCH_BF16, BF16_VS_TORCH, BF16_MEMORY = 0.7, 1.5, 0.5, 0.7, 0.55  # bf16_targets()
 LAUNCHER = """import os, sys, time
 t = time.perf_counter()
@@ -118,6 +119,25 @@ def picogpt_generate(model, n, use_cache):
         steps.append(now - t)
         t = now
     return dict(tokens=tokens, steps=steps)
+
+
+BEAMS = 4  # the beam-search rows: 4 beams, the prompt, n new tokens, <|endoftext|> ending a beam
+
+
+def picogpt_beams(model, n):
+    """picogpt's beam search: the best sequence's new tokens."""
+    return dict(tokens=beam_search(model, [PROMPT_IDS], n, BEAMS, eos_token_id=EOT).sequences[0][0])
+
+
+def hf_beams(model, n):
+    """Hugging Face's generate with the same beam search: the best sequence's new tokens."""
+    import torch
+    prompt = torch.tensor([PROMPT_IDS])
+    with torch.inference_mode():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, num_beams=BEAMS,
+                             max_new_tokens=n, eos_token_id=EOT, pad_token_id=EOT)
+    new = out[0, len(PROMPT_IDS):].tolist()
+    return dict(tokens=new[:new.index(EOT) + 1] if EOT in new else new)
 
 
 def batch_prompts(size):
@@ -270,6 +290,12 @@ def contestants(model, hf, path, mf, args, n, bf16_path=None):
         rows += [contestant(f"{system} process", t, lambda: None, partial(child_process, cmd, t),
                             args.process_repeats, system=f"{system} process")
                  for system, cmd in (("picogpt", pico), ("PyTorch", torch_cmd))]
+    beam_tokens = hf_beams(hf, n)["tokens"]  # what both beam searches must find
+    for t in args.threads:
+        rows += [contestant(f"picogpt beam {BEAMS}", t, partial(blas.use, "numpy", threads=t),
+                            partial(picogpt_beams, model, n), args.repeats, system="beam", expect=beam_tokens),
+                 contestant(f"PyTorch beam {BEAMS}", t, partial(torch.set_num_threads, t), partial(hf_beams, hf, n),
+                            args.repeats, system="PyTorch beam", expect=beam_tokens)]
     t = max(args.threads)
     for size in args.batch_sizes:  # each batch's tokens must equal the prompts' run one by one (see main)
         rows += [contestant(f"batch of {size}, {'together' if together else 'one by one'}", t,
@@ -354,7 +380,9 @@ def summarize(rows, mf, n):
             s["batches"][-1].update(mkl_together_s=seconds[id(mkl)], mkl_tokens_per_s=size * n / seconds[id(mkl)],
                                     mkl_runs=[r["seconds"] for r in mkl["runs"]])
     for c in (c for c in rows if c["system"] not in ("bandwidth", "products", "batch", "batch mkl")):
-        ref = refs.get(("PyTorch process" if c["system"].endswith("process") else "PyTorch", c["threads"]))
+        reference = ("PyTorch process" if c["system"].endswith("process") else
+                     "PyTorch beam" if c["system"] in ("beam", "PyTorch beam") else "PyTorch")
+        ref = refs.get((reference, c["threads"]))
         row = {k: v for k, v in c.items() if k not in ("setup", "run")}
         row.update(median_s=seconds[id(c)], ratio=ref and seconds[id(c)] / ref, tokens_per_s=n / seconds[id(c)])
         if c["system"].endswith("process"):
@@ -374,6 +402,9 @@ def summarize(rows, mf, n):
 def targets(s, h):
     """(what, target, passed) for the issue's targets; the loop and step ones for the best backend."""
     yield from bf16_targets(s)
+    for r in (r for r in s["rows"] if r["system"] == "beam" and r["ratio"] is not None):
+        yield f"beam search ({BEAMS} beams), {r['threads']}t: {r['ratio']:.2f}x Hugging Face's generate", \
+            f"<= {BEAM}x", r["ratio"] <= BEAM
     for t in sorted({d["threads"] for d in s["decode_steps"]}):
         steps = [d for d in s["decode_steps"] if d["threads"] == t and "bf16" not in d["backend"]]
         best = min(steps, key=lambda d: d["loop_s"])

@@ -30,7 +30,8 @@ from .convert_hf import convert_hf_checkpoint  # noqa: E402
 from .convert_tf import convert_checkpoint, require_tensorflow  # noqa: E402
 from .download import DEFAULT_BASE_URL, MODEL_SIZES  # noqa: E402
 from .errors import BadArgument, PicogptError, interrupted, one_line, plural  # noqa: E402
-from .generate import TextBatch  # noqa: E402
+from .beam import beam_search  # noqa: E402
+from .generate import TextBatch, TextStream, prompt_ids  # noqa: E402
 from .modelfile import WEIGHT_DTYPES, convert_dtype, open_model_file  # noqa: E402
 from .scoring import score  # noqa: E402
 from . import store  # noqa: E402
@@ -185,6 +186,7 @@ positive_int = number_kind("a whole number >= 1", int, lambda v: v >= 1)  # thre
 positive_float = number_kind("a number > 0", float, lambda v: 0 < v < math.inf)  # a repetition penalty
 non_negative_float = number_kind("a number >= 0", float, lambda v: 0 <= v < math.inf)  # a temperature, a tolerance
 probability = number_kind("a number > 0 and <= 1", float, lambda v: 0 < v <= 1)  # top-p
+finite_float = number_kind("a number", float, lambda v: -math.inf < v < math.inf)  # a length penalty
 
 
 def stop_text(text):
@@ -287,6 +289,13 @@ def generate_parser(prog="picogpt"):
                           help="seed for sampling: the same seed gives the same text (default: random; -v shows it)")
     sampling.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                           help="continue the prompt N times, as one batch (default: 1)")
+    beams = p.add_argument_group("beam search (Hugging Face's rules; instead of greedy or sampling)")
+    beams.add_argument("--num-beams", type=positive_int, default=1, metavar="N",
+                       help="keep the N most probable continuations at every step and print the best (default: 1, "
+                            "greedy)")
+    beams.add_argument("--length-penalty", type=finite_float, default=1.0, metavar="L",
+                       help="rank finished beams by log-probability / length ** L: above 0 favours longer ones "
+                            "(default: 1)")
     stopping = p.add_argument_group("stopping")
     stopping.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_text,
                           help="stop before this text (repeat for several); it is not printed. Backslash "
@@ -385,6 +394,8 @@ def header(row, n_prompts, num_samples, prompts, where):
 
 
 def generate_command(args):
+    if args.num_beams > 1:
+        return beam_command(args)
     t0 = time.perf_counter()
     model = load_model(args)
     t1 = time.perf_counter()
@@ -418,6 +429,36 @@ def generate_command(args):
     args.mid_line = False
     if args.verbose:
         print(verbose_report(model, batch, args, step_times, t0 - IMPORTS_STARTED, t1 - t0, t2 - t1), file=sys.stderr)
+
+
+def beam_command(args):
+    """picogpt "prompt" --num-beams N: beam search (picogpt.beam), the best continuation of each prompt."""
+    given = [flag for flag, on in (("--temperature", args.temperature is not None), ("--top-k", args.top_k is not None),
+                                   ("--top-p", args.top_p is not None), ("--seed", args.seed is not None),
+                                   ("--num-samples", args.num_samples > 1), ("--no-cache", args.no_cache),
+                                   ("--sliding-window", args.sliding_window)) if on]
+    if given:
+        raise BadArgument(f"--num-beams searches for the most probable text and does not take {', '.join(given)}; "
+                          f"drop {'it' if len(given) == 1 else 'them'}, or --num-beams")
+    started = time.perf_counter()
+    model = load_model(args)
+    prompts, where = read_prompts(args)
+    ids = [prompt_ids(p) for p in prompts]
+    result = beam_search(model, ids, args.n_tokens, args.num_beams, length_penalty=args.length_penalty,
+                         eos_token_id=None if args.ignore_eot else EOT,
+                         repetition_penalty=args.repetition_penalty)
+    for row, (best,) in enumerate(result.sequences):
+        stream = TextStream(args.stop, stop_at_eot=not args.ignore_eot)
+        text = "".join(stream.push(token) for token in best) + stream.flush()
+        head = f"{header(row, len(prompts), 1, prompts, where)}\n" if len(prompts) > 1 else ""
+        sys.stdout.write(f"{head}{text}\n")
+        if args.verbose:
+            print(f"beam search{f' [{row + 1}]' if len(prompts) > 1 else ''}: {args.num_beams} beams, length "
+                  f"penalty {args.length_penalty:g}, best score {result.scores[row, 0]:.4f} "
+                  f"({plural(len(best), 'token')}: {' '.join(map(str, best))})", file=sys.stderr)
+    if args.verbose:
+        print(f"model: {model.path}\nblas: {blas.describe()}\nbeam search: {time.perf_counter() - started:.3f} s",
+              file=sys.stderr)
 
 
 def verbose_report(model, batch, args, step_times, imports, load_s, tokenizer_s):

@@ -62,6 +62,7 @@ KINDS = {
     cli.positive_float: (["0.5", "1e-9", "3"], ["0", "-1", "nan", "inf", "x"]),
     cli.non_negative_float: (["0", "2.5"], ["-0.1", "nan", "inf", "-inf"]),
     cli.probability: (["1", "0.5", "1e-3"], ["0", "1.01", "nan", "-0.5"]),
+    cli.finite_float: (["-1", "0", "2.5"], ["nan", "inf", "x"]),
 }
 # a command line each subcommand parses (it is never run: a bad number stops the parser first)
 BASE_ARGV = {"generate": ["generate", "Hi"], "score": ["score", "t.txt"],
