@@ -19,6 +19,7 @@ The modules, bottom to top (each imports only modules above it in this list):
     model               the math: layer_norm, gelu, softmax, attention, mha, mlp, block, gpt2; KV cache
     trace               a tracer of the model's steps; collects hidden states and attention weights
     generate, scoring   decoding (greedy, sampling, stop strings, batches); log-probabilities of a text
+    beam                beam search with Hugging Face's rules
     download            OpenAI's release (sizes, URL, files) and the resumable download
     convert_tf, convert_hf    checkpoints -> model.dat
     store               model names -> files; load, fetch (download + convert)
