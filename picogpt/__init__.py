@@ -24,6 +24,7 @@ The modules, bottom to top (each imports only modules above it in this list):
     convert_tf, convert_hf    checkpoints -> model.dat
     store               model names -> files; load, fetch (download + convert)
     attention_plot      pictures of attention weights
+    hf                  a drop-in for Hugging Face's GPT2LMHeadModel (from_pretrained, forward, generate)
     reference, parity, bench    the PyTorch reference; the layer-by-layer check and the benchmark against it
     cli                 every `picogpt` subcommand (__main__ runs it)
 

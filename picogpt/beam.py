@@ -80,10 +80,12 @@ def top_k_desc(values, k):
 
 def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_stopping=False,
                 num_return_sequences=1, eos_token_id=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                min_new_tokens=0):
+                min_new_tokens=0, pad_token_id=0):
     """Beam search after each prompt (lists of token ids) for at most n_tokens new tokens: Beams.
 
     eos_token_id: the token that ends a sequence (picogpt's CLI passes <|endoftext|>), or None.
+    pad_token_id: what fills the left of shorter prompts (attention never sees it; the no-repeat n-gram
+    rule does, as in Hugging Face, where it is the caller's padding).
     """
     if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
         raise PicogptError(f"num_return_sequences must be from 1 to num_beams ({num_beams}), "
@@ -96,6 +98,7 @@ def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_s
     n_ctx, n_vocab = model.hparams["n_ctx"], model.hparams["n_vocab"]
     tokens, n_pad = left_pad(prompts)  # [n_prompts, prompt_len]
     batch, prompt_len = tokens.shape
+    tokens[np.arange(prompt_len)[None, :] < n_pad[:, None]] = pad_token_id
     if prompt_len + n_tokens > n_ctx:
         raise PicogptError(f"the prompt ({prompt_len} tokens) plus {n_tokens} new tokens exceed the model's context "
                            f"of {n_ctx} tokens; shorten the prompt or ask for fewer tokens")

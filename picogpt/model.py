@@ -242,18 +242,21 @@ class GPT2:
         n_positions = h["n_ctx"] if n_positions is None else min(n_positions, h["n_ctx"])
         return KVCache(h["n_layer"], n_batch, h["n_head"], n_positions, h["n_embd"] // h["n_head"])
 
-    def forward(self, ids, cache=None, n_pad=None, all_logits=False):
+    def forward(self, ids, cache=None, n_pad=None, all_logits=False, positions=None):
         """Next-token logits for token ids [n_seq] or a batch [n_batch, n_seq] that follow the cache's
         positions: [n_seq, n_vocab] or [n_batch, n_seq, n_vocab] with all_logits, else those of the
         last position only, [1, n_vocab] or [n_batch, 1, n_vocab] (the batch axis only if ids had one).
 
         n_pad [n_batch]: how many filler tokens each row starts with (left padding).
+        positions [n_batch, n_seq]: the tokens' positions, if not their place after the padding (Hugging
+        Face's forward counts the padding unless given position_ids; picogpt.hf follows it).
         """
         ids = self.check_ids(ids, cache)
         batch = ids if ids.ndim == 2 else ids[None]
         n_past = cache.length if cache is not None else 0
-        positions, mask = positions_and_mask(batch.shape[1], n_past,
-                                             np.zeros(len(batch), np.int64) if n_pad is None else n_pad)
+        own_positions, mask = positions_and_mask(batch.shape[1], n_past,
+                                                 np.zeros(len(batch), np.int64) if n_pad is None else n_pad)
+        positions = own_positions if positions is None else np.broadcast_to(positions, own_positions.shape)
         logits = gpt2(batch, positions, mask, **self.params, n_head=self.hparams["n_head"],
                       eps=self.hparams["layer_norm_epsilon"], cache=cache, last_only=not all_logits)
         if cache is not None:

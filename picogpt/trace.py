@@ -316,13 +316,13 @@ class Collected(NamedTuple):
 _COLLECTED = re.compile(r"embed|block \d+|block \d+ / mha / attention / softmax")
 
 
-def collect(model, ids, n_pad=None, all_logits=False, cache=None):
+def collect(model, ids, n_pad=None, all_logits=False, cache=None, positions=None):
     """Run one forward pass of `model` over ids (as model.forward does, with the same arguments) and
     return a Collected: its logits, every hidden state and every attention weight, recorded by a trace
     of the pass (the model's functions return neither).
     """
     with tracing(keep_values=True, steps=_COLLECTED.fullmatch) as t:
-        logits = model.forward(ids, cache=cache, n_pad=n_pad, all_logits=all_logits)
+        logits = model.forward(ids, cache=cache, n_pad=n_pad, all_logits=all_logits, positions=positions)
     values = {row.name: row.value for row in t.rows}
     n_layer, h = model.hparams["n_layer"], model.hparams
     # The last hidden state is ln_f over every position; generating normalises the last one only.

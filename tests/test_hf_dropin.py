@@ -1,0 +1,211 @@
+"""picogpt.hf.GPT2LMHeadModel against transformers' own GPT2LMHeadModel on the same random weights:
+from_pretrained, forward (logits, past_key_values, hidden states, attentions, left-padded batches) and
+generate (greedy, beam search, the logits processors, early ends), identical tokens and scores within
+1e-4; sampling's filtered distribution against Hugging Face's warpers."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from hf_reference import hf_model, random_tensors, write_model_dat
+from picogpt import hf
+from picogpt.errors import PicogptError
+from picogpt.reference import hf_config
+from picogpt.tensors import model_dat_to_hf_name
+from picogpt.tokenizer import encode
+
+HPARAMS = dict(n_vocab=50257, n_ctx=64, n_embd=32, n_head=4, n_layer=2, layer_norm_epsilon=1e-5)
+PROMPTS = [encode("The quick brown fox"), encode("Hello"), encode("Alan Turing theorized that computers")]
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(picogpt's drop-in, Hugging Face's model) on the same weights, the drop-in from a Hugging Face folder."""
+    tensors = random_tensors(HPARAMS, seed=20)
+    folder = tmp_path_factory.mktemp("hf")
+    hf_config(HPARAMS).save_pretrained(folder)
+    save_file({model_dat_to_hf_name(n): np.ascontiguousarray(t) for n, t in tensors.items()},
+              str(folder / "model.safetensors"))
+    ours = hf.GPT2LMHeadModel.from_pretrained(folder)
+    assert (folder / "model.dat").is_file()  # converted once, cached beside
+    return ours, hf_model(HPARAMS, tensors)
+
+
+def padded(prompts, pad=0):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def test_config_and_loading(pair, tmp_path):
+    ours, theirs = pair
+    for field in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions", "eos_token_id", "bos_token_id"):
+        assert getattr(ours.config, field) == getattr(theirs.config, field), field
+    path = write_model_dat(tmp_path / "model.dat", HPARAMS, random_tensors(HPARAMS, seed=20))
+    assert hf.GPT2LMHeadModel.from_pretrained(path).config.n_layer == 2
+    assert hf.GPT2LMHeadModel.from_pretrained("demo").config.n_layer == 4
+    with pytest.raises(PicogptError, match="argument 'torch_dtype' is not supported"):
+        hf.GPT2LMHeadModel.from_pretrained(path, torch_dtype="float16")
+
+
+def test_a_read_only_folder_is_converted_in_memory(pair, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    hf_config(HPARAMS).save_pretrained(folder)
+    tensors = random_tensors(HPARAMS, seed=20)
+    save_file({model_dat_to_hf_name(n): np.ascontiguousarray(t) for n, t in tensors.items()},
+              str(folder / "model.safetensors"))
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user may write into a read-only folder (root)")
+        model = hf.GPT2LMHeadModel.from_pretrained(folder)
+        assert not (folder / "model.dat").exists()
+        ids = torch.tensor([PROMPTS[0]])
+        np.testing.assert_allclose(model(ids).logits, pair[1](ids).logits.detach(), atol=ATOL)
+    finally:
+        folder.chmod(stat.S_IRWXU)
+
+
+def test_forward_matches_on_a_left_padded_batch(pair):
+    ours, theirs = pair
+    ids, mask = padded(PROMPTS)
+    mine = ours(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        ref = theirs(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    assert isinstance(mine.logits, torch.Tensor) and mine.logits.shape == ref.logits.shape
+    real = mask.bool()
+    np.testing.assert_allclose(mine.logits[real], ref.logits[real], atol=ATOL)
+    assert len(mine.hidden_states) == len(ref.hidden_states) and len(mine.attentions) == len(ref.attentions)
+    for a, b in zip(mine.hidden_states, ref.hidden_states):
+        np.testing.assert_allclose(a[real], b[real], atol=ATOL)
+    for a, b in zip(mine.attentions, ref.attentions):
+        np.testing.assert_allclose(a.permute(0, 2, 1, 3)[real], b.permute(0, 2, 1, 3)[real], atol=1e-5)
+    as_lists = ours(ids.tolist(), attention_mask=mask.tolist())
+    assert isinstance(as_lists.logits, np.ndarray)  # no torch in, no torch out
+
+
+def test_past_key_values_continue_as_in_hugging_face(pair):
+    ours, theirs = pair
+    ids, mask = padded(PROMPTS)
+    first = ours(ids, attention_mask=mask, use_cache=True)
+    step = torch.tensor([[11], [13], [262]])
+    longer = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+    second = ours(step, attention_mask=longer, past_key_values=first.past_key_values, use_cache=True)
+    with torch.no_grad():
+        ref = theirs(torch.cat([ids, step], dim=1), attention_mask=longer)
+    np.testing.assert_allclose(second.logits[:, -1], ref.logits[:, -1], atol=ATOL)
+    assert second.past_key_values.get_seq_length() == ids.shape[1] + 1
+
+
+GENERATE = {
+    "greedy": dict(),
+    "greedy, max_length": dict(max_length=16, max_new_tokens=None),
+    "min_new_tokens": dict(min_new_tokens=9),
+    "no_repeat_ngram 2": dict(no_repeat_ngram_size=2),
+    "no_repeat_ngram 3": dict(no_repeat_ngram_size=3),
+    "repetition 1.3": dict(repetition_penalty=1.3),
+    "beams 2": dict(num_beams=2),
+    "beams 4, lp 0.5": dict(num_beams=4, length_penalty=0.5),
+    "beams 4, lp 2, early": dict(num_beams=4, length_penalty=2.0, early_stopping=True),
+    "beams 3, never": dict(num_beams=3, early_stopping="never"),
+    "beams 4, return 4": dict(num_beams=4, num_return_sequences=4),
+    "beams 3, no_repeat 2, min 5": dict(num_beams=3, no_repeat_ngram_size=2, min_new_tokens=5),
+}
+
+
+@pytest.fixture(scope="module")
+def early_eos(pair):
+    """A token greedy search reaches after a few steps for the first prompt."""
+    ours, _ = pair
+    return int(ours.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=6, eos_token_id=50256)[0, -2])
+
+
+@pytest.mark.parametrize("case", GENERATE)
+@pytest.mark.parametrize("eos", ["reached early", "<|endoftext|>"])
+@pytest.mark.parametrize("pad", [0, 50256])
+def test_generate_gives_hugging_faces_tokens(pair, early_eos, case, eos, pad):
+    ours, theirs = pair
+    ids, mask = padded(PROMPTS, pad)
+    options = dict(dict(max_new_tokens=10), **GENERATE[case])
+    options = {k: v for k, v in options.items() if v is not None}
+    eos_id = early_eos if eos == "reached early" else 50256
+    kwargs = dict(attention_mask=mask, eos_token_id=eos_id, pad_token_id=pad, return_dict_in_generate=True,
+                  output_scores=True, **options)
+    mine = ours.generate(ids, **kwargs)
+    with torch.no_grad():
+        ref = theirs.generate(ids, do_sample=False, **kwargs)
+    assert mine.sequences.tolist() == ref.sequences.tolist()
+    assert len(mine.scores) == len(ref.scores)
+    for a, b in zip(mine.scores, ref.scores):
+        a, b = a.numpy(), b.numpy()
+        assert np.array_equal(np.isneginf(a), np.isneginf(b))
+        np.testing.assert_allclose(a[np.isfinite(b)], b[np.isfinite(b)], atol=ATOL)
+    if options.get("num_beams", 1) > 1:
+        np.testing.assert_allclose(mine.sequences_scores, ref.sequences_scores, atol=ATOL)
+
+
+def test_plain_generate_returns_what_hugging_face_returns(pair):
+    ours, theirs = pair
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, pad_token_id=50256)
+    assert torch.equal(ours.generate(ids, max_new_tokens=8), expected)
+    assert isinstance(ours.generate(PROMPTS[2:], max_new_tokens=3), np.ndarray)
+
+
+def test_sampling_draws_from_hugging_faces_filtered_distribution(pair):
+    """Torch's random numbers cannot be had: the scores sampled from must equal Hugging Face's warpers'."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    ours, theirs = pair
+    ids = torch.tensor([PROMPTS[0]])
+    out = ours.generate(ids, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=1, seed=3,
+                        return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        logits = theirs(ids).logits[:, -1]
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9)])
+    expected = warpers(ids, logits).numpy()
+    mine = out.scores[0].numpy()
+    assert np.array_equal(np.isneginf(mine), np.isneginf(expected))
+    np.testing.assert_allclose(mine[np.isfinite(expected)], expected[np.isfinite(expected)], atol=ATOL)
+    assert np.isfinite(mine[0, int(out.sequences[0, -1])])  # the token drawn survived the filters
+
+
+def test_unsupported_arguments_are_refused(pair):
+    ours, _ = pair
+    with pytest.raises(PicogptError, match="generate\\(\\) argument 'typical_p' is not supported by picogpt.hf"):
+        ours.generate(torch.tensor([PROMPTS[0]]), typical_p=0.5)
+    with pytest.raises(PicogptError, match="beam sampling"):
+        ours.generate(torch.tensor([PROMPTS[0]]), num_beams=2, do_sample=True)
+    with pytest.raises(PicogptError, match="left padding"):
+        ours(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[1, 0, 1]]))
+
+
+def test_the_readmes_script_prints_the_same_with_either_import(tmp_path):
+    """The README's transformers script, run as written and with its import changed, on a Hugging Face
+    copy of the demo model: the same lines, and the ones the README shows."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    from picogpt.modelfile import open_model_file
+    repo = Path(__file__).resolve().parent.parent
+    readme = (repo / "README.md").read_text()
+    section = readme.split("## A drop-in for transformers' GPT2LMHeadModel", 1)[1].split("\n## ", 1)[0]
+    script = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    shown = re.findall(r"```\n('.*?)```", section, re.S)[0]
+    demo = open_model_file(repo / "data" / "demo" / "model.dat")
+    hf_model(demo.hparams, demo.tensors).save_pretrained(tmp_path / "demo-hf")
+    (tmp_path / "data").symlink_to(repo / "data")
+    changed = script.replace("from transformers import GPT2LMHeadModel, GPT2Tokenizer",
+                             "from picogpt.hf import GPT2LMHeadModel\nfrom transformers import GPT2Tokenizer")
+    outputs = [subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300).stdout for code in (script, changed)]
+    assert outputs[0] == outputs[1] == shown
