@@ -45,21 +45,21 @@ def banned_ngram_tokens(sequences, n):
     return banned
 
 
-def process(log_probs, sequences, n_pad, n_new, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+def process(log_probs, tokens, n_pad, n_new, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
             eos_token_id=None):
     """Hugging Face's logits processors for these options, on log_probs [n_rows, n_vocab] of rows whose
-    tokens so far (left padding and prompt included) are `sequences`, the first n_pad[row] of them
-    padding and the last n_new generated. As there, the repetition penalty skips the padding and the
-    n-gram ban does not."""
+    tokens so far are tokens [n_rows, length] (left padding and prompt included), the first n_pad[row]
+    of them padding and the last n_new generated. As there, the repetition penalty skips the padding and
+    the n-gram ban does not."""
     if repetition_penalty != 1.0:
+        rows, cols = np.nonzero(np.arange(tokens.shape[1])[None, :] >= np.asarray(n_pad)[:, None])
         seen = np.zeros(log_probs.shape, dtype=bool)
-        for row, seq in enumerate(sequences):
-            seen[row, seq[n_pad[row]:]] = True
+        seen[rows, tokens[rows, cols]] = True
         log_probs = apply_repetition_penalty(log_probs, seen, np.float32(repetition_penalty))
     if no_repeat_ngram_size > 0:
         log_probs = log_probs.copy()
-        for row, tokens in enumerate(banned_ngram_tokens(sequences, no_repeat_ngram_size)):
-            log_probs[row, tokens] = -np.inf
+        for row, banned in enumerate(banned_ngram_tokens(tokens.tolist(), no_repeat_ngram_size)):
+            log_probs[row, banned] = -np.inf
     if min_new_tokens > 0 and n_new < min_new_tokens and eos_token_id is not None:
         log_probs = log_probs.copy()
         log_probs[:, eos_token_id] = -np.inf
@@ -122,7 +122,7 @@ def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_s
         flat = running.reshape(batch * num_beams, -1)
         logits = model(flat[:, cache.length:], cache=cache, n_pad=rows_pad)[:, -1]  # [rows, n_vocab]
         log_probs = log_softmax(logits.astype(np.float32))
-        log_probs = process(log_probs, flat.tolist(), rows_pad, cur_len - prompt_len, repetition_penalty,
+        log_probs = process(log_probs, flat, rows_pad, cur_len - prompt_len, repetition_penalty,
                             no_repeat_ngram_size, min_new_tokens, eos_token_id).astype(np.float32)
         step_scores.append(log_probs)
         total = (log_probs.reshape(batch, num_beams, n_vocab) + running_scores[:, :, None]).reshape(batch, -1)
@@ -161,8 +161,10 @@ def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_s
 
         # The cache follows the surviving beams: row r now continues row parent[r] of the same prompt.
         rows = (next_parent + np.arange(batch)[:, None] * num_beams).reshape(-1)
-        cache.keys[:] = cache.keys[:, rows]
-        cache.values[:] = cache.values[:, rows]
+        if not np.array_equal(rows, np.arange(len(rows))):  # only the positions filled so far move
+            filled = cache.length
+            cache.keys[:, :, :, :filled] = cache.keys[:, rows, :, :filled]
+            cache.values[:, :, :, :filled] = cache.values[:, rows, :, :filled]
         running, running_scores, cur_len = next_running, next_scores, cur_len + 1
 
         # Hugging Face's early-stopping heuristic and stopping rule.

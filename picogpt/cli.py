@@ -396,6 +396,8 @@ def header(row, n_prompts, num_samples, prompts, where):
 def generate_command(args):
     if args.num_beams > 1:
         return beam_command(args)
+    if args.length_penalty != 1.0:
+        raise BadArgument("--length-penalty ranks the beams of --num-beams; give --num-beams 2 or more, or drop it")
     t0 = time.perf_counter()
     model = load_model(args)
     t1 = time.perf_counter()
@@ -436,7 +438,7 @@ def beam_command(args):
     given = [flag for flag, on in (("--temperature", args.temperature is not None), ("--top-k", args.top_k is not None),
                                    ("--top-p", args.top_p is not None), ("--seed", args.seed is not None),
                                    ("--num-samples", args.num_samples > 1), ("--no-cache", args.no_cache),
-                                   ("--sliding-window", args.sliding_window)) if on]
+                                   ("--sliding-window", args.sliding_window), ("--trace", args.trace)) if on]
     if given:
         raise BadArgument(f"--num-beams searches for the most probable text and does not take {', '.join(given)}; "
                           f"drop {'it' if len(given) == 1 else 'them'}, or --num-beams")

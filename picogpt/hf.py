@@ -13,6 +13,7 @@ came in (torch is imported only then). Padding is on the left, as Hugging Face w
 Beam search is picogpt.beam's; greedy search and sampling run the same logits processors.
 """
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -29,10 +30,14 @@ from .trace import collect
 
 
 class ModelOutput(SimpleNamespace):
-    """Hugging Face's output objects: attributes, and `out["logits"]` too."""
+    """Hugging Face's output objects: attributes, `out["logits"]`, and `out[0]` (the fields that are set,
+    in order, as `to_tuple()` gives them)."""
 
     def __getitem__(self, key):
-        return getattr(self, key)
+        return self.to_tuple()[key] if isinstance(key, (int, slice)) else getattr(self, key)
+
+    def to_tuple(self):
+        return tuple(value for value in vars(self).values() if value is not None)
 
 
 class PastKeyValues:
@@ -83,13 +88,16 @@ def _left_padding(attention_mask, shape):
 class GPT2LMHeadModel:
     """GPT-2 with transformers' GPT2LMHeadModel interface; the numbers are picogpt's (model.GPT2)."""
 
-    def __init__(self, model):
+    def __init__(self, model, folder=None):
         self.model = model
         h = model.hparams
+        tokens = dict(eos_token_id=EOT, bos_token_id=EOT, pad_token_id=None)
+        if folder is not None:  # a Hugging Face folder's own special tokens
+            config = json.loads((Path(folder) / "config.json").read_text())
+            tokens.update({k: config[k] for k in tokens if isinstance(config.get(k), int)})
         self.config = GPT2Config(model_type="gpt2", n_embd=h["n_embd"], n_layer=h["n_layer"], n_head=h["n_head"],
                                  vocab_size=h["n_vocab"], n_positions=h["n_ctx"], n_ctx=h["n_ctx"],
-                                 layer_norm_epsilon=h["layer_norm_epsilon"], eos_token_id=EOT, bos_token_id=EOT,
-                                 pad_token_id=None)
+                                 layer_norm_epsilon=h["layer_norm_epsilon"], **tokens)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -101,14 +109,19 @@ class GPT2LMHeadModel:
                                f"it loads float32 (or bfloat16 model.dat) weights on the CPU")
         name = str(pretrained_model_name_or_path)
         folder = Path(name)
-        if folder.is_dir() and (folder / "config.json").is_file() and not (folder / "model.dat").is_file():
+        if folder.is_dir() and (folder / "config.json").is_file():
             from .convert_hf import convert_hf_checkpoint
-            if os.access(folder, os.W_OK):
-                convert_hf_checkpoint(folder, folder / "model.dat")
-            else:  # a read-only folder: convert into a file that lives only as long as its mapping
-                with tempfile.TemporaryDirectory() as tmp:
-                    convert_hf_checkpoint(folder, Path(tmp) / "model.dat")
-                    return cls(store.load(Path(tmp) / "model.dat"))
+            cached = folder / "model.dat"
+            weights = [p for p in folder.glob("*.safetensors*")]
+            stale = cached.is_file() and any(p.stat().st_mtime > cached.stat().st_mtime for p in weights)
+            if not cached.is_file() or stale:
+                if os.access(folder, os.W_OK):
+                    convert_hf_checkpoint(folder, cached)
+                else:  # a read-only folder: convert into a file that lives only as long as its mapping
+                    with tempfile.TemporaryDirectory() as tmp:
+                        convert_hf_checkpoint(folder, Path(tmp) / "model.dat")
+                        return cls(store.load(Path(tmp) / "model.dat"), folder)
+            return cls(store.load(cached), folder)
         return cls(store.load(name))
 
     # transformers scripts call these; picogpt is always in inference mode on the CPU
@@ -128,6 +141,9 @@ class GPT2LMHeadModel:
         if ids.ndim == 1:
             ids = ids[None]
         past = past_key_values
+        if past is not None and attention_mask is None and past.n_pad.any():
+            raise PicogptError("the cached rows have left padding: pass the attention_mask (padding and all "
+                               "positions since) with past_key_values")
         if past is not None and not isinstance(past, PastKeyValues):
             raise PicogptError("past_key_values must be what this model returned with use_cache=True")
         n_past = past.cache.length if past is not None else 0
@@ -148,11 +164,12 @@ class GPT2LMHeadModel:
         else:
             logits = self.model(ids, cache=cache, n_pad=n_pad, all_logits=True, positions=positions)
             hidden = attentions = None
-        return ModelOutput(
+        output = ModelOutput(
             logits=_out(logits, as_torch),
             past_key_values=PastKeyValues(cache, n_pad) if use_cache or past is not None else None,
             hidden_states=tuple(_out(h, as_torch) for h in hidden) if output_hidden_states else None,
             attentions=tuple(_out(a, as_torch) for a in attentions) if output_attentions else None)
+        return output if return_dict else output.to_tuple()
 
     __call__ = forward
 
@@ -173,6 +190,15 @@ class GPT2LMHeadModel:
         ids, as_torch = _numpy(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
+        for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+            if value is not None and np.ndim(value) != 0:
+                raise PicogptError(f"{name} must be one token id; picogpt.hf takes no lists of them")
+        if do_sample and not temperature > 0:
+            raise PicogptError(f"temperature must be > 0 when sampling, not {temperature}")
+        eos = self.config.eos_token_id if eos_token_id is None else int(eos_token_id)
+        pad = eos if pad_token_id is None else int(pad_token_id)
+        if attention_mask is None and pad != eos and (ids == pad).any():  # Hugging Face's guess: pads are padding
+            attention_mask = (ids != pad).astype(np.int64)
         n_pad = _left_padding(attention_mask, ids.shape)
         prompt_len = ids.shape[1]
         if max_new_tokens is None:
@@ -180,8 +206,6 @@ class GPT2LMHeadModel:
         if max_new_tokens < 1:
             raise PicogptError(f"nothing to generate: the prompt has {prompt_len} tokens and max_length is "
                                f"{max_length or 20}; give max_new_tokens")
-        eos = self.config.eos_token_id if eos_token_id is None else int(eos_token_id)
-        pad = eos if pad_token_id is None else int(pad_token_id)
         if num_beams > 1:
             fill = pad or eos  # Hugging Face's beam search fills with `pad or eos`: a pad id of 0 counts as none
             if do_sample:
@@ -221,7 +245,7 @@ class GPT2LMHeadModel:
         unfinished = np.ones(len(ids), bool)
         for step in range(n_tokens):
             logits = model(tokens[:, cache.length:], cache=cache, n_pad=n_pad)[:, -1].astype(np.float32)
-            logits = process(logits, tokens.tolist(), n_pad, step, repetition_penalty, no_repeat_ngram_size,
+            logits = process(logits, tokens, n_pad, step, repetition_penalty, no_repeat_ngram_size,
                              min_new_tokens, eos).astype(np.float32)
             if do_sample:  # Hugging Face's warpers, in its order; the scores are what is sampled from
                 logits = logits / np.float32(temperature)

@@ -209,3 +209,56 @@ def test_the_readmes_script_prints_the_same_with_either_import(tmp_path):
     outputs = [subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                               timeout=300).stdout for code in (script, changed)]
     assert outputs[0] == outputs[1] == shown
+
+
+def test_outputs_index_like_hugging_faces(pair):
+    ours, theirs = pair
+    ids = torch.tensor([PROMPTS[0]])
+    out = ours(ids, use_cache=True)
+    assert out[0] is out.logits and out["logits"] is out.logits and out.to_tuple()[1] is out.past_key_values
+    as_tuple = ours(ids, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.logits)
+
+
+def test_without_a_mask_padding_is_found_as_hugging_face_finds_it(pair):
+    ours, theirs = pair
+    ids, _ = padded(PROMPTS, pad=5)
+    with torch.no_grad():
+        expected = theirs.generate(ids, max_new_tokens=6, pad_token_id=5, eos_token_id=50256, do_sample=False)
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, pad_token_id=5, eos_token_id=50256), expected)
+
+
+def test_more_refusals(pair, capsys, tmp_path):
+    ours, _ = pair
+    ids, mask = padded(PROMPTS)
+    past = ours(ids, attention_mask=mask, use_cache=True).past_key_values
+    with pytest.raises(PicogptError, match="pass the attention_mask"):
+        ours(torch.tensor([[1], [2], [3]]), past_key_values=past)
+    with pytest.raises(PicogptError, match="eos_token_id must be one token id"):
+        ours.generate(ids, attention_mask=mask, eos_token_id=[50256, 13])
+    with pytest.raises(PicogptError, match="temperature must be > 0 when sampling"):
+        ours.generate(ids, attention_mask=mask, do_sample=True, temperature=0)
+    from picogpt import cli
+    assert cli.main(["Hi", "--model", "demo", "--num-beams", "2", "--trace"]) == 2
+    assert "does not take --trace" in capsys.readouterr().err
+    assert cli.main(["Hi", "--model", "demo", "--length-penalty", "2"]) == 2
+    assert "--length-penalty ranks the beams of --num-beams" in capsys.readouterr().err
+
+
+def test_the_cached_model_dat_follows_the_folder(tmp_path):
+    import json
+    import time
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    config = hf_config(HPARAMS)
+    config.eos_token_id = 13
+    config.save_pretrained(folder)
+    for seed in (1, 2):
+        tensors = random_tensors(HPARAMS, seed=seed)
+        time.sleep(0.01)
+        save_file({model_dat_to_hf_name(n): np.ascontiguousarray(t) for n, t in tensors.items()},
+                  str(folder / "model.safetensors"))
+        os.utime(folder / "model.safetensors", (time.time() + seed, time.time() + seed))  # newer than the cache
+        model = hf.GPT2LMHeadModel.from_pretrained(folder)
+        np.testing.assert_array_equal(model.model.params["wte"], tensors["wte"])  # the new weights, not stale ones
+    assert model.config.eos_token_id == 13 and json.loads((folder / "config.json").read_text())["eos_token_id"] == 13
