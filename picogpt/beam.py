@@ -6,6 +6,7 @@ score, and keeps, per prompt, the 2 x num_beams best (row, token) pairs over all
 num_beams of those that do not end (EOS, or the length limit) run on, and those that end compete for
 the num_beams finished places by their score / generated_length ** length_penalty. The cache is then
 reordered so each surviving row holds its parent's keys and values (one gather, no loop over beams).
+Each prompt itself runs once, its keys and values then copied to its beams' rows.
 
 The rules are Hugging Face transformers' `_beam_search` (its vectorised form, transformers 4.50 to 5.x;
 written against 5.24): the same candidate count, the same -1e9 masks for finished or impossible beams,
@@ -116,11 +117,21 @@ def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_s
     is_finished = np.zeros((batch, num_beams), bool)
     heuristic_unsatisfied = np.ones((batch, 1), bool)
     rows_pad = np.repeat(n_pad, num_beams)
+    # The prompts run once each (all beams of a prompt start the same), then every beam row gets a copy.
+    prompt_cache = model.new_cache(batch, prompt_len)
+    first_logits = model(tokens, cache=prompt_cache, n_pad=n_pad)[:, -1]  # [batch, n_vocab]
     cache = model.new_cache(batch * num_beams, max_length)
+    cache.keys[:, :, :, :prompt_len] = np.repeat(prompt_cache.keys, num_beams, axis=1)
+    cache.values[:, :, :, :prompt_len] = np.repeat(prompt_cache.values, num_beams, axis=1)
+    cache.length = prompt_len
+    del prompt_cache
     step_scores, cur_len = [], prompt_len
     while True:
         flat = running.reshape(batch * num_beams, -1)
-        logits = model(flat[:, cache.length:], cache=cache, n_pad=rows_pad)[:, -1]  # [rows, n_vocab]
+        if cur_len == prompt_len:
+            logits = np.repeat(first_logits, num_beams, axis=0)  # [rows, n_vocab]
+        else:
+            logits = model(flat[:, cache.length:], cache=cache, n_pad=rows_pad)[:, -1]  # [rows, n_vocab]
         log_probs = log_softmax(logits.astype(np.float32))
         log_probs = process(log_probs, flat, rows_pad, cur_len - prompt_len, repetition_penalty,
                             no_repeat_ngram_size, min_new_tokens, eos_token_id).astype(np.float32)
