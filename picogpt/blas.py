@@ -77,6 +77,7 @@ class Backend:
     """NumPy's own matmul; the base of every backend. `.library` is the path that runs the products."""
 
     name, int_bits = "numpy", None
+    _gemm_bf16 = None  # the library's bfloat16 product, where it has one (CBLAS: MKL's)
 
     def __init__(self):
         libs = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy.libs, numpy/.dylibs
@@ -93,11 +94,7 @@ class Backend:
         info = _blas_info(self.library)
         return info["num_threads"] if info else None
 
-    @staticmethod
-    def matmul(a, b):
-        if isinstance(b, BFloat16Matrix):  # loaded for another backend: right, though slow (see store.load)
-            return np.matmul(a, b.widened())
-        return np.matmul(a, b)
+    matmul = staticmethod(np.matmul)  # a BFloat16Matrix widens itself for it (its __array_ufunc__), slowly
 
 
 def _layout(strides, rows, cols, size=4):
@@ -234,7 +231,7 @@ def cpu_features():
     return fields.get("vendor_id"), set(fields.get("flags", "").split())
 
 
-def bf16_support():
+def bf16_support(forced=None):
     """(True, how) if the selected backend multiplies bfloat16 weights natively and fast on this CPU,
     else (False, why): then bfloat16 weights are widened to float32 at load (see store.load).
 
@@ -242,14 +239,16 @@ def bf16_support():
     or amx_bf16), and an Intel CPU: MKL picks its bfloat16 kernels by Intel's CPU identification. On an
     AMD Zen 4 with avx512_bf16, a 1x768 by 768x3072 bfloat16 product took 5.2 ms against 0.12 ms in
     float32 (MKL 2026.2), and without the instructions Intel's own CPUs are 10-22x slower in bfloat16
-    (the shared performance notes). $PICOGPT_BF16=native or =widen overrides the choice.
+    (the shared performance notes). forced="native" or "widen" (else $PICOGPT_BF16) overrides the choice;
+    native still needs the library's bfloat16 product.
     """
     backend = current()
-    forced = os.environ.get(BF16_ENV, "").lower()
-    if getattr(backend, "_gemm_bf16", None) is None:
+    source = "asked for" if forced else f"${BF16_ENV}"
+    forced = (forced or os.environ.get(BF16_ENV, "")).lower()
+    if backend._gemm_bf16 is None:
         return False, f"the {backend.name} backend has no bfloat16 product (--backend mkl has)"
     if forced in ("native", "widen"):
-        return forced == "native", f"${BF16_ENV}={forced}"
+        return forced == "native", f"{source}: {forced}"
     vendor, flags = cpu_features()
     if not flags:
         return False, "this system does not say whether its CPU has bfloat16 instructions (no /proc/cpuinfo)"

@@ -140,7 +140,7 @@ def run(prog, command, args):
         end_line(args)
         say(prog, "terminated")
         return 143  # 128 + SIGTERM
-    except (BadArgument, PicogptError, MemoryError, KeyboardInterrupt, ImportError) as e:
+    except (PicogptError, MemoryError, KeyboardInterrupt, ImportError) as e:  # BadArgument is a PicogptError
         if args.debug or (isinstance(e, ImportError) and not interrupted(e)):
             raise
         end_line(args)
@@ -225,7 +225,7 @@ def add_model_arguments(p):
                    "$PICOGPT_BASE_URL, else OpenAI's)")
     p.add_argument("--backend", default="numpy", choices=blas.BACKENDS,
                    help="which BLAS multiplies the matrices: NumPy's own (default), an OpenBLAS found "
-                        "automatically, or Apple's Accelerate (macOS)")
+                        "automatically, Apple's Accelerate (macOS), or Intel's oneMKL (also bfloat16 weights)")
     p.add_argument("--blas-lib", default=None, metavar="PATH",
                    help="use this CBLAS shared library (MKL's libmkl_rt, BLIS, a system OpenBLAS...)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",

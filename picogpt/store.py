@@ -169,13 +169,10 @@ def weights_for_backend(opened, bf16=None):
     half the memory) where the selected BLAS multiplies bfloat16 natively on this CPU
     (blas.bf16_support), and are widened to float32 once, here, otherwise: exact, never failing, at the
     cost of float32's memory (the file's mapping is then let go: every tensor is copied). The model's code
-    is the same either way. bf16="widen" or "native" overrides the choice (native still needs a backend
-    with bfloat16 products)."""
+    is the same either way. bf16="widen" or "native" overrides the choice (see blas.bf16_support)."""
     if opened.weight_dtype != "bf16":
         return opened.tensors, Precision("f32", False, "float32 weights")
-    native, why = blas.bf16_support()
-    if bf16 == "widen" or (bf16 == "native" and getattr(blas.current(), "_gemm_bf16", None) is not None):
-        native, why = bf16 == "native", f"asked for ({bf16})"
+    native, why = blas.bf16_support(bf16)
     matrices = [name for name in opened.tensors if opened.tensors[name].dtype == np.uint16]
     if native:
         tensors = {name: bfloat16.BFloat16Matrix.of(t) if name in matrices else t
