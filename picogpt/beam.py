@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import PicogptError
-from .generate import apply_repetition_penalty, left_pad
+from .generate import apply_repetition_penalty, check_fits, left_pad
 from .scoring import log_softmax
 
 NEG = -1.0e9  # Hugging Face's "impossible" score
@@ -96,13 +96,11 @@ def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_s
     prompts = [[int(i) for i in p] for p in prompts]
     if not prompts or not all(prompts):
         raise ValueError("every prompt needs at least one token id")
-    n_ctx, n_vocab = model.hparams["n_ctx"], model.hparams["n_vocab"]
+    n_vocab = model.hparams["n_vocab"]
     tokens, n_pad = left_pad(prompts)  # [n_prompts, prompt_len]
     batch, prompt_len = tokens.shape
     tokens[np.arange(prompt_len)[None, :] < n_pad[:, None]] = pad_token_id
-    if prompt_len + n_tokens > n_ctx:
-        raise PicogptError(f"the prompt ({prompt_len} tokens) plus {n_tokens} new tokens exceed the model's context "
-                           f"of {n_ctx} tokens; shorten the prompt or ask for fewer tokens")
+    check_fits(model, prompt_len, n_tokens, remedy="shorten the prompt or ask for fewer tokens")
     max_length = prompt_len + n_tokens
     keep = max(2, 1 + (eos_token_id is not None)) * num_beams  # candidates per prompt each step
     top_beams = np.arange(keep) < num_beams

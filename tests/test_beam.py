@@ -95,6 +95,8 @@ def test_bad_beam_options_are_refused(models):
         beam_search(model, PROMPTS, 3, num_beams=2, num_return_sequences=3)
     with pytest.raises(Exception, match="early_stopping must be"):
         beam_search(model, PROMPTS, 3, num_beams=2, early_stopping="sometimes")
+    with pytest.raises(Exception, match="exceed the model's context of 64 tokens; shorten the prompt or ask"):
+        beam_search(model, PROMPTS, 60, num_beams=2)
 
 
 def test_cli_num_beams(tmp_path, models, capsys):
