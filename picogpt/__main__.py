@@ -1,7 +1,8 @@
 """`python -m picogpt` and the `picogpt` console script: the command line of picogpt.cli.
 
 Importing the command line loads NumPy and the rest, a noticeable fraction of a second: a Ctrl-C in
-that time ends quietly, as it does later (picogpt.cli.run), instead of with an import's traceback.
+that time, or while the arguments are read, ends quietly, as it does later (picogpt.cli.run), instead
+of with a traceback.
 A Ctrl-C can reach an extension module inside its C initialisation, which may report it as an
 ImportError that no longer mentions it (NumPy does), so the signal itself is noted while importing.
 """
@@ -44,7 +45,13 @@ def main(argv=None, prog=None):
             print(f"{prog or 'picogpt'}: error: {missing_requirement(e.name)}", file=sys.stderr)
             return 1
         raise
-    return cli_main(argv, prog=prog)
+    try:
+        return cli_main(argv, prog=prog)
+    except KeyboardInterrupt:  # between the import and the command (reading the arguments): cli.run has the rest
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print(f"{prog or 'picogpt'}: interrupted", file=sys.stderr)
+        return 130
 
 
 # The modules of setup.cfg's install_requires: one of them missing means picogpt runs under a Python

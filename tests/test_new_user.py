@@ -812,3 +812,14 @@ def test_make_run_passes_a_prompt_that_looks_like_an_option(tmp_path):
     from picogpt.store import demo_model_path
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert done.stdout == complete(load(demo_model_path()), "-v", 3) + "\n"
+
+
+def test_ctrl_c_while_the_arguments_are_read_is_one_line(monkeypatch, capsys):
+    def interrupted_parse(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    from picogpt.__main__ import main
+    monkeypatch.setattr(cli.ArgumentParser, "parse_args", interrupted_parse)
+    assert main(["Hello"]) == 130
+    assert capsys.readouterr().err == "picogpt: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):  # --debug shows it, as everywhere
+        main(["Hello", "--debug"])
