@@ -1,28 +1,42 @@
-"""Train picogpt's demo model, a tiny GPT-2 that ships in data/demo/ so picogpt runs with no download.
+"""Train picogpt's demo model, a small GPT-2 that ships in data/demo/ so picogpt runs with no download.
 
-    .venv/bin/python tools/train_demo_model.py     # about 30 minutes on 2 CPU cores (1810 s here)
+    apt-get install python3.11-doc                     # the Python documentation, as HTML (PSF licence)
+    .venv/bin/python tools/train_demo_model.py         # checkpoints as it goes; run it again to resume
 
 The architecture and tokenizer are GPT-2's exactly (transformers' GPT2LMHeadModel with a tied output
 layer, GPT-2's 50257-token BPE from picogpt's own tokenizer); only the sizes are small, so that the
-weights fit in 30 MB: the token embedding alone is 50257 x n_embd float32s (25.7 MB at n_embd 128).
+weights fit in 30 MB. The token embedding alone is 50257 x n_embd numbers, so the file stores the weight
+matrices as bfloat16 (model.dat version 2), which buys a model twice as wide as float32 would.
 
-The corpus is collected here, offline: the docstrings of the Python standard library this script runs
-on (module, class and function docstrings read with `ast`, PSF licence), in sorted path order, each
-after an <|endoftext|> token, laid out by `reflow`: a line per paragraph or list entry (wrapped lines
-joined), no blank lines, and no code blocks. Every 20th docstring is held out for validation.
+The corpus is collected here, offline, from two sources under the PSF licence, in a fixed order:
+the docstrings of the Python standard library this script runs on (read with `ast`), and the Python
+documentation as Debian's python3.11-doc package installs it (HTML turned into plain paragraphs with
+the standard library's HTML parser: code blocks, tables, signatures and navigation dropped; a document
+per top-level section). Each document follows an <|endoftext|> token, a paragraph per line (`reflow`).
+Documents are de-duplicated and split into train and held-out parts by a hash of their text: whole
+documents, never lines.
 
-Training is in PyTorch on the CPU, seeded, on 2 threads and in a fixed data order, so the same
-command on the same machine and Python writes the same model.dat. Progress goes to stdout and to
-data/demo/train_log.txt, the source of the model card's numbers (data/demo/README.md). The weights
-are written with picogpt's ModelFileWriter, then reloaded by picogpt for the sample continuations.
+Training is in PyTorch on the CPU (bfloat16 autocast where the CPU has bfloat16 instructions), seeded,
+in a fixed data order, so the same command with the same thread count on the same machine writes the
+same model.dat. The learning rate warms up, stays constant while the held-out loss still improves, and
+decays once it stops improving (a warmup-stable-decay schedule): training stops on the held-out loss,
+not on a step count. A checkpoint (safetensors, no pickle) is written at every evaluation; the same
+command run again resumes from it, so training can span several sittings. Progress goes to stdout and
+to data/demo/train_log.txt, the source of the model card's numbers (data/demo/README.md). The weights
+are written with picogpt's ModelFileWriter, then reloaded by picogpt for the held-out perplexity and
+the sample continuations.
 """
 
 import argparse
 import ast
 import hashlib
+import html.parser
+import json
 import math
+import os
 import platform
 import re
+import subprocess
 import sys
 import sysconfig
 import time
@@ -31,24 +45,30 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import picogpt
 from picogpt.generate import generate
 from picogpt.modelfile import ModelFileWriter
+from picogpt.scoring import score
 from picogpt.tensors import gpt2_tensor_specs, hf_to_model_dat_name
 from picogpt.tokenizer import EOT, N_VOCAB, load_tokenizer
 
-HPARAMS = dict(n_vocab=N_VOCAB, n_ctx=256, n_embd=128, n_head=4, n_layer=4, layer_norm_epsilon=1e-5)
+# bfloat16 matrices: 50257 x 192 x 2 bytes = 19.3 MB of embedding, 0.9 MB per layer, 26.4 MB in all.
+HPARAMS = dict(n_vocab=N_VOCAB, n_ctx=256, n_embd=192, n_head=6, n_layer=8, layer_norm_epsilon=1e-5)
+WEIGHT_DTYPE = "bf16"
 MAX_FILE_BYTES = 30_000_000
-# Sequences per step and tokens per sequence (= n_ctx, so every position trains). Small batches learned
-# more per token here: at 300K tokens, val loss 5.53 at 2 x 256, 5.63 at 4 x 256, 5.75 at 8 x 256 (measured
-# on an earlier layout of the corpus, with blank lines and code blocks).
-BATCH_SIZE, BLOCK_SIZE = 2, 256
-LR, MIN_LR, WARMUP, WEIGHT_DECAY, DROPOUT = 2e-3, 2e-4, 100, 0.1, 0.0
-EVAL_EVERY, EVAL_WINDOWS = 250, 32  # steps between evaluations; windows of BLOCK_SIZE tokens evaluated
-VAL_EVERY = 20  # docstring i is held out when i % VAL_EVERY == VAL_EVERY - 1
+BATCH_SIZE, BLOCK_SIZE = 8, 256  # sequences per step, tokens per sequence (= n_ctx, so every position trains)
+LR, MIN_LR, WARMUP, WEIGHT_DECAY, DROPOUT = 1e-3, 1e-5, 200, 0.1, 0.0
+# The schedule's stable phase ends when the held-out loss has improved by less than PLATEAU nats over the
+# last PATIENCE evaluations (or at --max-steps); the decay then lasts DECAY_FRACTION of the steps before it.
+PLATEAU, PATIENCE, DECAY_FRACTION = 0.01, 3, 0.2
+EVAL_EVERY, EVAL_WINDOWS = 250, 96  # steps between evaluations; windows of BLOCK_SIZE tokens evaluated
+VAL_EVERY = 20  # a document is held out when the hash of its text is 0 modulo VAL_EVERY
 MIN_DOC_CHARS = 20
+DOCS_DIR = "/usr/share/doc/python3.11/html"
+DOCS_PACKAGE = "python3.11-doc"
 # The corpus layout (see reflow). A line that starts an entry of its own rather than continuing the one
 # above: a list item, a doctest line, a table row or rule, a "name -- text" or "name: text" definition.
 ENTRY = re.compile(r"\s*(?:(?:[-*+\u2022]|\d+[.)]|\([a-z0-9]\)) |>>> |\.\.\. |[|=]|[-+]{3}|\S+ --? |\w+ ?: )")
@@ -57,7 +77,12 @@ ITEM_MARKER = re.compile(r"\s*(?:(?:[-*+\u2022]|\d+[.)]|\([a-z0-9]\)) +)?")  # i
 WRAP_WIDTH = 50  # a line this long, continued at the same indent, was wrapped
 SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages", "turtledemo",
              "ensurepip", "pydoc_data", "__phello__", "__pycache__"}
-SAMPLE_PROMPTS = ["Return the number of", "This module provides", "The default value is"]
+# Pages of the documentation that are indexes, legal text or release notes by issue number, not prose.
+SKIP_PAGES = re.compile(r"^(genindex.*|py-modindex|search|contents|copyright|license|download|"
+                        r"whatsnew/changelog)\.html$")
+# The greedy samples: the README's prompt, then openings of held-out docstrings (chosen in main).
+README_PROMPT = "The optional argument"
+N_HELD_OUT_PROMPTS, SAMPLE_TOKENS = 12, 30
 
 
 def stdlib_files():
@@ -123,48 +148,218 @@ def docstrings(paths):
                 yield text
 
 
+class DocsPage(html.parser.HTMLParser):
+    """The prose of one page of the HTML documentation, as documents: lists of paragraphs, one per section
+    at the top two levels of the page (a page's introduction, then each of its sections with their
+    subsections). Only text inside the page's main part (<div class="body">) counts; code, tables,
+    signatures (<dt>), permalinks, tables of contents and admonition titles are dropped; a paragraph, list
+    item, definition or heading becomes one line with its whitespace normalised."""
+
+    BLOCKS = {"p", "li", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "caption", "figcaption"}
+    SKIP_TAGS = {"pre", "table", "dt", "script", "style", "nav", "footer", "math"}
+    SKIP_CLASSES = {"highlight", "headerlink", "toctree-wrapper", "admonition-title", "sphinxsidebar", "related",
+                    "footnote", "rubric"}
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.documents, self.text, self.open = [[]], [], []  # open: (tag, flags) of the elements entered
+        self.in_body = self.skipping = self.sections = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.VOID:
+            if tag == "br":
+                self.text.append(" ")
+            return
+        classes = set((dict(attrs).get("class") or "").split())
+        flags = set()
+        if not self.in_body:
+            if tag == "div" and "body" in classes:
+                flags.add("body")
+                self.in_body = 1
+        else:
+            if tag in self.SKIP_TAGS or any(c.startswith("highlight") for c in classes) or classes & self.SKIP_CLASSES:
+                flags.add("skip")
+                self.skipping += 1
+            if tag == "section":
+                flags.add("section")
+                self.sections += 1
+                if self.sections <= 2 and not self.skipping:
+                    self.paragraph_end()
+                    self.documents.append([])
+            if tag in self.BLOCKS and not self.skipping:
+                flags.add("block")
+                self.paragraph_end()
+        self.open.append((tag, flags))
+
+    def handle_endtag(self, tag):
+        if tag not in (t for t, _ in self.open):
+            return  # a stray end tag
+        while self.open:
+            name, flags = self.open.pop()
+            if "block" in flags:
+                self.paragraph_end()
+            self.skipping -= "skip" in flags
+            self.sections -= "section" in flags
+            if "body" in flags:
+                self.paragraph_end()
+                self.in_body = 0
+            if name == tag:
+                return
+
+    def handle_data(self, data):
+        if self.in_body and not self.skipping:
+            self.text.append(data)
+
+    def paragraph_end(self):
+        text = " ".join("".join(self.text).split())
+        self.text = []
+        if text and not text.startswith("Source code:"):
+            self.documents[-1].append(text)
+
+
+def docs_pages(root):
+    """The documentation's HTML pages worth reading, in sorted path order, as (relative path, path)."""
+    for path in sorted(Path(root).rglob("*.html")):
+        relative = path.relative_to(root).as_posix()
+        if not relative.startswith("_") and not SKIP_PAGES.match(relative):
+            yield relative, path
+
+
+def docs_documents(root):
+    """The documentation's prose as documents: each a paragraph per line, in page order."""
+    for _, path in docs_pages(root):
+        page = DocsPage()
+        page.feed(path.read_text(encoding="utf-8"))
+        page.close()
+        for paragraphs in page.documents:
+            text = "\n".join(paragraphs)
+            if len(text) >= MIN_DOC_CHARS:
+                yield text
+
+
+def docs_version(root):
+    """Where the documentation came from, for the log: the Debian package and version when dpkg knows it."""
+    try:
+        version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", DOCS_PACKAGE], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        return f"{DOCS_PACKAGE} {version} ({root})"
+    except (OSError, subprocess.CalledProcessError):
+        title = re.search(r"<title>(.*?)</title>", (Path(root) / "index.html").read_text(encoding="utf-8"))
+        return f"{root} ({title.group(1) if title else 'unknown version'})"
+
+
+def is_held_out(text):
+    """A document is held out by a hash of its text, so the split is by whole documents and is stable."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % VAL_EVERY == 0
+
+
 def token_stream(docs, encoding):
-    """One int64 tensor: each docstring's tokens after an <|endoftext|>, as GPT-2 separated documents."""
+    """One int32 array: each document's tokens after an <|endoftext|>, as GPT-2 separated documents."""
     ids = []
     for doc in docs:
         ids.append(EOT)
         ids.extend(encoding.encode_ordinary(doc))
-    return torch.tensor(ids, dtype=torch.long)
+    return np.array(ids, dtype=np.int32)
 
 
 def fixed_windows(stream, n):
     """n windows of BLOCK_SIZE + 1 tokens spread evenly over a stream: the fixed sample a loss is measured on."""
     starts = np.linspace(0, len(stream) - BLOCK_SIZE - 1, n).astype(int).tolist()
-    return torch.stack([stream[s:s + BLOCK_SIZE + 1] for s in starts])
+    return torch.stack([torch.from_numpy(stream[s:s + BLOCK_SIZE + 1]).long() for s in starts])
 
 
-def lm_loss(model, windows):
+def lm_loss(model, windows, bf16):
     """Mean cross-entropy of each next token given those before it, over windows [batch, BLOCK_SIZE + 1].
 
     The same as GPT2LMHeadModel(x, labels=x).loss, without its shifted copy of the [batch, BLOCK_SIZE,
-    n_vocab] logits (the output layer is most of the work with a 50257-token vocabulary).
+    n_vocab] logits (the output layer is most of the work with a 50257-token vocabulary). With bf16, the
+    products run in bfloat16 (autocast) and the loss in float32; the weights stay float32.
     """
-    hidden = model.transformer(windows[:, :-1]).last_hidden_state
-    return F.cross_entropy(model.lm_head(hidden).flatten(0, 1), windows[:, 1:].flatten())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        hidden = model.transformer(windows[:, :-1]).last_hidden_state
+        logits = model.lm_head(hidden).flatten(0, 1)
+    return F.cross_entropy(logits.float(), windows[:, 1:].flatten())
 
 
 @torch.no_grad()
-def evaluate(model, windows):
+def evaluate(model, windows, bf16):
     """Mean next-token cross-entropy (nats per token) over the windows, without dropout."""
     model.eval()
     total = 0.0
     for chunk in windows.split(16):
-        total += lm_loss(model, chunk).item() * len(chunk)
+        total += lm_loss(model, chunk, bf16).item() * len(chunk)
     model.train()
     return total / len(windows)
 
 
-def lr_at(step, steps):
-    """Linear warm-up to LR, then cosine decay to MIN_LR at the last step."""
-    if step < WARMUP:
-        return LR * (step + 1) / WARMUP
-    progress = (step - WARMUP) / max(1, steps - WARMUP)
-    return MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * progress))
+class Schedule:
+    """Warmup-stable-decay: a linear warm-up to LR, LR while the held-out loss improves, then a linear decay
+    to MIN_LR over DECAY_FRACTION of the steps trained so far. The decay starts when the held-out loss has
+    improved by less than PLATEAU over the last PATIENCE evaluations, or in time to end at max_steps."""
+
+    def __init__(self, max_steps, decay_start=None, decay_steps=None, val_losses=()):
+        self.max_steps, self.decay_start, self.decay_steps = max_steps, decay_start, decay_steps
+        self.val_losses = list(val_losses)
+
+    def lr(self, step):  # step counts from 0
+        if step < WARMUP:
+            return LR * (step + 1) / WARMUP
+        if self.decay_start is None or step < self.decay_start:
+            return LR
+        return LR - (LR - MIN_LR) * min(1.0, (step - self.decay_start + 1) / self.decay_steps)
+
+    @property
+    def end(self):
+        return None if self.decay_start is None else self.decay_start + self.decay_steps
+
+    def evaluated(self, step, val_loss):
+        """Record an evaluation after `step` steps; returns why the decay starts now, or None."""
+        self.val_losses.append(val_loss)
+        if self.decay_start is not None:
+            return None
+        recent = self.val_losses[-PATIENCE - 1:]
+        why = None
+        if len(recent) > PATIENCE and recent[0] - min(recent[1:]) < PLATEAU:
+            why = f"the held-out loss improved by less than {PLATEAU} over the last {PATIENCE} evaluations"
+        elif step * (1 + DECAY_FRACTION) >= self.max_steps:
+            why = f"--max-steps {self.max_steps} is near"
+        if why:
+            self.decay_start = step
+            self.decay_steps = max(1, self.max_steps - step) if why.startswith("--") else round(DECAY_FRACTION * step)
+        return why
+
+
+def save_checkpoint(path, model, optimizer, batches, state):
+    """Everything training needs to go on exactly where it stopped, in one safetensors file (no pickle),
+    replaced atomically: the weights, AdamW's moments, the data order's generator, and `state` (JSON)."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.transformer.state_dict().items()}
+    for i, param_state in optimizer.state_dict()["state"].items():
+        for key, value in param_state.items():
+            tensors[f"adam.{i}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
+    tensors["batches"] = batches.get_state()
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    save_file(tensors, partial, metadata={"state": json.dumps(state)})
+    os.replace(partial, path)
+
+
+def load_checkpoint(path, model, optimizer, batches):
+    """Restore what save_checkpoint wrote; returns its state."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        state = json.loads(f.metadata()["state"])
+    tensors = load_file(path)
+    model.transformer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    saved = optimizer.state_dict()
+    for i in range(len(list(model.parameters()))):
+        if f"adam.{i}.exp_avg" in tensors:
+            saved["state"][i] = {"step": tensors[f"adam.{i}.step"].reshape(()),
+                                 "exp_avg": tensors[f"adam.{i}.exp_avg"],
+                                 "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"]}
+    optimizer.load_state_dict(saved)
+    batches.set_state(tensors["batches"])
+    return state
 
 
 def write_model(model, path):
@@ -174,46 +369,83 @@ def write_model(model, path):
     # hf_to_model_dat_name gives None for lm_head.weight (the tied wte) and anything that is not a weight.
     tensors = {name: v.detach().numpy() for k, v in state.items() if (name := hf_to_model_dat_name(k))}
     assert set(tensors) == set(gpt2_tensor_specs(HPARAMS)), "state dict does not map onto model.dat"
-    with ModelFileWriter(path, HPARAMS) as out:
+    with ModelFileWriter(path, HPARAMS, weight_dtype=WEIGHT_DTYPE) as out:
         for name, array in tensors.items():
             out.write(name, array)
 
 
+def held_out_perplexity(model_path, docs, encoding):
+    """picogpt's own perplexity over every held-out document (each after <|endoftext|>, longer ones in
+    sliding windows): the number the model card compares between models, on the file as shipped."""
+    model = picogpt.load(model_path, quiet=True)
+    total_log_prob, n_tokens = 0.0, 0
+    for doc in docs:
+        result = score(model, [EOT] + encoding.encode_ordinary(doc))
+        total_log_prob += result.log_prob
+        n_tokens += result.n_tokens
+    return n_tokens, math.exp(-total_log_prob / n_tokens)
+
+
+def repeated_phrase(ids, n=4):
+    """The first run of n tokens that occurs twice in ids, as text-free ids, or None."""
+    seen = set()
+    for i in range(len(ids) - n + 1):
+        gram = tuple(ids[i:i + n])
+        if gram in seen:
+            return gram
+        seen.add(gram)
+    return None
+
+
+def opening(doc, n_words=4):
+    """The first few words of a document's first line: a prompt the model never saw continued."""
+    return " ".join(doc.splitlines()[0].split()[:n_words])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=2500, help="optimizer steps (default: 2500)")
+    p.add_argument("--max-steps", type=int, default=20000,
+                   help="the most optimizer steps; training normally stops earlier, on the held-out loss")
     p.add_argument("--out", default="data/demo/model.dat", help="model file to write")
-    p.add_argument("--seed", type=int, default=1234, help="seeds initialisation, dropout and batch order")
-    p.add_argument("--log", default="data/demo/train_log.txt", help="log file (overwritten)")
+    p.add_argument("--seed", type=int, default=1234, help="seeds initialisation and batch order")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch threads (the result depends on it)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="products in bfloat16 autocast or float32 (auto: bf16 where the CPU has it natively)")
+    p.add_argument("--docs", default=DOCS_DIR, help=f"the HTML documentation (Debian: apt-get install {DOCS_PACKAGE})")
+    p.add_argument("--log", default="data/demo/train_log.txt", help="log file (appended to when resuming)")
+    p.add_argument("--checkpoint", default="build/demo_checkpoint.safetensors",
+                   help="written at every evaluation; the same command resumes from it")
+    p.add_argument("--fresh", action="store_true", help="start again, ignoring an existing checkpoint")
+    p.add_argument("--compare", metavar="MODEL_DAT", help="another model file to give the held-out perplexity of")
     args = p.parse_args()
-
-    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.log, "w", encoding="utf-8")
-
-    def log(message=""):
-        print(message, flush=True)
-        log_file.write(message + "\n")
-        log_file.flush()
+    if not Path(args.docs, "index.html").is_file():
+        sys.exit(f"error: no Python documentation in {args.docs}; install it with `apt-get install {DOCS_PACKAGE}` "
+                 f"or name its HTML folder with --docs")
 
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    file_size = ModelFileWriter(args.out, HPARAMS).file_size  # computes the layout; opens nothing
+    file_size = ModelFileWriter(args.out, HPARAMS, weight_dtype=WEIGHT_DTYPE).file_size  # the layout; opens nothing
     assert file_size <= MAX_FILE_BYTES, f"{file_size} bytes is over the {MAX_FILE_BYTES} byte limit"
 
-    docs = list(docstrings(stdlib_files()))
-    train_docs = [d for i, d in enumerate(docs) if i % VAL_EVERY != VAL_EVERY - 1]
-    val_docs = [d for i, d in enumerate(docs) if i % VAL_EVERY == VAL_EVERY - 1]
+    docstring_docs = list(docstrings(stdlib_files()))
+    seen, docs = set(docstring_docs), list(docstring_docs)
+    for doc in docs_documents(args.docs):
+        if doc not in seen:
+            seen.add(doc)
+            docs.append(doc)
+    train_docs = [d for d in docs if not is_held_out(d)]
+    val_docs = [d for d in docs if is_held_out(d)]
     encoding = load_tokenizer()
     train, val = token_stream(train_docs, encoding), token_stream(val_docs, encoding)
-    digest = hashlib.sha256(train.numpy().tobytes() + val.numpy().tobytes()).hexdigest()
-    log(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
-    log(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.machine()}")
-    log(f"corpus: {len(docs)} docstrings from {sysconfig.get_paths()['stdlib']}; "
-        f"train {len(train_docs)} docstrings, {len(train)} tokens; val {len(val_docs)} docstrings, "
-        f"{len(val)} tokens; tokens sha256 {digest[:16]}")
+    digest = hashlib.sha256(train.tobytes() + val.tobytes()).hexdigest()[:16]
+
+    native_bf16 = hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    precision = {"auto": "bf16" if native_bf16 else "fp32"}.get(args.precision, args.precision)
+    settings = dict(hparams=HPARAMS, weight_dtype=WEIGHT_DTYPE, batch=[BATCH_SIZE, BLOCK_SIZE], lr=[LR, MIN_LR, WARMUP],
+                    weight_decay=WEIGHT_DECAY, schedule=[PLATEAU, PATIENCE, DECAY_FRACTION, EVAL_EVERY],
+                    seed=args.seed, tokens=digest)
 
     config = GPT2Config(vocab_size=HPARAMS["n_vocab"], n_positions=HPARAMS["n_ctx"], n_embd=HPARAMS["n_embd"],
                         n_layer=HPARAMS["n_layer"], n_head=HPARAMS["n_head"],
@@ -221,46 +453,98 @@ def main():
                         resid_pdrop=DROPOUT, embd_pdrop=DROPOUT, attn_pdrop=DROPOUT)
     model = GPT2LMHeadModel(config).train()
     n_params = sum(t.numel() for t in model.parameters())  # the tied lm_head counts once
-    log(f"model: {HPARAMS}, {n_params} parameters, model.dat {file_size} bytes")
-
     # Weight decay on matrices only (not on biases and layer-norm gains), as GPT-2 reimplementations do.
     decay = [t for t in model.parameters() if t.dim() >= 2]
     no_decay = [t for t in model.parameters() if t.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.95))
-    log(f"training: {args.steps} steps of {BATCH_SIZE} x {BLOCK_SIZE} tokens, AdamW lr {LR} "
-        f"(warm-up {WARMUP}, cosine to {MIN_LR}), weight decay {WEIGHT_DECAY}, dropout {DROPOUT}, "
-        f"grad clip 1.0, seed {args.seed}")
-    train_windows, val_windows = fixed_windows(train, EVAL_WINDOWS), fixed_windows(val, EVAL_WINDOWS)
     batches = torch.Generator().manual_seed(args.seed)  # the data order: random offsets, fixed by the seed
-    losses, t_train = [], time.perf_counter()
-    for step in range(1, args.steps + 1):
+    schedule, step, trained_s = Schedule(args.max_steps), 0, 0.0
+
+    resume = Path(args.checkpoint).is_file() and not args.fresh
+    if resume:
+        state = load_checkpoint(args.checkpoint, model, optimizer, batches)
+        if state["settings"] != settings:
+            sys.exit(f"error: {args.checkpoint} was made with other settings or another corpus; "
+                     f"run with --fresh to start again")
+        step, trained_s, precision = state["step"], state["trained_s"], state["precision"]
+        schedule = Schedule(args.max_steps, state["decay_start"], state["decay_steps"], state["val_losses"])
+        if state["threads"] != args.threads:
+            print(f"note: the checkpoint trained on {state['threads']} threads, this run on {args.threads}; "
+                  f"the result will differ slightly from an uninterrupted run", file=sys.stderr)
+    bf16 = precision == "bf16"
+
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.log, "a" if resume else "w", encoding="utf-8")
+
+    def log(message=""):
+        print(message, flush=True)
+        log_file.write(message + "\n")
+        log_file.flush()
+
+    if resume:
+        log(f"resumed: step {step} from {args.checkpoint} ({' '.join([Path(sys.executable).name] + sys.argv)})")
+    else:
+        log(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
+        log(f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} threads, "
+            f"{platform.machine()}, products in {precision} (native bfloat16: {'yes' if native_bf16 else 'no'})")
+        log(f"corpus: {len(docstring_docs)} docstrings from {sysconfig.get_paths()['stdlib']}; "
+            f"{len(docs) - len(docstring_docs)} documents from {docs_version(args.docs)}")
+        log(f"split: train {len(train_docs)} documents, {len(train)} tokens; held out {len(val_docs)} documents, "
+            f"{len(val)} tokens; tokens sha256 {digest}")
+        log(f"model: {HPARAMS}, {n_params} parameters, model.dat {file_size} bytes ({WEIGHT_DTYPE} matrices)")
+        log(f"training: {BATCH_SIZE} x {BLOCK_SIZE} tokens a step, AdamW lr {LR} (warm-up {WARMUP}, then constant "
+            f"until the held-out loss improves by less than {PLATEAU} over {PATIENCE} evaluations, then a linear "
+            f"decay to {MIN_LR} over {DECAY_FRACTION:.0%} of the steps), weight decay {WEIGHT_DECAY}, dropout "
+            f"{DROPOUT}, grad clip 1.0, seed {args.seed}, at most {args.max_steps} steps")
+
+    train_windows, val_windows = fixed_windows(train, EVAL_WINDOWS), fixed_windows(val, EVAL_WINDOWS)
+    losses, t_sitting = [], time.perf_counter()
+    while schedule.end is None or step < schedule.end:
         starts = torch.randint(len(train) - BLOCK_SIZE, (BATCH_SIZE,), generator=batches)
-        chunk = torch.stack([train[s:s + BLOCK_SIZE + 1] for s in starts.tolist()])
+        chunk = torch.stack([torch.from_numpy(train[s:s + BLOCK_SIZE + 1]).long() for s in starts.tolist()])
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - 1, args.steps)
-        loss = lm_loss(model, chunk)
+            group["lr"] = schedule.lr(step)
+        loss = lm_loss(model, chunk, bf16)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-        if step % EVAL_EVERY == 0 or step == args.steps:
-            train_loss, val_loss = evaluate(model, train_windows), evaluate(model, val_windows)
-            elapsed = time.perf_counter() - t_train
-            log(f"step {step:5d} | lr {lr_at(step - 1, args.steps):.2e} | batch loss {np.mean(losses):.4f} "
+        step += 1
+        if step % EVAL_EVERY == 0 or step == schedule.end:
+            train_loss, val_loss = evaluate(model, train_windows, bf16), evaluate(model, val_windows, bf16)
+            elapsed = trained_s + time.perf_counter() - t_sitting
+            log(f"step {step:5d} | lr {schedule.lr(step - 1):.2e} | batch loss {np.mean(losses):.4f} "
                 f"| train loss {train_loss:.4f} | val loss {val_loss:.4f} | {elapsed:6.0f} s")
             losses = []
+            why = schedule.evaluated(step, val_loss)
+            if why:
+                log(f"decay: from step {step} over {schedule.decay_steps} steps, because {why}")
+            save_checkpoint(args.checkpoint, model, optimizer, batches, dict(
+                settings=settings, step=step, trained_s=elapsed, precision=precision, threads=args.threads,
+                decay_start=schedule.decay_start, decay_steps=schedule.decay_steps, val_losses=schedule.val_losses))
+    elapsed = trained_s + time.perf_counter() - t_sitting
 
     write_model(model, args.out)
-    log(f"final: step {args.steps}, train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-        f"training {elapsed:.0f} s, total {time.perf_counter() - started:.0f} s; "
-        f"wrote {args.out} ({Path(args.out).stat().st_size} bytes)")
+    log(f"final: step {step}, train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+        f"training {elapsed:.0f} s; wrote {args.out} ({Path(args.out).stat().st_size} bytes)")
+    n_tokens, perplexity = held_out_perplexity(args.out, val_docs, encoding)
+    log(f"held-out perplexity (picogpt, {n_tokens} tokens of {len(val_docs)} documents): {perplexity:.2f} for "
+        f"{args.out}")
+    if args.compare:
+        log(f"held-out perplexity (picogpt, same text): {held_out_perplexity(args.compare, val_docs, encoding)[1]:.2f} "
+            f"for {args.compare}")
 
-    demo = picogpt.load(args.out)  # the samples come from picogpt itself, reading the file just written
-    for prompt in SAMPLE_PROMPTS:
-        ids = encoding.encode(prompt)
-        log(f"sample: {prompt!r} -> {encoding.decode(list(generate(demo, ids, 30)))!r}")
+    demo = picogpt.load(args.out, quiet=True)  # the samples come from picogpt itself, reading the file just written
+    held_out_docstrings = [d for d in docstring_docs if is_held_out(d)]
+    picks = np.linspace(0, len(held_out_docstrings) - 1, N_HELD_OUT_PROMPTS).astype(int)
+    for prompt in [README_PROMPT] + [opening(held_out_docstrings[i]) for i in picks]:
+        new = list(generate(demo, encoding.encode(prompt), SAMPLE_TOKENS))
+        repeat = repeated_phrase(new)
+        log(f"sample: {prompt!r} -> {encoding.decode(new)!r}"
+            + (f" (repeats {encoding.decode(list(repeat))!r})" if repeat else ""))
+    log(f"done: {time.perf_counter() - started:.0f} s in this sitting")
     log_file.close()
 
 
