@@ -21,7 +21,7 @@ quote = '$(subst ','\'',$(value $(1)))'
 # --option 'value' when the variable is set, nothing when it is empty
 option = $(if $(value $(2)),$(1) $(call quote,$(2)))
 
-.PHONY: run fetch test bench parity install install-convert install-test clean
+.PHONY: run fetch test browser bench parity install install-convert install-test clean
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV)
@@ -62,8 +62,25 @@ fetch: $(VENV)/.installed-convert
 	@$(PY) -m picogpt convert-tf --model-size $(if $(value MODEL),$(call quote,MODEL),124M) \
 		$(call option,--models-dir,MODELS_DIR) $(call option,--base-url,BASE_URL) $(call option,--dtype,DTYPE)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser
 	$(PY) -m pytest -q
+
+# The browser the page tests drive (tests/test_explain_browser.py): Debian's chromium and chromium-driver,
+# installed with apt-get where it can be (as root, or with sudo that asks no password); elsewhere those
+# tests skip, saying which packages they need.
+BROWSER_PACKAGES := chromium chromium-driver fonts-dejavu-core
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+		if [ "$$SUDO" = none ]; then \
+			echo "make: the page tests need a browser: sudo apt-get install $(BROWSER_PACKAGES)"; \
+		else \
+			echo "make: installing $(BROWSER_PACKAGES) for the page tests (apt-get)"; \
+			( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+				--no-install-recommends $(BROWSER_PACKAGES) ) >$(VENV)/apt.log 2>&1 \
+				|| { tail -5 $(VENV)/apt.log; echo "make: apt-get failed; the page tests will skip"; }; \
+		fi; \
+	fi
 
 # picogpt against PyTorch on the same weights, 1 and 2 threads, and the memory-bandwidth floor (about 3 min)
 bench: $(VENV)/.installed-test

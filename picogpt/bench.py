@@ -29,6 +29,8 @@ import numpy as np
 from . import blas
 from .bfloat16 import BFloat16Matrix
 from .errors import PicogptError
+from .explain import explain
+from .explain_page import write_page
 from .beam import beam_search
 from .generate import generate, generate_batch
 from .model import GPT2
@@ -47,6 +49,7 @@ SHAPES = {"124M": dict(n_embd=768, n_head=12, n_layer=12), "355M": dict(n_embd=1
           "tiny": dict(n_embd=64, n_head=4, n_layer=2)}  # tiny: --quick, the smoke test
 SEEDS = {"124M": 124, "355M": 355, "tiny": 1}
 LOOP, STEP, PROCESS, PROCESS_S, MEMORY, BEAM = 0.65, 1.15, 0.2, 1.2, 1.25, 0.6  # the targets, see targets()
+EXPLAIN_TOKENS, EXPLAIN_FIXED_S = (16, 64), 1.0  # explain's page: at most 2 forward passes + EXPLAIN_FIXED_S
 BF16_STEP, BF16_FLOOR, BF16_VS_TORCH_BF16, BF16_VS_TORCH, BF16_MEMORY = 0.7, 1.5, 0.5, 0.7, 0.55  # bf16_targets()
 LAUNCHER = """import os, sys, time
 t = time.perf_counter()
@@ -138,6 +141,19 @@ def hf_beams(model, n):
                              max_new_tokens=n, eos_token_id=EOT, pad_token_id=EOT)
     new = out[0, len(PROMPT_IDS):].tolist()
     return dict(tokens=new[:new.index(EOT) + 1] if EOT in new else new)
+
+
+def explain_prompt(n_tokens):
+    """A text of about n_tokens tokens (the Alan Turing prompt, repeated and cut) and its token count."""
+    text = decode(encode(" ".join([PROMPT] * 8))[:n_tokens])
+    return text, len(encode(text))
+
+
+def picogpt_explain(model, text):
+    """Everything `picogpt explain` does after loading: gather the data, draw the page, write the file."""
+    with tempfile.TemporaryDirectory(prefix="picogpt-explain-") as tmp:
+        path = write_page(explain(model, text), Path(tmp) / "explain.html")
+        return dict(bytes=path.stat().st_size)
 
 
 def batch_prompts(size):
@@ -297,6 +313,14 @@ def contestants(model, hf, path, mf, args, n, bf16_path=None):
                  contestant(f"PyTorch beam {BEAMS}", t, partial(torch.set_num_threads, t), partial(hf_beams, hf, n),
                             args.repeats, system="PyTorch beam", expect=beam_tokens)]
     t = max(args.threads)
+    for k in EXPLAIN_TOKENS:  # the page against the plain forward pass it is made from, over the same prompt
+        text, n_prompt = explain_prompt(k)
+        ids = encode(text)
+        rows += [contestant(f"explain page, {n_prompt} tokens", t, partial(blas.use, "numpy", threads=t),
+                            partial(picogpt_explain, model, text), args.repeats, system="explain", n_prompt=n_prompt),
+                 contestant(f"forward pass, {n_prompt} tokens", t, partial(blas.use, "numpy", threads=t),
+                            partial(timed_calls, partial(model, ids), 1), args.repeats, system="forward",
+                            n_prompt=n_prompt)]
     for size in args.batch_sizes:  # each batch's tokens must equal the prompts' run one by one (see main)
         rows += [contestant(f"batch of {size}, {'together' if together else 'one by one'}", t,
                             partial(blas.use, "numpy", threads=t),
@@ -379,7 +403,13 @@ def summarize(rows, mf, n):
         if mkl is not None:
             s["batches"][-1].update(mkl_together_s=seconds[id(mkl)], mkl_tokens_per_s=size * n / seconds[id(mkl)],
                                     mkl_runs=[r["seconds"] for r in mkl["runs"]])
-    for c in (c for c in rows if c["system"] not in ("bandwidth", "products", "batch", "batch mkl")):
+    s["explain"] = []
+    for c in (c for c in rows if c["system"] == "explain"):
+        forward = next(f for f in rows if f["system"] == "forward" and f["n_prompt"] == c["n_prompt"])
+        s["explain"].append(dict(tokens=c["n_prompt"], threads=c["threads"], explain_s=seconds[id(c)],
+                                 forward_s=seconds[id(forward)], bytes=c["runs"][0]["bytes"],
+                                 runs=[r["seconds"] for r in c["runs"]], forward_runs=[r["seconds"] for r in forward["runs"]]))
+    for c in (c for c in rows if c["system"] not in ("bandwidth", "products", "batch", "batch mkl", "explain", "forward")):
         reference = ("PyTorch process" if c["system"].endswith("process") else
                      "PyTorch beam" if c["system"] in ("beam", "PyTorch beam") else "PyTorch")
         ref = refs.get((reference, c["threads"]))
@@ -402,6 +432,10 @@ def summarize(rows, mf, n):
 def targets(s, h):
     """(what, target, passed) for the issue's targets; the loop and step ones for the best backend."""
     yield from bf16_targets(s)
+    for e in s["explain"]:
+        fixed = e["explain_s"] - 2 * e["forward_s"]
+        yield f"explain page, {e['tokens']} tokens, {e['threads']}t: {e['explain_s']:.2f} s = 2 x the forward pass " \
+              f"({e['forward_s']:.3f} s) + {fixed:.2f} s", f"+ < {EXPLAIN_FIXED_S} s", fixed < EXPLAIN_FIXED_S
     for r in (r for r in s["rows"] if r["system"] == "beam" and r["ratio"] is not None):
         yield f"beam search ({BEAMS} beams), {r['threads']}t: {r['ratio']:.2f}x Hugging Face's generate", \
             f"<= {BEAM}x", r["ratio"] <= BEAM
@@ -486,6 +520,9 @@ def print_section(title, s, notes, n):
                      f"{b['mkl_tokens_per_s'] / s['batches'][0]['mkl_tokens_per_s']:>11.2f}x" if mkl else ""))
         if mkl:
             print("  (mkl: the same batches through --backend mkl; vs batch 1: its tokens/s over batch 1's)")
+    for e in s["explain"]:
+        print(f"explain page, {e['tokens']} tokens, {e['threads']}t: {e['explain_s']:.3f} s, {e['bytes'] / 1e6:.2f} MB "
+              f"({e['explain_s'] / e['forward_s']:.1f}x the plain forward pass of the prompt, {e['forward_s']:.3f} s)")
     for t in s["targets"]:
         print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['what']} (target {t['target']})")
     print(f"(this section took {s['seconds']:.0f} s)")

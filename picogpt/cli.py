@@ -30,6 +30,8 @@ from .convert_hf import convert_hf_checkpoint  # noqa: E402
 from .convert_tf import convert_checkpoint, require_tensorflow  # noqa: E402
 from .download import DEFAULT_BASE_URL, MODEL_SIZES  # noqa: E402
 from .errors import BadArgument, PicogptError, interrupted, one_line, plural  # noqa: E402
+from .explain import MAX_TOKENS, check_heads, explain, parse_heads  # noqa: E402
+from .explain_page import write_json, write_page  # noqa: E402
 from .beam import beam_search  # noqa: E402
 from .generate import TextBatch, TextStream, prompt_ids  # noqa: E402
 from .modelfile import WEIGHT_DTYPES, convert_dtype, open_model_file  # noqa: E402
@@ -539,6 +541,61 @@ def attention_command(args):
 
 
 # ---------------------------------------------------------------------------------------------------
+# picogpt explain "prompt"
+
+def heads_list(text):
+    """--ablate's type: "1.0,3.2" -> [(1, 0), (3, 2)]."""
+    try:
+        return parse_heads(text)
+    except BadArgument as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--ablate ")) from None
+
+
+def explain_parser(prog):
+    p = ArgumentParser(prog=prog, description="Write one self-contained web page of a forward pass over the "
+                       "prompt: its tokens, every head's attention, the logit lens, the next token under sampling "
+                       "settings, and what switching heads off changes. It opens offline in any browser.")
+    p.add_argument("prompt", help=f"the text to look inside (at most {MAX_TOKENS} tokens)")
+    p.add_argument("--out", default="explain.html", metavar="FILE",
+                   help="the page to write; a folder means explain.html in it (default: explain.html)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the page's data as JSON")
+    p.add_argument("--ablate", type=heads_list, default=[], metavar="L.H[,L.H...]",
+                   help="zero these heads' outputs (layer.head, from 0) and show the next token without them")
+    add_model_arguments(p)
+    return p
+
+
+def explain_command(args):
+    out = files.output_file(args.out, "explain.html")
+    json_out = files.output_file(args.json, "explain.json") if args.json else None
+    model = load_model(args, args.prog)
+    check_heads(model.hparams, args.ablate)  # before the work
+    started = time.perf_counter()
+    seen = explain(model, args.prompt, ablate=args.ablate, model_name=args.model or model_label(model),
+                   command=command_line(args.prog))
+    write_page(seen, out)
+    if json_out is not None:
+        write_json(seen, json_out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {plural(len(seen.ids), 'token')}, "
+          f"{time.perf_counter() - started:.1f} s)" + (f" and {json_out}" if json_out else "")
+          + "; open it in a browser", file=sys.stderr)
+
+
+def model_label(model):
+    """A loaded model's name for the page: the folder its model.dat is in (124M, demo), else the file."""
+    return Path(model.path).parent.name if model.path else "in memory"
+
+
+def command_line(prog):
+    """The command as typed, for the page's footer: prog and the arguments, shell-quoted."""
+    import shlex
+    words = sys.argv[1:]
+    if words and words[0] == prog.split()[-1]:
+        words = words[1:]
+    return " ".join([prog] + [shlex.quote(w) for w in words])
+
+
+# ---------------------------------------------------------------------------------------------------
 # picogpt verify MODEL
 
 def verify_parser(prog):
@@ -760,6 +817,7 @@ SUBCOMMANDS = {
     "generate": (generate_parser, generate_command, "continue a prompt (the default: `picogpt \"prompt\" -n 20`)"),
     "score": (score_parser, score_command, "log-probability and perplexity of a text"),
     "attention": (attention_parser, attention_command, "pictures of a layer's attention weights"),
+    "explain": (explain_parser, explain_command, "a web page of what the model computes over a prompt"),
     "verify": (verify_parser, verify_command, "check a model file's checksum and weights"),
     "convert-tf": (convert_tf_parser, convert_tf_command, "download OpenAI's checkpoint and convert it to model.dat"),
     "convert-hf": (convert_hf_parser, convert_hf_command, "convert a Hugging Face model folder to model.dat"),

@@ -49,13 +49,13 @@ def gelu(x):
 
 
 def softmax(x):
-    """Softmax over the last axis; subtracting the max keeps exp() from overflowing."""
+    """Softmax over the last axis, exp(x) / Σ exp(x); subtracting the max keeps exp() from overflowing."""
     exp_x = np.exp(x - np.max(x, axis=-1, keepdims=True))
     return exp_x / np.sum(exp_x, axis=-1, keepdims=True)
 
 
 def layer_norm(x, g, b, eps):
-    """Normalise each row to mean 0 and variance 1, then scale by g and shift by b."""
+    """Layer norm, g · (x − mean) / √(variance + eps) + b: each row to mean 0, variance 1, scaled, shifted."""
     centered = x - x.mean(axis=-1, keepdims=True)
     variance = (centered * centered).mean(axis=-1, keepdims=True)
     return g * centered / np.sqrt(variance + eps) + b
@@ -67,7 +67,7 @@ def linear(x, w, b):
 
 
 def attention(q, k, v, mask):
-    """Scaled dot-product attention, all sequences and heads at once.
+    """Scaled dot-product attention, softmax(q·kᵀ / √head_dim + mask)·v, all sequences and heads at once.
 
     q [n_batch, n_head, n_seq, head_dim], k and v [n_batch, n_head, n_kv, head_dim], mask (0 or -inf)
     broadcasting to [n_batch, n_head, n_seq, n_kv] -> [n_batch, n_head, n_seq, head_dim].
@@ -90,7 +90,7 @@ def merge_heads(x):
 
 
 def mha(x, c_attn, c_proj, n_head, mask, kv_cache=None):
-    """Multi-head causal self-attention: [n_batch, n_seq, n_embd] -> [n_batch, n_seq, n_embd]."""
+    """Multi-head causal self-attention, c_proj(the heads' attention side by side): [n_batch, n_seq, n_embd] -> same."""
     qkv = linear(x, **c_attn)  # [n_batch, n_seq, 3*n_embd]
     q, k, v = (split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # 3 x [n_batch, n_head, n_seq, head_dim]
     if kv_cache is not None:

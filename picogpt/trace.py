@@ -140,16 +140,19 @@ class tracing:
     passes: stop tracing after this many forward passes, putting the originals back at once, so the
     rest of the block runs at full speed. keep_values: keep each step's output in TraceRow.value.
     steps: record only the steps whose names this function accepts (the others cost no statistics).
+    edit: an intervention, edit(name, value) -> value, called with every step's output as the pass runs;
+    what it returns replaces that output for the rest of the pass (picogpt.explain zeroes attention heads
+    with it). It must keep the shape and dtype.
 
     One trace at a time per thread; other threads run the model untraced meanwhile (while any trace is
     open, their calls pass through the wrappers, which cost a lookup each).
     """
 
-    def __init__(self, file=None, passes=None, depth=None, keep_values=False, steps=None):
+    def __init__(self, file=None, passes=None, depth=None, keep_values=False, steps=None, edit=None):
         if passes is not None and passes < 1:
             raise ValueError("passes must be at least 1 (or None for every pass)")
         self.file, self.passes, self.depth, self.keep_values = file, passes, depth, keep_values
-        self.steps = steps
+        self.steps, self.edit = steps, edit
         self.rows = []
         self.n_passes = 0  # forward passes completed
         self._open = False
@@ -228,6 +231,8 @@ class tracing:
             out = original(*args, **kwargs)
         finally:
             self._stack.pop()
+        if self.edit is not None and function != "gpt2":
+            out = self.edit(" / ".join(path), out)
         if function == "gpt2":
             self._record(("logits",), out)
             self._end_pass(frame.start)

@@ -74,4 +74,9 @@ def test_quick_bench_writes_consistent_results(tmp_path, bf16):
         assert b["together_s"] > 0 and b["one_by_one_s"] > 0 and b["speedup"] > 0 and b["runs"]
         assert ("mkl_tokens_per_s" in b) == HAS_MKL  # the MKL column
         assert b["tokens_per_s"] == pytest.approx(b["batch"] * 4 / b["together_s"])
+    # explain's page against the plain forward pass over the same prompt
+    assert [e["tokens"] for e in section["explain"]] == [16, 64]
+    for e in section["explain"]:
+        assert e["explain_s"] > 0 and e["forward_s"] > 0 and e["bytes"] > 10_000 and e["runs"] and e["forward_runs"]
+    assert sum(t["what"].startswith("explain page, ") for t in section["targets"]) == 2
     assert "PASS" in p.stdout or "FAIL" in p.stdout

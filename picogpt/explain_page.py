@@ -1,0 +1,55 @@
+"""The page of `picogpt explain`: one self-contained HTML file drawn from picogpt.explain's data.
+
+    from picogpt.explain_page import write_page
+    write_page(explanation, "explain.html")       # atomically; nothing half-written after Ctrl-C
+
+The page is a template with its style and script beside it in picogpt/page/, put together here into one
+file that opens from file:// with no server and fetches nothing: the data goes in as JSON inside a
+<script type="application/json"> element, with every "<", ">" and "&" written as a \\u escape so that no
+text in it (a prompt, a token) can end that element; the script reads it and puts text into the page only
+as text. A Content-Security-Policy lets exactly this page's script and style run, and nothing load.
+"""
+
+import base64
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from .files import write_atomically
+
+PAGE_DIR = Path(__file__).resolve().parent / "page"
+_SLOTS = re.compile(r"@(STYLE|SCRIPT|DATA|STYLE_HASH|SCRIPT_HASH)@")
+_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def script_json(data):
+    """JSON that is safe inside a <script> element: no "</script", "<!--" or "&..." can appear in it."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return re.sub("[<>&\u2028\u2029]", lambda m: _JSON_ESCAPES[m.group()], text)
+
+
+def csp_hash(text):
+    return "sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+
+
+def render(data):
+    """The page's HTML for the data of Explanation.to_json()."""
+    template = (PAGE_DIR / "explain.html").read_text(encoding="utf-8")
+    style = (PAGE_DIR / "explain.css").read_text(encoding="utf-8")
+    script = (PAGE_DIR / "explain.js").read_text(encoding="utf-8")
+    assert "</script" not in script.lower() and "</style" not in style.lower(), "the page's code would end its element"
+    slots = {"STYLE": style, "SCRIPT": script, "DATA": script_json(data),
+             "STYLE_HASH": csp_hash(style), "SCRIPT_HASH": csp_hash(script)}
+    return _SLOTS.sub(lambda m: slots[m.group(1)], template)  # one pass: the data's text is never a slot
+
+
+def write_page(explanation, path):
+    """Write the page of an Explanation to path, atomically; returns the path."""
+    return write_atomically(path, render(explanation.to_json()).encode("utf-8"))
+
+
+def write_json(explanation, path):
+    """Write the page's data, Explanation.to_json(), as a JSON file, atomically; returns the path."""
+    text = json.dumps(explanation.to_json(), ensure_ascii=False, allow_nan=False)
+    return write_atomically(path, (text + "\n").encode("utf-8"))
