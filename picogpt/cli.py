@@ -31,6 +31,7 @@ from .convert_tf import convert_checkpoint, require_tensorflow  # noqa: E402
 from .download import DEFAULT_BASE_URL, MODEL_SIZES  # noqa: E402
 from .errors import BadArgument, PicogptError, interrupted, one_line, plural  # noqa: E402
 from .explain import MAX_TOKENS, check_heads, explain, parse_heads  # noqa: E402
+from . import corpus  # noqa: E402
 from .explain_page import write_json, write_page  # noqa: E402
 from .beam import beam_search  # noqa: E402
 from .generate import TextBatch, TextStream, prompt_ids  # noqa: E402
@@ -258,6 +259,22 @@ def load_model(args, prog="picogpt"):
 # ---------------------------------------------------------------------------------------------------
 # picogpt "prompt" -n 20   (or picogpt generate ...)
 
+def add_sampling_arguments(sampling):
+    """--temperature, --top-k, --top-p, --repetition-penalty and --seed: generate's and complete-corpus's."""
+    sampling.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
+                          help="sample from softmax(logits / T); 0 is greedy (default: 0, or 1 with another "
+                               "sampling flag)")
+    sampling.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                          help="sample among the K most likely tokens only")
+    sampling.add_argument("--top-p", type=probability, default=None, metavar="P",
+                          help="sample among the most likely tokens holding probability P (nucleus sampling)")
+    sampling.add_argument("--repetition-penalty", type=positive_float, default=1.0, metavar="R",
+                          help="divide positive logits of tokens already in the text by R, multiply negative "
+                               "ones (Hugging Face's semantics; 1 is none, 1.2 is typical)")
+    sampling.add_argument("--seed", type=non_negative_int, default=None,
+                          help="seed for sampling: the same seed gives the same text (default: random; -v shows it)")
+
+
 def generate_parser(prog="picogpt"):
     width = max(map(len, SUBCOMMANDS))
     commands = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, _, summary) in SUBCOMMANDS.items())
@@ -277,18 +294,7 @@ def generate_parser(prog="picogpt"):
                    help="number of tokens to generate at most (default: 20)")
     sampling = p.add_argument_group("sampling (default: greedy, the most likely token every time; --top-k, "
                                     "--top-p, --seed or --num-samples > 1 without --temperature sample at 1)")
-    sampling.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
-                          help="sample from softmax(logits / T); 0 is greedy (default: 0, or 1 with another "
-                               "sampling flag)")
-    sampling.add_argument("--top-k", type=positive_int, default=None, metavar="K",
-                          help="sample among the K most likely tokens only")
-    sampling.add_argument("--top-p", type=probability, default=None, metavar="P",
-                          help="sample among the most likely tokens holding probability P (nucleus sampling)")
-    sampling.add_argument("--repetition-penalty", type=positive_float, default=1.0, metavar="R",
-                          help="divide positive logits of tokens already in the text by R, multiply negative "
-                               "ones (Hugging Face's semantics; 1 is none, 1.2 is typical)")
-    sampling.add_argument("--seed", type=non_negative_int, default=None,
-                          help="seed for sampling: the same seed gives the same text (default: random; -v shows it)")
+    add_sampling_arguments(sampling)
     sampling.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                           help="continue the prompt N times, as one batch (default: 1)")
     beams = p.add_argument_group("beam search (Hugging Face's rules; instead of greedy or sampling)")
@@ -367,7 +373,8 @@ def sampling_settings(args):
     would do nothing greedy); with an explicit --temperature 0 they are refused. A run that samples
     without --seed gets a random one, which -v shows, so a good sample can be had again."""
     flags = [flag for flag, given in (("--top-k", args.top_k is not None), ("--top-p", args.top_p is not None),
-                                      ("--seed", args.seed is not None), ("--num-samples", args.num_samples > 1))
+                                      ("--seed", args.seed is not None),
+                                      ("--num-samples", getattr(args, "num_samples", 1) > 1))
              if given]
     temperature = args.temperature
     if temperature is None:
@@ -596,6 +603,98 @@ def command_line(prog):
 
 
 # ---------------------------------------------------------------------------------------------------
+# picogpt score-corpus INPUT... --out FILE, picogpt complete-corpus INPUT... --out FILE -n N
+
+def corpus_parser(prog, task):
+    what = "Score every document" if task == "score" else "Continue every document"
+    p = ArgumentParser(prog=prog, description=f"{what} of a corpus: .jsonl files (the text in a field), .txt files (one "
+                       "document each, or one per line), folders and glob patterns, streamed, batched by length. "
+                       "Writes one JSON line per document, in input order, appended as it goes: the same command "
+                       "run again after a crash skips what is done and finishes the rest.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl or .txt files, folders of them, glob patterns")
+    p.add_argument("--out", required=True, metavar="FILE", help="the JSON-lines output (resumed if it exists)")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="the field of a .jsonl record that holds "
+                   "the text (default: text); an \"id\" field is carried over when present")
+    p.add_argument("--lines", action="store_true", help=".txt files hold one document per line (default: one per file)")
+    if task == "score":
+        p.add_argument("--stride", type=positive_int, default=None, metavar="N",
+                       help="a document longer than the context is scored in windows that move N tokens "
+                            "(default: half the context)")
+    else:
+        p.add_argument("-n", "--n-tokens", type=positive_int, default=20, metavar="N",
+                       help="new tokens per document at most; a document ends early at <|endoftext|> (default: 20)")
+        sampling = p.add_argument_group("sampling (default: greedy; --top-k, --top-p or --seed without "
+                                        "--temperature sample at 1; each document has its own random stream)")
+        add_sampling_arguments(sampling)
+        p.add_argument("--ids", action="store_true", help="also write the new tokens' ids")
+    p.add_argument("--batch-tokens", type=positive_int, default=corpus.BATCH_TOKENS, metavar="N",
+                   help=f"padded tokens per batch at most (default: {corpus.BATCH_TOKENS})")
+    ray = p.add_argument_group("Ray (pip install 'picogpt[ray]')")
+    ray.add_argument("--ray", default=None, metavar="ADDRESS",
+                     help="run on the Ray cluster at ADDRESS (auto: the one this machine is in; local: start one "
+                          "on this machine); the model file is needed on this machine only")
+    ray.add_argument("--workers", type=positive_int, default=2, metavar="N", help="Ray actors (default: 2)")
+    ray.add_argument("--threads-per-worker", type=positive_int, default=1, metavar="T",
+                     help="BLAS threads (and CPUs reserved) per actor (default: 1)")
+    add_model_arguments(p)
+    return p
+
+
+def corpus_command(args, task):
+    model = load_model(args, args.prog)
+    model_file = open_model_file(model.path)
+    job_options = dict(task=task, batch_tokens=args.batch_tokens)
+    settings = dict(task=task, model=str(Path(model.path).resolve()), model_sha256=model_file.sha256.hex(),
+                    inputs=[str(p) for p in args.inputs], text_field=args.text_field, lines=args.lines,
+                    batch_tokens=args.batch_tokens, chunk_docs=corpus.CHUNK_DOCS)
+    output = corpus.CorpusOutput(args.out, settings)
+    if task == "score":
+        job_options["stride"] = settings["stride"] = args.stride
+    else:
+        temperature, seed = sampling_settings(args)
+        recorded = output.recorded_settings()
+        if args.seed is None and temperature > 0 and recorded and "sampling" in recorded:
+            seed = recorded["sampling"].get("seed", seed)  # resuming a sampled run: its own seed
+        sampling = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, seed=seed if temperature > 0 else None)
+        job_options.update(n_tokens=args.n_tokens, sampling=sampling, ids=args.ids)
+        settings.update(n_tokens=args.n_tokens, sampling=sampling, ids=args.ids)
+    corpus.CorpusJob(model, **job_options)  # the settings are checked before anything is read or written
+    if args.ray:
+        from .corpus_ray import require_ray  # Ray is imported only with --ray
+        require_ray()
+    chunks = corpus.plan(args.inputs, lines=args.lines, text_field=args.text_field)
+    if not chunks:
+        raise PicogptError(f"the inputs hold no documents: {' '.join(args.inputs)}")
+    output.path = files.output_file(args.out)
+    remaining = output.open(chunks)
+    total = sum(c.n_docs for c in chunks)
+    if not remaining:
+        print(f"{args.prog}: {output.path} is complete: all {plural(total, 'document')} are in it", file=sys.stderr)
+        output.close()
+        return
+    if output.done:
+        print(f"{args.prog}: resuming {output.path}: {plural(output.done, 'document')} of {total} done", file=sys.stderr)
+    progress = corpus.Progress(total, output.done)
+    try:
+        if args.ray:
+            from .corpus_ray import run_on_ray
+            run_on_ray(args.ray, model.path, job_options, remaining, output, progress, args.workers,
+                       args.threads_per_worker)
+        else:
+            corpus.run_in_process(corpus.CorpusJob(model, **job_options), remaining, output, progress)
+    finally:
+        progress.close()
+        output.close()
+    seconds = progress.seconds
+    verb = "scored" if task == "score" else "continued"
+    print(f"{args.prog}: {verb} {plural(progress.docs, 'document')} ({progress.tokens:,} tokens) in {seconds:.1f} s: "
+          f"{progress.docs / max(seconds, 1e-9):.1f} documents/s, {progress.tokens / max(seconds, 1e-9):,.0f} tokens/s; "
+          f"{plural(progress.errors, 'document')} with an error field; {output.path} holds all {total}",
+          file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------
 # picogpt verify MODEL
 
 def verify_parser(prog):
@@ -818,6 +917,10 @@ SUBCOMMANDS = {
     "score": (score_parser, score_command, "log-probability and perplexity of a text"),
     "attention": (attention_parser, attention_command, "pictures of a layer's attention weights"),
     "explain": (explain_parser, explain_command, "a web page of what the model computes over a prompt"),
+    "score-corpus": (lambda prog: corpus_parser(prog, "score"), lambda args: corpus_command(args, "score"),
+                     "score every document of .jsonl/.txt files, resumably (on Ray with --ray)"),
+    "complete-corpus": (lambda prog: corpus_parser(prog, "complete"), lambda args: corpus_command(args, "complete"),
+                        "continue every document of .jsonl/.txt files, resumably (on Ray with --ray)"),
     "verify": (verify_parser, verify_command, "check a model file's checksum and weights"),
     "convert-tf": (convert_tf_parser, convert_tf_command, "download OpenAI's checkpoint and convert it to model.dat"),
     "convert-hf": (convert_hf_parser, convert_hf_command, "convert a Hugging Face model folder to model.dat"),

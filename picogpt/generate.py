@@ -192,6 +192,10 @@ def decode_steps(model, prompts, n_tokens, use_cache=True, temperature=0.0, top_
     last n_ctx tokens (once the window is full, every step recomputes it, since GPT-2's positions are
     absolute); without it, prompt plus new tokens must fit.
 
+    seed: an int (or None) for NumPy's generator, or an object whose .random(n) gives one uniform number
+    per row (picogpt.corpus gives each document a stream of its own, so that its sample does not depend
+    on the batch it ran in).
+
     The prompts and settings are checked when decode_steps is called, before the first step is asked for.
     """
     prompts = [[int(i) for i in p] for p in prompts]
@@ -211,7 +215,7 @@ def _steps(model, prompts, tokens, n_pad, n_tokens, use_cache, temperature, top_
            seed):
     """decode_steps' loop, over checked prompts: tokens [n_batch, longest] left-padded by n_pad [n_batch]."""
     n_ctx = model.hparams["n_ctx"]
-    rng = np.random.default_rng(seed)
+    rng = seed if hasattr(seed, "random") else np.random.default_rng(seed)
     seen = np.zeros((len(prompts), model.hparams["n_vocab"]), dtype=bool)  # for the repetition penalty
     for row, prompt in enumerate(prompts):
         seen[row, prompt] = True
