@@ -31,6 +31,7 @@ from .bfloat16 import BFloat16Matrix
 from .errors import PicogptError
 from .explain import explain
 from .explain_page import write_page
+from .bench_corpus import run_corpus_bench
 from .beam import beam_search
 from .generate import generate, generate_batch
 from .model import GPT2
@@ -563,7 +564,7 @@ def machine():
 # The options of `run`, with their defaults (picogpt.cli's `bench` parser documents each).
 DEFAULTS = dict(sizes="124M", model=None, models_dir=None, threads=[1, 2], process_threads=[2], repeats=5,
                 no_cache_repeats=3, process_repeats=5, tokens=20, batch_sizes=[1, 4, 8, 16],
-                json="bench-results.json", check=False, quick=False)
+                json="bench-results.json", check=False, quick=False, corpus_docs=2000, only_corpus=False)
 
 
 def run(**options):
@@ -579,6 +580,7 @@ def run(**options):
     if args.quick:
         args.sizes, args.tokens, args.repeats, args.no_cache_repeats, args.process_repeats = "tiny", 4, 1, 1, 1
         args.process_threads, args.batch_sizes, warmup = args.process_threads[-1:], [1, 3], 0
+        args.corpus_docs = min(args.corpus_docs, 40)
     import transformers
     transformers.logging.set_verbosity_error()
     started, n = time.perf_counter(), args.tokens
@@ -598,6 +600,10 @@ def run(**options):
             tensors, _ = weights_for_backend(mf, "widen")  # the float32 rows: a bfloat16 file's weights widened
             mf = SimpleNamespace(hparams=mf.hparams, tensors=tensors, path=mf.path)
             model, hf = GPT2(mf.hparams, mf.tensors, path=mf.path), hf_model(mf)
+            if args.corpus_docs and "corpus" not in results:  # the first size's model scores the corpus
+                results["corpus"] = run_corpus_bench(model, hf, path, args.corpus_docs, max(args.threads))
+            if args.only_corpus:
+                continue
             expected = hf_generate(hf, PROMPT_IDS, n, use_cache=True)
             rows, notes = contestants(model, hf, path, mf, args, n, bf16_path=Path(tmp) / f"{size}-bf16.dat")
             # A batch must give each prompt what it gets alone, which for the full prompt is PyTorch's.
@@ -615,6 +621,7 @@ def run(**options):
     results["seconds"], results["load_average_at_end"] = time.perf_counter() - started, round(os.getloadavg()[0], 2)
     write_atomically(args.json, (json.dumps(results, indent=1, default=str) + "\n").encode())
     print(f"\ntook {results['seconds']:.0f} s; every timing in {args.json}")
-    failed = [t for s in results["sections"].values() for t in s["targets"] if not t["passed"]]
+    failed = [t for s in [*results["sections"].values(), results.get("corpus", {"targets": []})]
+              for t in s["targets"] if not t["passed"]]
     return 1 if args.check and failed else 0
 

@@ -896,6 +896,10 @@ def bench_parser(prog):
     p.add_argument("--tokens", type=positive_int, default=d["tokens"], help="tokens to generate (default 20)")
     p.add_argument("--batch-sizes", type=threads_list, default=d["batch_sizes"],
                    help="batch sizes for the batch rows, at the most threads (default 1,4,8,16; '' for none)")
+    p.add_argument("--corpus-docs", type=non_negative_int, default=d["corpus_docs"], metavar="N",
+                   help="documents of the corpus-scoring rows: picogpt, PyTorch in padded batches, Ray (default "
+                        "%(default)s; 0 skips them)")
+    p.add_argument("--only-corpus", action="store_true", help="run the corpus rows alone")
     p.add_argument("--json", default=d["json"], help="where to write every timing (default %(default)s)")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed (default: informational)")
     p.add_argument("--quick", action="store_true",

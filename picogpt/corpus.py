@@ -283,11 +283,13 @@ class CorpusJob:
             tokens, n_pad = left_pad([ids for _, ids in batch])
             logits = self.model(tokens, n_pad=n_pad, all_logits=True)  # [n_batch, longest, n_vocab]
             for row, ((doc, ids), pad) in enumerate(zip(batch, n_pad)):
-                predicting = logits[row, pad:-1]  # position j predicts token j + 1
-                shifted = predicting - predicting.max(axis=-1, keepdims=True)
-                log_norm = np.log(np.exp(shifted).sum(axis=-1, dtype=np.float64))
-                token_log_probs = shifted[np.arange(len(ids) - 1), ids[1:]].astype(np.float64) - log_norm
-                results[doc.index] = _score_record(doc, len(ids) - 1, float(token_log_probs.sum()))
+                predicting = logits[row, pad:-1]  # [len(ids) - 1, n_vocab]: position j predicts token j + 1
+                picked = predicting[np.arange(len(ids) - 1), ids[1:]].astype(np.float64)
+                # log-softmax's normaliser, log Σ exp(x), in place over these logits (they are not needed again)
+                top = predicting.max(axis=-1, keepdims=True)
+                np.exp(np.subtract(predicting, top, out=predicting), out=predicting)
+                log_norm = np.log(predicting.sum(axis=-1, dtype=np.float64)) + top[:, 0]
+                results[doc.index] = _score_record(doc, len(ids) - 1, float((picked - log_norm).sum()))
                 done += len(ids)
         return done
 

@@ -97,6 +97,7 @@ def run_on_ray(address, model_path, job_options, chunks, output, progress, worke
     context.enable_progress_bars = False  # picogpt's own bar counts documents and tokens
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its progress notes; errors still show
+    workers = max(1, min(workers, len(chunks)))  # no more actors than chunks
     dataset = ray.data.from_items([{"chunk": chunk.to_json()} for chunk in chunks], override_num_blocks=len(chunks))
     # Ray Data restarts an actor that dies and runs its chunk again (max_restarts and max_task_retries -1).
     results = dataset.map_batches(
