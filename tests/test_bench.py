@@ -25,7 +25,8 @@ def test_quick_bench_writes_consistent_results(tmp_path, bf16):
     out = tmp_path / "x.json"
     env = dict(os.environ, PICOGPT_BF16="native") if bf16 == "native" else \
         {k: v for k, v in os.environ.items() if k != "PICOGPT_BF16"}
-    p = subprocess.run([sys.executable, "-m", "picogpt", "bench", "--quick", "--json", str(out)],
+    corpus_docs = ["--corpus-docs", "0"] if bf16 == "native" else []  # the corpus rows once is enough
+    p = subprocess.run([sys.executable, "-m", "picogpt", "bench", "--quick", "--json", str(out), *corpus_docs],
                        capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert p.returncode == 0, p.stderr
     results = json.loads(out.read_text())
@@ -79,4 +80,13 @@ def test_quick_bench_writes_consistent_results(tmp_path, bf16):
     for e in section["explain"]:
         assert e["explain_s"] > 0 and e["forward_s"] > 0 and e["bytes"] > 10_000 and e["runs"] and e["forward_runs"]
     assert sum(t["what"].startswith("explain page, ") for t in section["targets"]) == 2
+    # the corpus rows: picogpt in process, PyTorch in padded batches, Ray (or why it was skipped)
+    if bf16 == "native":
+        assert "corpus" not in results
+        return
+    c = results["corpus"]
+    assert c["docs"] == 40 and c["tokens"] > 40 * 20 and c["worst_nll_difference"] < 1e-4
+    assert c["picogpt"]["tokens_per_s"] > 0 and c["torch"]["tokens_per_s"] > 0 and c["picogpt"]["rss"] >= 0
+    assert ("tokens_per_s" in c["ray"] and c["ray"]["actors"]) or "needs Ray" in c["ray"]["skipped"]
+    assert any(t["what"].startswith("corpus scoring") for t in c["targets"])
     assert "PASS" in p.stdout or "FAIL" in p.stdout

@@ -332,12 +332,14 @@ class Schedule:
 
 def save_checkpoint(path, model, optimizer, batches, state):
     """Everything training needs to go on exactly where it stopped, in one safetensors file (no pickle),
-    replaced atomically: the weights, AdamW's moments, the data order's generator, and `state` (JSON)."""
+    replaced atomically: the weights, AdamW's moments, the data order's generator, PyTorch's own random
+    state, and `state` (JSON)."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.transformer.state_dict().items()}
     for i, param_state in optimizer.state_dict()["state"].items():
         for key, value in param_state.items():
             tensors[f"adam.{i}.{key}"] = value.detach().reshape(-1) if key == "step" else value.detach()
     tensors["batches"] = batches.get_state()
+    tensors["torch_rng"] = torch.get_rng_state()  # dropout's random numbers, when there is dropout
     partial = Path(path).with_name(Path(path).name + ".partial")
     save_file(tensors, partial, metadata={"state": json.dumps(state)})
     os.replace(partial, path)
@@ -359,6 +361,8 @@ def load_checkpoint(path, model, optimizer, batches):
                                  "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"]}
     optimizer.load_state_dict(saved)
     batches.set_state(tensors["batches"])
+    if "torch_rng" in tensors:
+        torch.set_rng_state(tensors["torch_rng"])
     return state
 
 

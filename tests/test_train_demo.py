@@ -1,0 +1,102 @@
+"""The demo model's trainer (tools/train_demo_model.py), in parts: the HTML documentation turned into
+documents, the split by document, the learning-rate schedule that decays on the held-out loss, and
+checkpoints that resume to exactly where training was."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import train_demo_model as trainer  # noqa: E402
+
+PAGE = """<html><head><title>json — JSON encoder and decoder</title></head><body>
+<div class="related" role="navigation"><ul><li><a href="index.html">Python documentation</a></li></ul></div>
+<div class="body" role="main">
+<section id="module-json"><h1>json — JSON encoder<a class="headerlink" href="#x">¶</a></h1>
+<p><strong>Source code:</strong> Lib/json/__init__.py</p>
+<p>JSON is a lightweight data
+interchange format &amp; more.</p>
+<div class="highlight-python3"><div class="highlight"><pre>&gt;&gt;&gt; import json</pre></div></div>
+<div class="admonition warning"><p class="admonition-title">Warning</p><p>Be cautious with untrusted data.</p></div>
+<section id="basic-usage"><h2>Basic Usage</h2>
+<dl class="py function"><dt class="sig"><span>json.dump</span>(obj, fp)</dt>
+<dd><p>Serialize <em>obj</em> as a JSON formatted stream.</p>
+<ul><li><p>The first item.</p></li><li>A bare item<br/>over two lines.</li></ul>
+<table><tr><td>a table cell</td></tr></table>
+<section id="deeper"><h3>Deeper</h3><p>Still the Basic Usage document.</p></section>
+</dd></dl></section>
+<section id="decoders"><h2>Decoders</h2><p>A second document.</p></section>
+</section></div>
+<div class="sphinxsidebar"><p>Not the body.</p></div>
+</body></html>"""
+
+
+def test_html_becomes_documents_of_paragraph_lines():
+    page = trainer.DocsPage()
+    page.feed(PAGE)
+    page.close()
+    documents = ["\n".join(d) for d in page.documents if d]
+    assert documents == [
+        "json — JSON encoder\nJSON is a lightweight data interchange format & more.\nBe cautious with untrusted data.",
+        "Basic Usage\nSerialize obj as a JSON formatted stream.\nThe first item.\nA bare item over two lines.\n"
+        "Deeper\nStill the Basic Usage document.",
+        "Decoders\nA second document.",
+    ]
+
+
+def test_documents_are_held_out_by_their_text():
+    docs = [f"Document number {i} says something." for i in range(2000)]
+    held_out = [d for d in docs if trainer.is_held_out(d)]
+    assert 0.03 < len(held_out) / len(docs) < 0.07  # about 1 in VAL_EVERY = 20
+    assert held_out == [d for d in reversed(docs) if trainer.is_held_out(d)][::-1]  # order-free: by text alone
+
+
+def test_schedule_warms_up_holds_and_decays_on_a_plateau():
+    schedule = trainer.Schedule(max_steps=100_000)
+    assert schedule.lr(0) == pytest.approx(trainer.LR / trainer.WARMUP)
+    assert schedule.lr(trainer.WARMUP) == trainer.LR
+    for step, loss in [(250, 6.0), (500, 5.5), (750, 5.2), (1000, 5.1), (1250, 5.095), (1500, 5.093)]:
+        assert schedule.evaluated(step, loss) is None
+    why = schedule.evaluated(1750, 5.092)  # 5.1 -> 5.092 over the last three evaluations: under PLATEAU
+    assert why and "improved by less than" in why
+    assert (schedule.decay_start, schedule.decay_steps) == (1750, 350)
+    assert schedule.lr(1749) == trainer.LR and schedule.lr(2099) == pytest.approx(trainer.MIN_LR)
+    assert schedule.end == 2100
+
+
+def test_schedule_decays_in_time_for_max_steps():
+    schedule = trainer.Schedule(max_steps=3000)
+    assert schedule.evaluated(2250, 5.0) is None
+    assert "--max-steps 3000" in schedule.evaluated(2500, 4.0)
+    assert schedule.end == 3000
+
+
+def test_a_checkpoint_resumes_exactly(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def fresh():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2), torch.Generator().manual_seed(1)
+
+    def steps(model, optimizer, batches, n):
+        for _ in range(n):
+            x = torch.randint(64, (2, 9), generator=batches)
+            loss = trainer.F.cross_entropy(model(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    straight = fresh()
+    steps(*straight, 5)
+    first = fresh()
+    steps(*first, 3)
+    trainer.save_checkpoint(tmp_path / "c.safetensors", *first, {"step": 3})
+    second = fresh()
+    assert trainer.load_checkpoint(tmp_path / "c.safetensors", *second) == {"step": 3}
+    steps(*second, 2)
+    for a, b in zip(straight[0].parameters(), second[0].parameters()):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob("*.partial"))
