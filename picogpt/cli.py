@@ -251,7 +251,7 @@ def load_model(args, prog="picogpt"):
                       base_url=getattr(args, "base_url", None), quiet=True, bf16=getattr(args, "bf16", None))
     except store.NotFetched as e:
         raise PicogptError(f"{e}" + (" (or add --download)" if download is not None else "")) from None
-    if loaded.precision.widened:  # a bfloat16 file this backend or CPU cannot multiply natively
+    if store.widening_worth_saying(loaded):  # a bfloat16 file this backend or CPU cannot multiply natively
         print(f"{prog}: {loaded.precision.note}", file=sys.stderr)
     return loaded
 

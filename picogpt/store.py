@@ -145,11 +145,23 @@ def load(model="124M", models_dir=None, download=False, base_url=None, progress=
             fetch(model, where, base_url=base_url, progress=progress)
     opened = model_file(model, models_dir)  # NotFetched, with the command that fetches it, if missing
     tensors, precision = weights_for_backend(opened, bf16)
-    if precision.widened and not quiet:
-        print(f"picogpt: {precision.note}", file=sys.stderr)
     loaded = GPT2(opened.hparams, tensors, path=opened.path)
     loaded.precision = precision
+    if widening_worth_saying(loaded) and not quiet:
+        print(f"picogpt: {precision.note}", file=sys.stderr)
     return loaded
+
+
+def widening_worth_saying(loaded):
+    """Whether a model's bfloat16 weights were widened to float32 at load and that is news: a fetched or
+    converted model's memory doubles. The shipped demo model's float32 copy is some 50 MB, not worth a line
+    on every `make run` (-v still says it)."""
+    if not loaded.precision.widened:
+        return False
+    try:
+        return Path(loaded.path).resolve() != demo_model_path().resolve()
+    except PicogptError:  # no demo model anywhere: this one is not it
+        return True
 
 
 class Precision(NamedTuple):
