@@ -91,7 +91,7 @@ def picogpt_on_ray(model_path, corpus_path, workers, threads_per_worker, out_pat
         progress, memory = Progress(sum(c.n_docs for c in chunks), 0, show=False), {}
         started = time.perf_counter()
         run_on_ray("local", model_path, dict(task="score"), remaining, output, progress, workers, threads_per_worker,
-                   memory=memory)
+                   memory=memory, bf16="widen")  # as the in-process rows: float32 products
         seconds = time.perf_counter() - started
         output.close()
         return seconds, progress.tokens, Path(out_path).read_text(encoding="utf-8"), memory

@@ -259,7 +259,8 @@ def load_model(args, prog="picogpt"):
 # ---------------------------------------------------------------------------------------------------
 # picogpt "prompt" -n 20   (or picogpt generate ...)
 
-def add_sampling_arguments(sampling):
+def add_sampling_arguments(sampling, seed_help="seed for sampling: the same seed gives the same text (default: "
+                                                "random; -v shows it)"):
     """--temperature, --top-k, --top-p, --repetition-penalty and --seed: generate's and complete-corpus's."""
     sampling.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
                           help="sample from softmax(logits / T); 0 is greedy (default: 0, or 1 with another "
@@ -271,8 +272,7 @@ def add_sampling_arguments(sampling):
     sampling.add_argument("--repetition-penalty", type=positive_float, default=1.0, metavar="R",
                           help="divide positive logits of tokens already in the text by R, multiply negative "
                                "ones (Hugging Face's semantics; 1 is none, 1.2 is typical)")
-    sampling.add_argument("--seed", type=non_negative_int, default=None,
-                          help="seed for sampling: the same seed gives the same text (default: random; -v shows it)")
+    sampling.add_argument("--seed", type=non_negative_int, default=None, help=seed_help)
 
 
 def generate_parser(prog="picogpt"):
@@ -579,7 +579,7 @@ def explain_command(args):
     check_heads(model.hparams, args.ablate)  # before the work
     started = time.perf_counter()
     seen = explain(model, args.prompt, ablate=args.ablate, model_name=args.model or model_label(model),
-                   command=command_line(args.prog))
+                   command=command_line(args.prog, args.argv))
     write_page(seen, out)
     if json_out is not None:
         write_json(seen, json_out)
@@ -593,13 +593,10 @@ def model_label(model):
     return Path(model.path).parent.name if model.path else "in memory"
 
 
-def command_line(prog):
-    """The command as typed, for the page's footer: prog and the arguments, shell-quoted."""
+def command_line(prog, argv):
+    """The command as given, for the page's footer: prog and the arguments, shell-quoted."""
     import shlex
-    words = sys.argv[1:]
-    if words and words[0] == prog.split()[-1]:
-        words = words[1:]
-    return " ".join([prog] + [shlex.quote(w) for w in words])
+    return " ".join([prog] + [shlex.quote(w) for w in argv])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -625,7 +622,8 @@ def corpus_parser(prog, task):
                        help="new tokens per document at most; a document ends early at <|endoftext|> (default: 20)")
         sampling = p.add_argument_group("sampling (default: greedy; --top-k, --top-p or --seed without "
                                         "--temperature sample at 1; each document has its own random stream)")
-        add_sampling_arguments(sampling)
+        add_sampling_arguments(sampling, seed_help="seed for sampling, with each document's place (default: random, "
+                               "recorded in OUT.run.json and reused when the run is resumed)")
         p.add_argument("--ids", action="store_true", help="also write the new tokens' ids")
     p.add_argument("--batch-tokens", type=positive_int, default=corpus.BATCH_TOKENS, metavar="N",
                    help=f"padded tokens per batch at most (default: {corpus.BATCH_TOKENS})")
@@ -633,21 +631,29 @@ def corpus_parser(prog, task):
     ray.add_argument("--ray", default=None, metavar="ADDRESS",
                      help="run on the Ray cluster at ADDRESS (auto: the one this machine is in; local: start one "
                           "on this machine); the model file is needed on this machine only")
-    ray.add_argument("--workers", type=positive_int, default=2, metavar="N", help="Ray actors (default: 2)")
-    ray.add_argument("--threads-per-worker", type=positive_int, default=1, metavar="T",
+    ray.add_argument("--workers", type=positive_int, default=None, metavar="N", help="Ray actors (default: 2)")
+    ray.add_argument("--threads-per-worker", type=positive_int, default=None, metavar="T",
                      help="BLAS threads (and CPUs reserved) per actor (default: 1)")
     add_model_arguments(p)
     return p
 
 
 def corpus_command(args, task):
+    if not args.ray and (args.workers is not None or args.threads_per_worker is not None):
+        raise BadArgument("--workers and --threads-per-worker choose Ray's actors; they need --ray")
+    out = files.output_file(args.out)  # a folder or a link is sorted out before anything else
     model = load_model(args, args.prog)
     model_file = open_model_file(model.path)
     job_options = dict(task=task, batch_tokens=args.batch_tokens)
+    chunks, input_files = corpus.plan(args.inputs, lines=args.lines, text_field=args.text_field,
+                                      exclude=[out, corpus.CorpusOutput.run_path_of(out)], with_files=True)
     settings = dict(task=task, model=str(Path(model.path).resolve()), model_sha256=model_file.sha256.hex(),
-                    inputs=[str(p) for p in args.inputs], text_field=args.text_field, lines=args.lines,
-                    batch_tokens=args.batch_tokens, chunk_docs=corpus.CHUNK_DOCS)
-    output = corpus.CorpusOutput(args.out, settings)
+                    backend=args.backend, bf16_native=bool(model.precision and model.precision.native),
+                    inputs=[str(p) for p in args.inputs],
+                    input_files=[[str(f), f.stat().st_size] for f in input_files],  # an edited input is refused
+                    text_field=args.text_field, lines=args.lines, batch_tokens=args.batch_tokens,
+                    chunk_docs=corpus.CHUNK_DOCS)
+    output = corpus.CorpusOutput(out, settings)
     if task == "score":
         job_options["stride"] = settings["stride"] = args.stride
     else:
@@ -659,14 +665,12 @@ def corpus_command(args, task):
                         repetition_penalty=args.repetition_penalty, seed=seed if temperature > 0 else None)
         job_options.update(n_tokens=args.n_tokens, sampling=sampling, ids=args.ids)
         settings.update(n_tokens=args.n_tokens, sampling=sampling, ids=args.ids)
-    corpus.CorpusJob(model, **job_options)  # the settings are checked before anything is read or written
+    corpus.CorpusJob(model, **job_options)  # the settings are checked before anything is written
     if args.ray:
         from .corpus_ray import require_ray  # Ray is imported only with --ray
         require_ray()
-    chunks = corpus.plan(args.inputs, lines=args.lines, text_field=args.text_field)
     if not chunks:
         raise PicogptError(f"the inputs hold no documents: {' '.join(args.inputs)}")
-    output.path = files.output_file(args.out)
     remaining = output.open(chunks)
     total = sum(c.n_docs for c in chunks)
     if not remaining:
@@ -679,8 +683,9 @@ def corpus_command(args, task):
     try:
         if args.ray:
             from .corpus_ray import run_on_ray
-            run_on_ray(args.ray, model.path, job_options, remaining, output, progress, args.workers,
-                       args.threads_per_worker)
+            run_on_ray(args.ray, model.path, job_options, remaining, output, progress, args.workers or 2,
+                       args.threads_per_worker or 1, backend=args.backend,
+                       bf16="native" if settings["bf16_native"] else "widen")
         else:
             corpus.run_in_process(corpus.CorpusJob(model, **job_options), remaining, output, progress)
     finally:
@@ -948,5 +953,5 @@ def main(argv=None, prog=None):
     make_parser, command, _ = SUBCOMMANDS[name]
     prog = prog or ("picogpt" if name == "generate" else f"picogpt {name}")
     args = make_parser(prog).parse_args(argv)
-    args.prog = prog
+    args.prog, args.argv = prog, argv
     return run(prog, command, args)

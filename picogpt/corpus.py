@@ -69,10 +69,12 @@ class Chunk:
         return cls(**json.loads(text))
 
 
-def input_files(inputs):
+def input_files(inputs, exclude=()):
     """The files that INPUT arguments name: files, folders (their .jsonl and .txt files, recursively,
-    sorted) and glob patterns (sorted matches), in the order given; each file once."""
-    files, seen = [], set()
+    sorted) and glob patterns (sorted matches), in the order given; each file once, none of `exclude`
+    (the output, which may lie among the inputs)."""
+    excluded = {Path(p).resolve() for p in exclude}
+    files, seen = [], set(excluded)
     for given in inputs:
         path = Path(given)
         if path.is_dir():
@@ -82,6 +84,8 @@ def input_files(inputs):
         elif path.exists():
             if path.suffix not in SUFFIXES:
                 raise PicogptError(f"{given}: expected a .jsonl or .txt file (or a folder of them), not {path.suffix or 'a file without a suffix'}")
+            if path.resolve() in excluded:
+                raise PicogptError(f"{given} is the output file (--out); it cannot be an input too")
             found = [path]
         elif glob.has_magic(given):
             found = sorted(Path(p) for p in glob.glob(given, recursive=True) if Path(p).suffix in SUFFIXES)
@@ -89,7 +93,7 @@ def input_files(inputs):
                 raise PicogptError(f"nothing matches {given} (looking for .jsonl and .txt files)")
         else:
             raise PicogptError(f"{given} does not exist; give .jsonl or .txt files, folders or glob patterns")
-        for p in found:
+        for p in found:  # (a folder or pattern that also matches the output leaves it out)
             if p.resolve() not in seen:
                 seen.add(p.resolve())
                 files.append(p)
@@ -108,8 +112,9 @@ def _document_lines(path, offset=0, first_line=1):
             number += 1
 
 
-def plan(inputs, lines=False, text_field="text"):
-    """The chunks of a corpus, in input order: a list of Chunk, read from the files' line structure only."""
+def plan(inputs, lines=False, text_field="text", exclude=(), with_files=False):
+    """The chunks of a corpus, in input order: a list of Chunk, read from the files' line structure only
+    (and the input files, with_files=True)."""
     chunks, n_docs = [], 0
 
     def add(kind, paths, offset=0, first_line=0, count=0):
@@ -118,8 +123,8 @@ def plan(inputs, lines=False, text_field="text"):
                             text_field))
         n_docs += count
 
-    whole_files = []
-    for path in input_files(inputs):
+    whole_files, paths = [], input_files(inputs, exclude)
+    for path in paths:
         if path.suffix == ".txt" and not lines:
             whole_files.append(path)
             if len(whole_files) == CHUNK_DOCS:
@@ -142,7 +147,7 @@ def plan(inputs, lines=False, text_field="text"):
             add(kind, [path], *start, count)
     if whole_files:
         add("files", whole_files, count=len(whole_files))
-    return chunks
+    return (chunks, paths) if with_files else chunks
 
 
 @dataclass
@@ -336,10 +341,15 @@ class CorpusOutput:
 
     def __init__(self, path, settings):
         self.path = Path(path)
-        self.run_path = self.path.with_name(self.path.name + ".run.json")
+        self.run_path = self.run_path_of(self.path)
         self.settings = settings
         self.done = 0  # documents already in the file
         self._file = None
+
+    @staticmethod
+    def run_path_of(path):
+        """Where the record of what made an output lies: OUT.run.json beside it."""
+        return Path(path).with_name(Path(path).name + ".run.json")
 
     def recorded_settings(self):
         """The settings the existing output was made with, or None for a new output."""
@@ -380,7 +390,7 @@ class CorpusOutput:
         if cut < self.path.stat().st_size:
             with open(self.path, "r+b") as f:
                 f.truncate(cut)
-        self._file = open(self.path, "ab")
+        self._file = open(self.path, "ab", buffering=0)  # unbuffered: a write reaches the file or fails, here
         return remaining
 
     def _complete_lines(self):
@@ -400,9 +410,10 @@ class CorpusOutput:
 
     def write(self, text, n_docs):
         """Append one chunk's lines (n_docs of them), flushed to the disk before returning."""
+        data = memoryview(text.encode("utf-8"))
         try:
-            self._file.write(text.encode("utf-8"))
-            self._file.flush()
+            while data:  # a raw file may take part of the bytes at a time
+                data = data[self._file.write(data):]
             os.fsync(self._file.fileno())
         except OSError as e:
             raise PicogptError(f"cannot write {self.path}: {e.strerror}; {plural(self.done, 'document')} are saved "
@@ -411,8 +422,11 @@ class CorpusOutput:
 
     def close(self):
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()  # unbuffered: nothing is left to flush, so nothing to fail on
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,12 +48,13 @@ def memory_of_this_process():
 class ChunkWorker:
     """A Ray Data actor: makes the model once from the weights in the object store, then runs chunks."""
 
-    def __init__(self, weights, hparams, weight_dtype, job_options, threads):
+    def __init__(self, weights, hparams, weight_dtype, job_options, threads, backend="numpy", bf16=None):
         import ray
         if isinstance(weights, ray.ObjectRef):
             weights = ray.get(weights)  # read-only NumPy arrays over the object store's memory: no copy
-        blas.use("numpy", threads=threads)
-        tensors, precision = weights_for_backend(SimpleNamespace(tensors=weights, weight_dtype=weight_dtype, path=None))
+        blas.use(backend, threads=threads)  # the driver's backend and bfloat16 choice: the driver's numbers
+        tensors, precision = weights_for_backend(SimpleNamespace(tensors=weights, weight_dtype=weight_dtype, path=None),
+                                                 bf16)
         model = GPT2(hparams, tensors)
         model.precision = precision
         self.job = CorpusJob(model, **job_options)
@@ -86,9 +87,11 @@ def connect(address, n_cpus):
     return ray
 
 
-def run_on_ray(address, model_path, job_options, chunks, output, progress, workers, threads, memory=None):
-    """Run the chunks on the cluster's actors and append their lines in plan order. memory: a dict that
-    receives each actor's last (rss, pss) by process id."""
+def run_on_ray(address, model_path, job_options, chunks, output, progress, workers, threads, memory=None,
+               backend="numpy", bf16=None):
+    """Run the chunks on the cluster's actors and append their lines in plan order, the actors computing with
+    the given BLAS backend and bfloat16 choice ("native" or "widen", as the driver's model). memory: a dict
+    that receives each actor's last (rss, pss) by process id."""
     ray = connect(address, workers * threads)
     model_file = open_model_file(model_path)
     weights = ray.put(dict(model_file.tensors))  # one copy in the object store, whatever the number of actors
@@ -103,7 +106,7 @@ def run_on_ray(address, model_path, job_options, chunks, output, progress, worke
     results = dataset.map_batches(
         ChunkWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
         fn_constructor_kwargs=dict(weights=weights, hparams=model_file.hparams, weight_dtype=model_file.weight_dtype,
-                                   job_options=job_options, threads=threads))
+                                   job_options=job_options, threads=threads, backend=backend, bf16=bf16))
     expected = iter(chunks)
     for row in results.iter_rows():
         chunk = next(expected)

@@ -109,7 +109,8 @@ def round_list(array, decimals):
 
 def top_tokens(logits, k):
     """The k most likely tokens of each row of logits [n_seq, n_vocab] and their probabilities, most likely
-    first (ties: the lower id), without sorting the whole vocabulary: ids [n_seq, k], probs [n_seq, k]."""
+    first, without sorting the whole vocabulary: ids [n_seq, k], probs [n_seq, k]. Ties among the k are
+    ordered by id; a tie across the k-th place keeps whichever argpartition picked."""
     logits = np.asarray(logits, dtype=np.float32)
     candidates = np.argpartition(-logits, k - 1, axis=-1)[:, :k]  # the k largest, in no order
     order = np.lexsort((candidates, -np.take_along_axis(logits, candidates, axis=-1)), axis=-1)

@@ -283,3 +283,29 @@ def test_a_torn_last_line_is_dropped_on_resume(weights, tmp_path, capsys):
         assert run(argv + ["--out", str(torn)]) == 0
         assert "resuming" in capsys.readouterr().err
         assert torn.read_bytes() == data
+
+
+def test_the_output_is_never_its_own_input_and_edited_inputs_are_refused(weights, tmp_path, capsys):
+    path = weights[0]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"text": f"document {i}"} for i in range(70)])
+    out = folder / "scores.jsonl"  # inside the folder it scores
+    argv = ["score-corpus", str(folder), "--out", str(out), "--model", str(path)]
+    assert run(argv) == 0
+    first = out.read_bytes()
+    assert run(argv) == 0  # a second run finds the output in the folder, and leaves it out
+    assert "is complete: all 70 documents" in capsys.readouterr().err and out.read_bytes() == first
+    assert run(["score-corpus", str(out), "--out", str(out), "--model", str(path)]) == 1
+    assert "is the output file (--out); it cannot be an input too" in capsys.readouterr().err
+    with open(folder / "a.jsonl", "a", encoding="utf-8") as f:  # the corpus grows: not the run recorded
+        f.write(json.dumps({"text": "one more"}) + "\n")
+    assert run(argv) == 1
+    assert "differ in input_files" in capsys.readouterr().err and out.read_bytes() == first
+
+
+def test_ray_only_options_need_ray(weights, tmp_path, capsys):
+    inputs = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    assert run(["score-corpus", str(inputs), "--out", str(tmp_path / "o.jsonl"), "--workers", "4",
+                "--model", str(weights[0])]) == 2
+    assert "--workers and --threads-per-worker choose Ray's actors; they need --ray" in capsys.readouterr().err

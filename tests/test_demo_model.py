@@ -22,7 +22,7 @@ from picogpt.tokenizer import decode, encode
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 MODEL, LOG, CARD = DEMO / "model.dat", DEMO / "train_log.txt", DEMO / "README.md"
-HPARAMS = dict(n_vocab=50257, n_ctx=256, n_embd=128, n_head=4, n_layer=4, layer_norm_epsilon=1e-5)
+HPARAMS = dict(n_vocab=50257, n_ctx=256, n_embd=192, n_head=6, n_layer=8, layer_norm_epsilon=1e-5)
 LOGITS_TOLERANCE = 1e-4
 # Docstring-like text, then words the corpus hardly has, so rarely trained embeddings are exercised too.
 PARITY_PROMPT = ("Return a list of the lines in the string, breaking at line boundaries. "
@@ -42,7 +42,9 @@ def demo():
 
 def test_demo_model_is_a_small_gpt2_under_30_mb():
     assert MODEL.stat().st_size <= 30_000_000
-    assert open_model_file(MODEL).hparams == HPARAMS
+    model_file = open_model_file(MODEL)
+    assert model_file.hparams == HPARAMS and model_file.weight_dtype == "bf16"  # matrices in bfloat16
+    assert sum(f.stat().st_size for f in DEMO.parent.rglob("*") if f.is_file()) < 35_000_000  # all of data/
 
 
 def test_logits_at_every_position_match_hugging_face(demo):
@@ -79,7 +81,7 @@ def log_numbers():
     text = LOG.read_text(encoding="utf-8")
     final = re.findall(r"^final: step \d+, train loss ([\d.]+), val loss ([\d.]+)", text, re.M)
     steps = re.findall(r"^step +\d+ \|.*\| train loss ([\d.]+) \| val loss ([\d.]+) \|", text, re.M)
-    corpus = re.search(r"train \d+ docstrings, (\d+) tokens; val \d+ docstrings, (\d+) tokens", text)
+    corpus = re.search(r"split: train \d+ documents, (\d+) tokens; held out \d+ documents, (\d+) tokens", text)
     assert final and steps and corpus, f"{LOG} lacks its final, step or corpus lines"
     return final[-1], steps[-1], (int(corpus[1]), int(corpus[2]))
 
@@ -93,3 +95,17 @@ def test_model_card_numbers_are_the_training_logs():
     assert card_train and card_val, f"{CARD} does not state the final training and validation losses"
     assert (card_train[1], card_val[1]) == final
     assert f"{train_tokens:,}" in card and f"{val_tokens:,}" in card
+
+
+def test_model_card_quotes_the_held_out_perplexities_and_samples():
+    """The old and new model's perplexity on the same held-out text, and the greedy samples, as logged."""
+    text = LOG.read_text(encoding="utf-8")
+    card = CARD.read_text(encoding="utf-8")
+    perplexities = re.findall(r"^held-out perplexity \(picogpt, [^)]*\): ([\d.]+) for (\S+)", text, re.M)
+    assert len(perplexities) == 2, f"{LOG} lacks the held-out perplexity of the new and the old model"
+    for value, _ in perplexities:
+        assert value in card
+    samples = re.findall(r"^sample: ('.*') -> ('.*?')(?: \(repeats .*\))?$", text, re.M)
+    assert len(samples) >= 13
+    for prompt, continuation in samples:
+        assert f"{prompt} -> {continuation}" in card

@@ -151,7 +151,7 @@ def test_command_writes_the_page_and_says_where(tmp_path, capsys, monkeypatch):
     assert re.search(r"wrote explain\.html \(\d+\.\d MB, 3 tokens, [\d.]+ s\) and data\.json; open it", err)
     data = json.loads((tmp_path / "data.json").read_text(encoding="utf-8"))
     assert data["prompt"] == "The optional argument" and data["model"]["name"] == "demo"
-    assert data["command"].startswith("picogpt explain")
+    assert data["command"] == "picogpt explain 'The optional argument' --model demo --json data.json"
     assert page_data(tmp_path / "explain.html") == data  # the page is drawn from exactly the JSON file's data
     assert main(["explain", "Hi", "--model", "demo", "--out", str(tmp_path)]) == 0  # a folder: explain.html in it
     assert page_data(tmp_path / "explain.html")["prompt"] == "Hi"

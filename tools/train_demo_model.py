@@ -472,6 +472,7 @@ def main():
             sys.exit(f"error: {args.checkpoint} was made with other settings or another corpus; "
                      f"run with --fresh to start again")
         step, trained_s, precision = state["step"], state["trained_s"], state["precision"]
+        train_loss, val_loss = state.get("train_loss"), state.get("val_loss")  # the last evaluation's
         schedule = Schedule(args.max_steps, state["decay_start"], state["decay_steps"], state["val_losses"])
         if state["threads"] != args.threads:
             print(f"note: the checkpoint trained on {state['threads']} threads, this run on {args.threads}; "
@@ -527,6 +528,7 @@ def main():
                 log(f"decay: from step {step} over {schedule.decay_steps} steps, because {why}")
             save_checkpoint(args.checkpoint, model, optimizer, batches, dict(
                 settings=settings, step=step, trained_s=elapsed, precision=precision, threads=args.threads,
+                train_loss=train_loss, val_loss=val_loss,
                 decay_start=schedule.decay_start, decay_steps=schedule.decay_steps, val_losses=schedule.val_losses))
     elapsed = trained_s + time.perf_counter() - t_sitting
 

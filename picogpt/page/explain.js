@@ -256,7 +256,8 @@ function drawLens() {
 // -- 4. the next token: picogpt.generate's filters, step for step ----------------------------------------
 // apply_repetition_penalty, then choose_next (logits / temperature, top_k_filter, top_p_filter, softmax64).
 // The logits are float32 and so is picogpt's arithmetic on them until the softmax: Math.fround rounds each
-// result as float32 arithmetic would, so the surviving set and the probabilities are picogpt's.
+// result as float32 arithmetic would, so the surviving set and the probabilities are picogpt's (NumPy sums
+// the softmax's terms pairwise, this loop in order: the last bits can differ, about 1e-16 relative).
 
 function softmax64(logits) {
   let max = -Infinity;
