@@ -420,6 +420,9 @@ def main():
     p.add_argument("--checkpoint", default="build/demo_checkpoint.safetensors",
                    help="written at every evaluation; the same command resumes from it")
     p.add_argument("--fresh", action="store_true", help="start again, ignoring an existing checkpoint")
+    p.add_argument("--continue-from", metavar="CHECKPOINT",
+                   help="train on from a checkpoint with its decay undone (the .stable.safetensors written when the "
+                        "decay began), at the constant rate, until the held-out loss stops improving or --max-steps")
     p.add_argument("--compare", metavar="MODEL_DAT", help="another model file to give the held-out perplexity of")
     args = p.parse_args()
     if not Path(args.docs, "index.html").is_file():
@@ -465,14 +468,19 @@ def main():
     batches = torch.Generator().manual_seed(args.seed)  # the data order: random offsets, fixed by the seed
     schedule, step, trained_s = Schedule(args.max_steps), 0, 0.0
 
-    resume = Path(args.checkpoint).is_file() and not args.fresh
+    if args.continue_from and not Path(args.continue_from).is_file():
+        sys.exit(f"error: no checkpoint {args.continue_from} to continue from")
+    source = args.continue_from or args.checkpoint
+    resume = Path(source).is_file() and (not args.fresh or bool(args.continue_from))
     if resume:
-        state = load_checkpoint(args.checkpoint, model, optimizer, batches)
+        state = load_checkpoint(source, model, optimizer, batches)
         if state["settings"] != settings:
-            sys.exit(f"error: {args.checkpoint} was made with other settings or another corpus; "
+            sys.exit(f"error: {source} was made with other settings or another corpus; "
                      f"run with --fresh to start again")
         step, trained_s, precision = state["step"], state["trained_s"], state["precision"]
         train_loss, val_loss = state.get("train_loss"), state.get("val_loss")  # the last evaluation's
+        if args.continue_from:  # the weights from before the decay, and the constant rate again
+            state["decay_start"] = state["decay_steps"] = None
         schedule = Schedule(args.max_steps, state["decay_start"], state["decay_steps"], state["val_losses"])
         if state["threads"] != args.threads:
             print(f"note: the checkpoint trained on {state['threads']} threads, this run on {args.threads}; "
@@ -488,7 +496,8 @@ def main():
         log_file.flush()
 
     if resume:
-        log(f"resumed: step {step} from {args.checkpoint} ({' '.join([Path(sys.executable).name] + sys.argv)})")
+        log(f"resumed: step {step} from {source}{' with the decay undone' if args.continue_from else ''} "
+            f"({' '.join([Path(sys.executable).name] + sys.argv)})")
     else:
         log(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
         log(f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} threads, "
@@ -524,12 +533,16 @@ def main():
                 f"| train loss {train_loss:.4f} | val loss {val_loss:.4f} | {elapsed:6.0f} s")
             losses = []
             why = schedule.evaluated(step, val_loss)
+            state = dict(settings=settings, step=step, trained_s=elapsed, precision=precision, threads=args.threads,
+                         train_loss=train_loss, val_loss=val_loss, decay_start=schedule.decay_start,
+                         decay_steps=schedule.decay_steps, val_losses=schedule.val_losses)
             if why:
                 log(f"decay: from step {step} over {schedule.decay_steps} steps, because {why}")
-            save_checkpoint(args.checkpoint, model, optimizer, batches, dict(
-                settings=settings, step=step, trained_s=elapsed, precision=precision, threads=args.threads,
-                train_loss=train_loss, val_loss=val_loss,
-                decay_start=schedule.decay_start, decay_steps=schedule.decay_steps, val_losses=schedule.val_losses))
+                # The weights before any decay: --continue-from it trains on at the constant rate, further
+                stable = Path(args.checkpoint).with_suffix(".stable.safetensors")
+                save_checkpoint(stable, model, optimizer, batches, state)
+                log(f"saved {stable}: train on from here with --continue-from {stable} --max-steps N")
+            save_checkpoint(args.checkpoint, model, optimizer, batches, state)
     elapsed = trained_s + time.perf_counter() - t_sitting
 
     write_model(model, args.out)
