@@ -30,7 +30,7 @@ MODELS_DIR_ENV = "PICOGPT_MODELS_DIR"
 
 class NotFetched(PicogptError):
     """A model of a known size that has not been fetched (downloaded and converted) yet."""
-DEMO = "demo"  # the small model trained on Python's docstrings that ships in data/demo (see its README)
+DEMO = "demo"  # the small model trained on Python's documentation that ships in data/demo (see its README)
 
 
 def default_models_dir():
@@ -76,7 +76,7 @@ def default_model(named_models_dir=None):
     where = models_dir(named_models_dir)
     if (where / "124M" / "model.dat").exists():
         return "124M", None
-    notice = (f"GPT-2 124M is not in {where}/, so this is the small demo model trained on Python's docstrings; "
+    notice = (f"GPT-2 124M is not in {where}/, so this is the small demo model trained on Python's documentation; "
               f"fetch 124M with: {hints.fetch_command('124M', named_models_dir)}")
     old = Path("models") / "124M" / "model.dat"  # where picogpt 0.1 fetched to, relative to the current folder
     if named_models_dir is None and old.is_file() and old.resolve() != (where / "124M" / "model.dat").resolve():

@@ -15,7 +15,7 @@ import torch
 from hf_reference import hf_model
 from picogpt.cli import main
 from picogpt.generate import generate
-from picogpt.model import GPT2
+from picogpt.store import load
 from picogpt.modelfile import open_model_file
 from picogpt.reference import hf_greedy
 from picogpt.tokenizer import decode, encode
@@ -27,16 +27,16 @@ LOGITS_TOLERANCE = 1e-4
 # Docstring-like text, then words the corpus hardly has, so rarely trained embeddings are exercised too.
 PARITY_PROMPT = ("Return a list of the lines in the string, breaking at line boundaries. "
                  "Alan Turing theorized that computers would one day become very powerful")
-GOLDEN_PROMPT = "The optional argument"  # the prompt of `make run`, the README's main command
-# The shipped model's greedy 20 tokens (the same as Hugging Face's): a tiny model's repetition loop, but text.
-GOLDEN_TEXT = " is a string.\nThe optional argument is a string.\nThe optional argument is a string,"
+GOLDEN_PROMPT = "Test if the address"  # the prompt of `make run` (see the model card for why this one)
+# The shipped model's greedy 20 tokens (the same as Hugging Face's).
+GOLDEN_TEXT = " is not found.\nThe optional timeout parameter is a timeout parameter.\nThe default timeout parameter is"
 
 
 @pytest.fixture(scope="module")
 def demo():
     model_file = open_model_file(MODEL)
     model_file.verify()
-    model = GPT2(model_file.hparams, model_file.tensors, path=model_file.path)
+    model = load(str(MODEL), bf16="widen", quiet=True)  # bfloat16 matrices, multiplied in float32
     return model, hf_model(model_file.hparams, model_file.tensors)
 
 

@@ -611,10 +611,10 @@ def test_stop_strings_read_escapes(given, meant):
 
 
 def test_stop_newline_stops_at_a_line_break(capsys):
-    assert cli.main(["The optional argument", "-n", "30", "--model", "demo"]) == 0
+    assert cli.main(["Test if the address", "-n", "30", "--model", "demo"]) == 0
     full = capsys.readouterr().out[:-1]
     assert "\n" in full  # the demo model writes several lines here
-    assert cli.main(["The optional argument", "-n", "30", "--model", "demo", "--stop", "\\n"]) == 0
+    assert cli.main(["Test if the address", "-n", "30", "--model", "demo", "--stop", "\\n"]) == 0
     assert capsys.readouterr().out == full[:full.index("\n")] + "\n"
 
 
@@ -708,10 +708,10 @@ def test_a_fresh_clones_make_run_prints_only_the_notice_and_the_text(tmp_path):
     from picogpt.generate import complete
     from picogpt.store import demo_model_path
     assert done.returncode == 0, done.stderr
-    assert done.stdout == complete(load(demo_model_path()), "The optional argument", 20) + "\n"
+    assert done.stdout == complete(load(demo_model_path()), "Test if the address", 20) + "\n"  # make run's PROMPT
     models = tmp_path / "data-home" / "picogpt" / "models"
     assert done.stderr == (f"picogpt: GPT-2 124M is not in {models}/, so this is the small demo model trained on "
-                           f"Python's docstrings; fetch 124M with: make fetch MODEL=124M\n")
+                           f"Python's documentation; fetch 124M with: make fetch MODEL=124M\n")
 
 
 MISSING_MODULE = """
