@@ -82,9 +82,11 @@ browser:
 		fi; \
 	fi
 
-# picogpt against PyTorch on the same weights, 1 and 2 threads, and the memory-bandwidth floor (about 3 min)
+# picogpt against PyTorch on the same weights, 1 and 2 threads, and the memory-bandwidth floor (about 3 min), then
+# scoring 2000 documents in process, with PyTorch and on Ray (about 45 min on 2 cores; CORPUS_DOCS=0 skips it)
+CORPUS_DOCS ?= 2000
 bench: $(VENV)/.installed-test
-	$(PY) -m picogpt bench
+	$(PY) -m picogpt bench --corpus-docs $(call quote,CORPUS_DOCS)
 
 # picogpt against PyTorch on MODEL's weights (default as for run), layer by layer; exit status 1 on a mismatch
 parity: $(VENV)/.installed-parity
