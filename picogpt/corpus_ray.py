@@ -1,6 +1,6 @@
 """The corpus commands on a Ray cluster: `picogpt score-corpus ... --ray auto` (or --ray ADDRESS, or
---ray local for a cluster of this machine alone). Imported only with --ray; Ray is the `ray` extra
-(pip install 'picogpt[ray]').
+--ray local for a cluster of this machine alone). Imported only with --ray; Ray is picogpt's `ray` extra
+(`pip install -e '.[ray]'` in the checkout, or `pip install 'ray[data]>=2.10'`).
 
 The plan's chunks (picogpt.corpus.plan: where each chunk's documents are, not the documents) become a Ray
 dataset; map_batches runs them on a pool of actors (ChunkWorker), one chunk per call, each actor with

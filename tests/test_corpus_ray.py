@@ -3,7 +3,7 @@ tests (ray.init(num_cpus=2), which the commands join), against the in-process pa
 
 The Ray path writes the same file as the in-process path, byte for byte; an actor killed mid-run (its
 process sent SIGKILL) is replaced, its chunk run again, and the file is still complete and duplicate-free.
-Needs Ray (pip install 'picogpt[ray]'; make test installs it); without it these tests skip.
+Needs Ray (the ray extra: pip install -e '.[ray]'; make test installs it); without it these tests skip.
 """
 
 import json
@@ -19,7 +19,7 @@ import pytest
 from hf_reference import random_tensors, write_model_dat
 from picogpt.cli import main
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'picogpt[ray]')")
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
 
 HPARAMS = dict(n_vocab=50257, n_ctx=64, n_embd=32, n_head=4, n_layer=2, layer_norm_epsilon=1e-5)
 WORDS = "the function returns a new list of values from the optional argument and raises an error".split()

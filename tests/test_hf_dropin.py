@@ -49,7 +49,7 @@ def test_config_and_loading(pair, tmp_path):
         assert getattr(ours.config, field) == getattr(theirs.config, field), field
     path = write_model_dat(tmp_path / "model.dat", HPARAMS, random_tensors(HPARAMS, seed=20))
     assert hf.GPT2LMHeadModel.from_pretrained(path).config.n_layer == 2
-    assert hf.GPT2LMHeadModel.from_pretrained("demo").config.n_layer == 4
+    assert hf.GPT2LMHeadModel.from_pretrained("demo").config.n_layer == 8
     with pytest.raises(PicogptError, match="argument 'torch_dtype' is not supported"):
         hf.GPT2LMHeadModel.from_pretrained(path, torch_dtype="float16")
 

@@ -68,7 +68,9 @@ KINDS = {
 BASE_ARGV = {"generate": ["generate", "Hi"], "score": ["score", "t.txt"],
              "attention": ["attention", "Hi", "--layer", "0"],
              "verify": ["verify", "demo"], "convert-tf": ["convert-tf"], "convert-hf": ["convert-hf", "dir"],
-             "parity": ["parity"], "bench": ["bench"]}
+             "parity": ["parity"], "bench": ["bench"], "explain": ["explain", "Hi"],
+             "score-corpus": ["score-corpus", "d.jsonl", "--out", "o.jsonl"],
+             "complete-corpus": ["complete-corpus", "d.jsonl", "--out", "o.jsonl"]}
 
 
 def numeric_options():
