@@ -169,6 +169,12 @@ def test_download_onto_a_full_disk(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "models" / "124M" / "model.dat").exists()
 
 
+def default_ctrl_c():
+    """In a test's child process: Ctrl-C does what it does in a shell. A child inherits an ignored SIGINT,
+    and after the Ray tests' in-process cluster the test process's SIGINT can be ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_download_leaves_no_model(tmp_path):
     from tf_fixture import write_tf_checkpoint
     write_tf_checkpoint(tmp_path / "mirror" / "124M", dict(HPARAMS, n_vocab=100), seed=1)
@@ -176,7 +182,7 @@ def test_ctrl_c_during_download_leaves_no_model(tmp_path):
         server.faults["/124M/model.ckpt.data-00000-of-00001"] = Fault(stall=30)
         child = subprocess.Popen([sys.executable, str(REPO / "tools" / "convert_tf_checkpoint.py"), "--models-dir",
                                   str(tmp_path / "models"), "--base-url", server.url, "--no-progress"],
-                                 stderr=subprocess.PIPE, text=True)
+                                 stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
         deadline = time.monotonic() + 60
         while "/124M/model.ckpt.data-00000-of-00001" not in server.paths() and time.monotonic() < deadline:
             time.sleep(0.05)
