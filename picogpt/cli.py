@@ -604,8 +604,8 @@ def command_line(prog, argv):
 
 def corpus_parser(prog, task):
     what = "Score every document" if task == "score" else "Continue every document"
-    p = ArgumentParser(prog=prog, description=f"{what} of a corpus: .jsonl files (the text in a field), .txt files (one "
-                       "document each, or one per line), folders and glob patterns, streamed, batched by length. "
+    p = ArgumentParser(prog=prog, description=f"{what} of a corpus: .jsonl files (the text in a field), .txt files "
+                       "(one document each, or one per line), folders and glob patterns, streamed, batched by length. "
                        "Writes one JSON line per document, in input order, appended as it goes: the same command "
                        "run again after a crash skips what is done and finishes the rest.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl or .txt files, folders of them, glob patterns")
@@ -643,19 +643,10 @@ def corpus_command(args, task):
         raise BadArgument("--workers and --threads-per-worker choose Ray's actors; they need --ray")
     out = files.output_file(args.out)  # a folder or a link is sorted out before anything else
     model = load_model(args, args.prog)
-    model_file = open_model_file(model.path)
+    output = corpus.CorpusOutput(out)
     job_options = dict(task=task, batch_tokens=args.batch_tokens)
-    chunks, input_files = corpus.plan(args.inputs, lines=args.lines, text_field=args.text_field,
-                                      exclude=[out, corpus.CorpusOutput.run_path_of(out)], with_files=True)
-    settings = dict(task=task, model=str(Path(model.path).resolve()), model_sha256=model_file.sha256.hex(),
-                    backend=args.backend, bf16_native=bool(model.precision and model.precision.native),
-                    inputs=[str(p) for p in args.inputs],
-                    input_files=[[str(f), f.stat().st_size] for f in input_files],  # an edited input is refused
-                    text_field=args.text_field, lines=args.lines, batch_tokens=args.batch_tokens,
-                    chunk_docs=corpus.CHUNK_DOCS)
-    output = corpus.CorpusOutput(out, settings)
     if task == "score":
-        job_options["stride"] = settings["stride"] = args.stride
+        job_options["stride"] = args.stride
     else:
         temperature, seed = sampling_settings(args)
         recorded = output.recorded_settings()
@@ -664,8 +655,16 @@ def corpus_command(args, task):
         sampling = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                         repetition_penalty=args.repetition_penalty, seed=seed if temperature > 0 else None)
         job_options.update(n_tokens=args.n_tokens, sampling=sampling, ids=args.ids)
-        settings.update(n_tokens=args.n_tokens, sampling=sampling, ids=args.ids)
-    corpus.CorpusJob(model, **job_options)  # the settings are checked before anything is written
+    job = corpus.CorpusJob(model, **job_options)  # the settings are checked before anything is written
+    chunks, input_files = corpus.plan(args.inputs, lines=args.lines, text_field=args.text_field,
+                                      exclude=[out, output.run_path], with_files=True)
+    bf16_native = bool(model.precision and model.precision.native)
+    # What made the output, recorded beside it: resuming with any of it changed is refused.
+    output.settings = dict(job_options, model=str(Path(model.path).resolve()),
+                           model_sha256=open_model_file(model.path).sha256.hex(), backend=args.backend,
+                           bf16_native=bf16_native, inputs=[str(p) for p in args.inputs],
+                           input_files=[[str(f), f.stat().st_size] for f in input_files],  # an edited input
+                           text_field=args.text_field, lines=args.lines, chunk_docs=corpus.CHUNK_DOCS)
     if args.ray:
         from .corpus_ray import require_ray  # Ray is imported only with --ray
         require_ray()
@@ -678,23 +677,24 @@ def corpus_command(args, task):
         output.close()
         return
     if output.done:
-        print(f"{args.prog}: resuming {output.path}: {plural(output.done, 'document')} of {total} done", file=sys.stderr)
+        print(f"{args.prog}: resuming {output.path}: {plural(output.done, 'document')} of {total} done",
+              file=sys.stderr)
     progress = corpus.Progress(total, output.done)
     try:
         if args.ray:
             from .corpus_ray import run_on_ray
             run_on_ray(args.ray, model.path, job_options, remaining, output, progress, args.workers or 2,
-                       args.threads_per_worker or 1, backend=args.backend,
-                       bf16="native" if settings["bf16_native"] else "widen")
+                       args.threads_per_worker or 1, backend=args.backend, bf16="native" if bf16_native else "widen")
         else:
-            corpus.run_in_process(corpus.CorpusJob(model, **job_options), remaining, output, progress)
+            corpus.run_in_process(job, remaining, output, progress)
     finally:
         progress.close()
         output.close()
     seconds = progress.seconds
     verb = "scored" if task == "score" else "continued"
+    rate = max(seconds, 1e-9)
     print(f"{args.prog}: {verb} {plural(progress.docs, 'document')} ({progress.tokens:,} tokens) in {seconds:.1f} s: "
-          f"{progress.docs / max(seconds, 1e-9):.1f} documents/s, {progress.tokens / max(seconds, 1e-9):,.0f} tokens/s; "
+          f"{progress.docs / rate:.1f} documents/s, {progress.tokens / rate:,.0f} tokens/s; "
           f"{plural(progress.errors, 'document')} with an error field; {output.path} holds all {total}",
           file=sys.stderr)
 

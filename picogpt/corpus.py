@@ -35,8 +35,9 @@ import numpy as np
 
 from . import __version__
 from .errors import BadArgument, PicogptError, plural
+from .files import write_atomically
 from .generate import check_options, generate_batch, left_pad
-from .scoring import score
+from .scoring import score, token_log_probs
 from .tokenizer import EOT, decode, encode
 
 CHUNK_DOCS = 64  # documents per chunk: the unit of work, of writing, and of resuming
@@ -83,7 +84,8 @@ def input_files(inputs, exclude=()):
                 raise PicogptError(f"the folder {given} holds no .jsonl or .txt files")
         elif path.exists():
             if path.suffix not in SUFFIXES:
-                raise PicogptError(f"{given}: expected a .jsonl or .txt file (or a folder of them), not {path.suffix or 'a file without a suffix'}")
+                raise PicogptError(f"{given}: expected a .jsonl or .txt file (or a folder of them), not "
+                                   f"{path.suffix or 'a file without a suffix'}")
             if path.resolve() in excluded:
                 raise PicogptError(f"{given} is the output file (--out); it cannot be an input too")
             found = [path]
@@ -260,19 +262,6 @@ class CorpusJob:
         n_errors = sum("error" in results[doc.index] for doc in docs)
         return "".join(json.dumps(results[doc.index], ensure_ascii=False) + "\n" for doc in docs), n_tokens, n_errors
 
-    def _batches(self, todo, limit):
-        """Documents grouped by length (the same grouping whoever runs the chunk): each batch's rows padded
-        to its longest hold at most `limit` tokens and MAX_BATCH rows."""
-        order = sorted(todo, key=lambda item: (len(item[1]), item[0].index))
-        batch = []
-        for item in order:
-            if batch and (len(item[1]) * (len(batch) + 1) > limit or len(batch) == MAX_BATCH):
-                yield batch
-                batch = []
-            batch.append(item)
-        if batch:
-            yield batch
-
     def _score(self, todo, results):
         n_ctx, done = self.model.hparams["n_ctx"], 0
         short = [(doc, ids) for doc, ids in todo if len(ids) <= n_ctx]
@@ -284,17 +273,13 @@ class CorpusJob:
                 results[doc.index] = _score_record(doc, result.n_tokens, result.log_prob, windows=windows,
                                                    stride=stride)
                 done += len(ids)
-        for batch in self._batches(short, self.batch_tokens):
+        for batch in batches_by_length(short, self.batch_tokens):
             tokens, n_pad = left_pad([ids for _, ids in batch])
             logits = self.model(tokens, n_pad=n_pad, all_logits=True)  # [n_batch, longest, n_vocab]
             for row, ((doc, ids), pad) in enumerate(zip(batch, n_pad)):
-                predicting = logits[row, pad:-1]  # [len(ids) - 1, n_vocab]: position j predicts token j + 1
-                picked = predicting[np.arange(len(ids) - 1), ids[1:]].astype(np.float64)
-                # log-softmax's normaliser, log Σ exp(x), in place over these logits (they are not needed again)
-                top = predicting.max(axis=-1, keepdims=True)
-                np.exp(np.subtract(predicting, top, out=predicting), out=predicting)
-                log_norm = np.log(predicting.sum(axis=-1, dtype=np.float64)) + top[:, 0]
-                results[doc.index] = _score_record(doc, len(ids) - 1, float((picked - log_norm).sum()))
+                # position j predicts token j + 1; these logits are not needed again, so they may be spent
+                log_probs = token_log_probs(logits[row, pad:-1], ids[1:])
+                results[doc.index] = _score_record(doc, len(ids) - 1, float(log_probs.sum()))
                 done += len(ids)
         return done
 
@@ -303,12 +288,13 @@ class CorpusJob:
         fits = []
         for doc, ids in todo:
             if len(ids) + self.n_tokens > n_ctx:
-                results[doc.index] = {"id": doc.id, "error": f"the document is {len(ids)} tokens; with {self.n_tokens} "
-                                      f"new ones it must be at most {n_ctx - self.n_tokens} (the model's context is {n_ctx})"}
+                results[doc.index] = {"id": doc.id, "error": f"the document is {len(ids)} tokens; with "
+                                      f"{self.n_tokens} new ones it must be at most {n_ctx - self.n_tokens} (the "
+                                      f"model's context is {n_ctx})"}
             else:
                 fits.append((doc, ids))
         options = {k: v for k, v in self.sampling.items() if k != "seed"}
-        for batch in self._batches(fits, self.batch_tokens):
+        for batch in batches_by_length(fits, self.batch_tokens):
             prompts = [ids for _, ids in batch]
             seed = RowRandom(self.sampling.get("seed") or 0, [doc.index for doc, _ in batch]) \
                 if options.get("temperature", 0) > 0 else None
@@ -320,6 +306,21 @@ class CorpusJob:
                 results[doc.index] = record
                 done += len(ids) + len(new_ids)
         return done
+
+
+def batches_by_length(items, limit):
+    """(document, token ids) pairs grouped by length, shortest first (ties in their given order), so that
+    each batch's rows padded to its longest hold at most `limit` tokens and MAX_BATCH rows: the same
+    grouping whoever runs the chunk."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i][1]), i))
+    batch = []
+    for item in (items[i] for i in order):
+        if batch and (len(item[1]) * (len(batch) + 1) > limit or len(batch) == MAX_BATCH):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
 
 
 def _score_record(doc, n_tokens, log_prob, **extra):
@@ -339,17 +340,12 @@ class CorpusOutput:
     and any lines of a chunk that was not finished, are cut off, so every chunk is written whole, once.
     """
 
-    def __init__(self, path, settings):
+    def __init__(self, path, settings=None):
         self.path = Path(path)
-        self.run_path = self.run_path_of(self.path)
-        self.settings = settings
+        self.run_path = self.path.with_name(self.path.name + ".run.json")
+        self.settings = settings  # what makes the output (JSON-ready): recorded by open(), or compared with it
         self.done = 0  # documents already in the file
         self._file = None
-
-    @staticmethod
-    def run_path_of(path):
-        """Where the record of what made an output lies: OUT.run.json beside it."""
-        return Path(path).with_name(Path(path).name + ".run.json")
 
     def recorded_settings(self):
         """The settings the existing output was made with, or None for a new output."""
@@ -373,7 +369,6 @@ class CorpusOutput:
                                    f"run the same command to resume it, or choose another --out to start a new one")
             complete, end = self._complete_lines()
         else:
-            from .files import write_atomically
             write_atomically(self.run_path, (json.dumps({"picogpt": __version__, "settings": self.settings},
                                                          indent=1) + "\n").encode())
             self.path.write_bytes(b"")

@@ -38,6 +38,16 @@ def log_softmax(logits):
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
+def token_log_probs(logits, targets):
+    """log p(targets[i]) under each row of logits [n, n_vocab]: float64 [n]. The softmax's normaliser,
+    log Σ exp(x), is summed in float64 without forming the [n, n_vocab] log-probabilities: the logits are
+    overwritten with their exponentials, so pass logits that are not needed again."""
+    picked = logits[np.arange(len(targets)), targets].astype(np.float64)
+    largest = logits.max(axis=-1, keepdims=True)
+    np.exp(np.subtract(logits, largest, out=logits), out=logits)
+    return picked - (np.log(logits.sum(axis=-1, dtype=np.float64)) + largest[:, 0])
+
+
 def score(model, ids, stride=None):
     """Log-probability of ids[1:], each token given all before it (ids[0] is context only).
 
@@ -62,8 +72,8 @@ def score(model, ids, stride=None):
         window = ids[start:start + n_ctx]
         logits = model(window, all_logits=True)  # [len(window), n_vocab]: position j predicts window[j + 1]
         targets = np.arange(scored - start, len(window))  # positions in the window not yet scored
-        token_log_probs = log_softmax(logits[targets - 1])[np.arange(len(targets)), np.array(window)[targets]]
-        log_probs[scored - 1:scored - 1 + len(targets)] = token_log_probs
+        scored_ids = np.array(window)[targets]
+        log_probs[scored - 1:scored - 1 + len(targets)] = token_log_probs(logits[targets - 1], scored_ids)
         scored = start + len(window)
         start += stride
     return Score(len(ids) - 1, float(log_probs.sum()), log_probs)
