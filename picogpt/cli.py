@@ -32,7 +32,7 @@ from .download import DEFAULT_BASE_URL, MODEL_SIZES  # noqa: E402
 from .errors import BadArgument, PicogptError, interrupted, one_line, plural  # noqa: E402
 from .explain import MAX_TOKENS, check_heads, explain, parse_heads  # noqa: E402
 from . import corpus  # noqa: E402
-from .explain_page import write_json, write_page  # noqa: E402
+from .explain_page import write_page  # noqa: E402
 from .beam import beam_search  # noqa: E402
 from .generate import TextBatch, TextStream, prompt_ids  # noqa: E402
 from .modelfile import WEIGHT_DTYPES, convert_dtype, open_model_file  # noqa: E402
@@ -580,9 +580,7 @@ def explain_command(args):
     started = time.perf_counter()
     seen = explain(model, args.prompt, ablate=args.ablate, model_name=args.model or model_label(model),
                    command=command_line(args.prog, args.argv))
-    write_page(seen, out)
-    if json_out is not None:
-        write_json(seen, json_out)
+    write_page(seen, out, json_out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {plural(len(seen.ids), 'token')}, "
           f"{time.perf_counter() - started:.1f} s)" + (f" and {json_out}" if json_out else "")
           + "; open it in a browser", file=sys.stderr)

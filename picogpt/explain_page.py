@@ -44,12 +44,10 @@ def render(data):
     return _SLOTS.sub(lambda m: slots[m.group(1)], template)  # one pass: the data's text is never a slot
 
 
-def write_page(explanation, path):
-    """Write the page of an Explanation to path, atomically; returns the path."""
-    return write_atomically(path, render(explanation.to_json()).encode("utf-8"))
-
-
-def write_json(explanation, path):
-    """Write the page's data, Explanation.to_json(), as a JSON file, atomically; returns the path."""
-    text = json.dumps(explanation.to_json(), ensure_ascii=False, allow_nan=False)
-    return write_atomically(path, (text + "\n").encode("utf-8"))
+def write_page(explanation, path, json_path=None):
+    """Write the page of an Explanation to path, and with json_path its data (Explanation.to_json(), the
+    same the page is drawn from) as a JSON file; each atomically. Returns the page's path."""
+    data = explanation.to_json()
+    if json_path is not None:
+        write_atomically(json_path, (json.dumps(data, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
+    return write_atomically(path, render(data).encode("utf-8"))
