@@ -29,7 +29,7 @@ PARITY_PROMPT = ("Return a list of the lines in the string, breaking at line bou
                  "Alan Turing theorized that computers would one day become very powerful")
 GOLDEN_PROMPT = "Test if the address"  # the prompt of `make run` (see the model card for why this one)
 # The shipped model's greedy 20 tokens (the same as Hugging Face's).
-GOLDEN_TEXT = " is not found.\nThe optional timeout parameter is a timeout parameter.\nThe default timeout parameter is"
+GOLDEN_TEXT = " is not a valid IPv4 address.\nThe following methods are defined for IPv4 addresses.\n"
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,9 @@ def test_model_card_numbers_are_the_training_logs():
 
 
 def test_model_card_quotes_the_held_out_perplexities_and_samples():
-    """The old and new model's perplexity on the same held-out text, and the greedy samples, as logged."""
-    text = LOG.read_text(encoding="utf-8")
+    """The old and new model's perplexity on the same held-out text, and the greedy samples, as logged
+    after the log's last final line (a run continued from a checkpoint logs the earlier model's too)."""
+    text = LOG.read_text(encoding="utf-8").rsplit("\nfinal: ", 1)[1]
     card = CARD.read_text(encoding="utf-8")
     perplexities = re.findall(r"^held-out perplexity \(picogpt, [^)]*\): ([\d.]+) for (\S+)", text, re.M)
     assert len(perplexities) == 2, f"{LOG} lacks the held-out perplexity of the new and the old model"
