@@ -1,7 +1,8 @@
 """The demo model's trainer (tools/train_demo_model.py), in parts: the HTML documentation turned into
-documents, the split by document, the learning-rate schedule that decays on the held-out loss, and
-checkpoints that resume to exactly where training was."""
+documents, the split by document, the learning-rate schedule that decays on the held-out loss,
+checkpoints that resume to exactly where training was, and the count of greedy continuations that loop."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import train_demo_model as trainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO / "data" / "demo" / "model.dat"
 
 PAGE = """<html><head><title>json — JSON encoder and decoder</title></head><body>
 <div class="related" role="navigation"><ul><li><a href="index.html">Python documentation</a></li></ul></div>
@@ -100,3 +104,19 @@ def test_a_checkpoint_resumes_exactly(tmp_path):
     for a, b in zip(straight[0].parameters(), second[0].parameters()):
         assert torch.equal(a, b)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20():
+    # The shipped model: "Test if the address is not a valid IPv4 address.\nThe following methods are defined for
+    # IPv4 addresses.\nThe following ..." repeats only after 20 tokens; "Return the number of items in the given
+    # dictionary.\nReturn the number of items in the given ..." within 15.
+    prompts = ["Test if the address", "Return the number of"]
+    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 0)
+
+
+def test_judge_names_a_missing_model_file(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--judge", str(DEMO_MODEL),
+                           str(tmp_path / "none.dat")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    missing = tmp_path / "none.dat"
+    assert done.stderr == f"error: no model file {missing}; name a model.dat (such as data/demo/model.dat)\n"
