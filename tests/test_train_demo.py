@@ -120,3 +120,53 @@ def test_judge_names_a_missing_model_file(tmp_path):
     assert done.returncode == 1 and done.stdout == ""
     missing = tmp_path / "none.dat"
     assert done.stderr == f"error: no model file {missing}; name a model.dat (such as data/demo/model.dat)\n"
+
+
+def test_repeating_positions_are_the_tokens_of_a_phrase_seen_before():
+    ids = [1, 2, 3, 4, 9, 1, 2, 3, 4, 5]
+    assert trainer.repeating_positions(ids, start=0) == [5, 6, 7, 8]
+    assert trainer.repeating_positions(ids, start=7) == [7, 8]  # only the continuation's part counts
+    assert trainer.repeating_positions(ids, start=9) == []
+    assert trainer.repeating_positions([7, 7, 7, 7, 7], start=0) == [1, 2, 3, 4]
+
+
+def test_unlikelihood_steps_make_a_models_own_loop_less_likely():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    n_seq = trainer.UL_PREFIX + trainer.UL_CONTINUATION
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=n_seq, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=None, eos_token_id=None)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    periodic = torch.arange(n_seq).remainder(5).repeat(4, 1)  # 0 1 2 3 4 0 1 2 3 4 ...: a model that loops
+    for _ in range(40):
+        loss = trainer.lm_loss(model, periodic, bf16=False)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    prefixes = periodic[:2, :trainer.UL_PREFIX]
+    seq = torch.cat([prefixes, trainer.greedy_torch(model, prefixes, trainer.UL_CONTINUATION, False)], 1)
+    marked = [(row, i - 1) for row, ids in enumerate(seq.tolist())
+              for i in trainer.repeating_positions(ids, trainer.UL_PREFIX)]
+    assert len(marked) > trainer.UL_CONTINUATION  # it does loop
+
+    def loop_probability():
+        """The mean probability the model gives the tokens of its loop (the continuation it wrote first)."""
+        with torch.no_grad():
+            p = torch.softmax(model(seq[:, :-1]).logits, -1).gather(-1, seq[:, 1:, None])[..., 0]
+        return torch.stack([p[row, i] for row, i in marked]).mean().item()
+
+    before = loop_probability()
+    for _ in range(5):
+        loss = trainer.unlikelihood_loss(model, prefixes, bf16=False)
+        assert loss.item() > 0
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before > 0.9 and loop_probability() < 0.5 * before
+
+
+def test_unlikelihood_training_stops_when_the_loops_stop_falling():
+    schedule = trainer.UnlikelihoodSchedule(max_steps=10_000)
+    for step, loops in zip(range(250, 2000, 250), [90, 70, 60, 55, 58, 59]):
+        assert schedule.evaluated(step, loops) is None and schedule.end == 10_000  # 60 -> 55 is still 5
+    assert schedule.evaluated(1750, 57) and schedule.end == 1750  # the best of the last three is not 3 below 55

@@ -51,7 +51,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import picogpt
 from picogpt.generate import generate
-from picogpt.modelfile import ModelFileWriter
+from picogpt.modelfile import ModelFileWriter, open_model_file
+from picogpt.reference import hf_model
 from picogpt.scoring import score
 from picogpt.tensors import gpt2_tensor_specs, hf_to_model_dat_name
 from picogpt.tokenizer import EOT, N_VOCAB, load_tokenizer
@@ -85,6 +86,13 @@ SKIP_PAGES = re.compile(r"^(genindex.*|py-modindex|search|contents|copyright|lic
 README_PROMPT = "The optional argument"
 N_HELD_OUT_PROMPTS, SAMPLE_TOKENS = 12, 30
 MAKE_RUN_TOKENS = 20  # what `make run` prints
+# Unlikelihood training (Welleck et al. 2019, "Neural Text Generation with Unlikelihood Training"), from a
+# trained model: every UL_EVERY-th step continues UL_PREFIX-token training windows greedily for
+# UL_CONTINUATION tokens and lowers the probability of each token that repeats a four-token phrase; the other
+# steps are ordinary ones; the rate is a constant UL_LR. It stops when the greedy continuations of
+# N_LOOP_OPENINGS training-docstring openings that loop have fallen by fewer than UL_PLATEAU over the last
+# PATIENCE evaluations (or at --max-steps): on training text, so the held-out openings still judge it.
+UL_LR, UL_PREFIX, UL_CONTINUATION, UL_EVERY, UL_PLATEAU, N_LOOP_OPENINGS = 1e-4, 32, 60, 2, 3, 96
 
 
 def stdlib_files():
@@ -295,6 +303,78 @@ def evaluate(model, windows, bf16):
     return total / len(windows)
 
 
+@torch.no_grad()
+def greedy_torch(model, windows, n_tokens, stop_at_eot):
+    """transformers' greedy generate after each window [batch, n]: the new tokens [batch, <= n_tokens]."""
+    model.eval()
+    out = model.generate(windows, attention_mask=torch.ones_like(windows), do_sample=False, num_beams=1,
+                         max_new_tokens=n_tokens, min_new_tokens=0 if stop_at_eot else n_tokens,
+                         eos_token_id=EOT if stop_at_eot else None, pad_token_id=EOT)
+    model.train()
+    return out[:, windows.shape[1]:]
+
+
+def repeating_positions(ids, start, n=4):
+    """The positions, from `start` on, of tokens in a run of n tokens that occurred earlier in ids."""
+    seen, positions = set(), set()
+    for i in range(len(ids) - n + 1):
+        gram = tuple(ids[i:i + n])
+        if gram in seen:
+            positions.update(range(max(i, start), i + n))
+        seen.add(gram)
+    return sorted(positions)
+
+
+def unlikelihood_loss(model, prefixes, bf16):
+    """Sequence-level unlikelihood: continue each prefix [batch, UL_PREFIX] greedily, then lower the
+    probability p the model gives each continuation token that repeats an earlier four-token phrase
+    (-log(1 - p), averaged over those tokens; up to the first <|endoftext|>). Next-token training on good
+    text never shows a model its own loops; this shows them and makes them unlikely."""
+    seq = torch.cat([prefixes, greedy_torch(model, prefixes, UL_CONTINUATION, stop_at_eot=False)], dim=1)
+    penalised = torch.zeros(seq.shape, dtype=torch.bool)  # [batch, UL_PREFIX + UL_CONTINUATION]
+    for row, ids in enumerate(seq.tolist()):
+        end = ids.index(EOT, UL_PREFIX) if EOT in ids[UL_PREFIX:] else len(ids)
+        penalised[row, repeating_positions(ids[:end], UL_PREFIX)] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(seq[:, :-1]).logits  # [batch, n - 1, n_vocab]: position i predicts token i + 1
+    p = F.softmax(logits.float(), dim=-1).gather(-1, seq[:, 1:, None])[..., 0]  # [batch, n - 1]
+    target = penalised[:, 1:]
+    return -torch.log(torch.clamp(1 - p[target], min=1e-5)).sum() / max(1, int(target.sum()))
+
+
+def looping_openings(model, prompts_ids):
+    """How many greedy continuations of SAMPLE_TOKENS (ending at <|endoftext|>) repeat a four-token phrase."""
+    loops = 0
+    for ids in prompts_ids:
+        new = greedy_torch(model, torch.tensor([ids]), SAMPLE_TOKENS, stop_at_eot=True)[0].tolist()
+        loops += repeated_phrase(new[:new.index(EOT)] if EOT in new else new) is not None
+    return loops
+
+
+class UnlikelihoodSchedule:
+    """The constant rate UL_LR until the looping continuations of training openings have fallen by fewer
+    than UL_PLATEAU over the last PATIENCE evaluations, or until max_steps."""
+
+    def __init__(self, max_steps, loop_counts=(), stopped_at=None):
+        self.max_steps, self.loop_counts, self.stopped_at = max_steps, list(loop_counts), stopped_at
+
+    def lr(self, step):
+        return UL_LR
+
+    @property
+    def end(self):
+        return self.stopped_at or self.max_steps
+
+    def evaluated(self, step, loops):
+        """Record an evaluation after `step` steps; returns why training stops now, or None."""
+        self.loop_counts.append(loops)
+        recent = self.loop_counts[-PATIENCE - 1:]
+        if len(recent) > PATIENCE and recent[0] - min(recent[1:]) < UL_PLATEAU:
+            self.stopped_at = step
+            return f"the looping openings fell by fewer than {UL_PLATEAU} over the last {PATIENCE} evaluations"
+        return None
+
+
 class Schedule:
     """Warmup-stable-decay: a linear warm-up to LR, LR while the held-out loss improves, then a linear decay
     to MIN_LR over DECAY_FRACTION of the steps trained so far. The decay starts when the held-out loss has
@@ -447,6 +527,9 @@ def main():
     p.add_argument("--continue-from", metavar="CHECKPOINT",
                    help="train on from a checkpoint with its decay undone (the .stable.safetensors written when the "
                         "decay began), at the constant rate, until the held-out loss stops improving or --max-steps")
+    p.add_argument("--unlikelihood-from", metavar="MODEL_DAT",
+                   help="train a trained model on with unlikelihood steps against its greedy loops (at a constant "
+                        f"rate {UL_LR}), until they stop falling or --max-steps; the log is appended to")
     p.add_argument("--compare", metavar="MODEL_DAT", help="another model file to give the held-out perplexity of")
     p.add_argument("--judge", metavar="MODEL_DAT", nargs="+",
                    help="do not train: count the greedy continuations of every held-out docstring opening that "
@@ -461,6 +544,10 @@ def main():
         for path in args.judge:
             print(greedy_loops_line(path, prompts, encoding), flush=True)
         return
+    if args.unlikelihood_from and args.continue_from:
+        sys.exit("error: --unlikelihood-from and --continue-from start from different places; give one")
+    if args.unlikelihood_from and not Path(args.unlikelihood_from).is_file():
+        sys.exit(f"error: no model file {args.unlikelihood_from} to train on with unlikelihood steps")
     if not Path(args.docs, "index.html").is_file():
         sys.exit(f"error: no Python documentation in {args.docs}; install it with `apt-get install {DOCS_PACKAGE}` "
                  f"or name its HTML folder with --docs")
@@ -489,6 +576,10 @@ def main():
     settings = dict(hparams=HPARAMS, weight_dtype=WEIGHT_DTYPE, batch=[BATCH_SIZE, BLOCK_SIZE], lr=[LR, MIN_LR, WARMUP],
                     weight_decay=WEIGHT_DECAY, schedule=[PLATEAU, PATIENCE, DECAY_FRACTION, EVAL_EVERY],
                     seed=args.seed, tokens=digest)
+    if args.unlikelihood_from:  # and the weights it starts from
+        start = hashlib.sha256(Path(args.unlikelihood_from).read_bytes()).hexdigest()[:16]
+        settings["unlikelihood"] = dict(start=start, lr=UL_LR, prefix=UL_PREFIX, continuation=UL_CONTINUATION, every=UL_EVERY,
+                                        plateau=UL_PLATEAU, openings=N_LOOP_OPENINGS)
 
     config = GPT2Config(vocab_size=HPARAMS["n_vocab"], n_positions=HPARAMS["n_ctx"], n_embd=HPARAMS["n_embd"],
                         n_layer=HPARAMS["n_layer"], n_head=HPARAMS["n_head"],
@@ -503,6 +594,8 @@ def main():
                                    {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.95))
     batches = torch.Generator().manual_seed(args.seed)  # the data order: random offsets, fixed by the seed
     schedule, step, trained_s = Schedule(args.max_steps), 0, 0.0
+    if args.unlikelihood_from:
+        schedule = UnlikelihoodSchedule(args.max_steps)
 
     if args.continue_from and not Path(args.continue_from).is_file():
         sys.exit(f"error: no checkpoint {args.continue_from} to continue from")
@@ -517,21 +610,39 @@ def main():
         train_loss, val_loss = state.get("train_loss"), state.get("val_loss")  # the last evaluation's
         if args.continue_from:  # the weights from before the decay, and the constant rate again
             state["decay_start"] = state["decay_steps"] = None
-        schedule = Schedule(args.max_steps, state["decay_start"], state["decay_steps"], state["val_losses"])
+        if args.unlikelihood_from:
+            schedule = UnlikelihoodSchedule(args.max_steps, state["loop_counts"], state["stopped_at"])
+        else:
+            schedule = Schedule(args.max_steps, state["decay_start"], state["decay_steps"], state["val_losses"])
         if state["threads"] != args.threads:
             print(f"note: the checkpoint trained on {state['threads']} threads, this run on {args.threads}; "
                   f"the result will differ slightly from an uninterrupted run", file=sys.stderr)
+    elif args.unlikelihood_from:  # the trained weights (bfloat16 matrices widened exactly), a fresh AdamW
+        trained = open_model_file(args.unlikelihood_from)
+        if trained.hparams != HPARAMS:
+            sys.exit(f"error: {args.unlikelihood_from} is not this script's model ({trained.hparams})")
+        model.transformer.load_state_dict(hf_model(trained.hparams, trained.tensors).transformer.state_dict())
     bf16 = precision == "bf16"
 
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.log, "a" if resume else "w", encoding="utf-8")
+    log_file = open(args.log, "a" if resume or args.unlikelihood_from else "w", encoding="utf-8")
 
     def log(message=""):
         print(message, flush=True)
         log_file.write(message + "\n")
         log_file.flush()
 
-    if resume:
+    if args.unlikelihood_from and not resume:
+        log(f"unlikelihood: {' '.join([Path(sys.executable).name] + sys.argv)}")
+        log(f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} threads, "
+            f"{platform.machine()}, products in {precision} (native bfloat16: {'yes' if native_bf16 else 'no'})")
+        log(f"from {args.unlikelihood_from} (sha256 {settings['unlikelihood']['start']}), a fresh AdamW at lr {UL_LR}: "
+            f"one step in {UL_EVERY} continues {BATCH_SIZE} training windows of {UL_PREFIX} tokens greedily for "
+            f"{UL_CONTINUATION} tokens and lowers the probability of each token that repeats a four-token phrase; "
+            f"the others are next-token steps; until the greedy continuations of {N_LOOP_OPENINGS} training "
+            f"docstring openings that loop fall by fewer than {UL_PLATEAU} over {PATIENCE} evaluations, "
+            f"at most {args.max_steps} steps")
+    elif resume:
         log(f"resumed: step {step} from {source}{' with the decay undone' if args.continue_from else ''} "
             f"({' '.join([Path(sys.executable).name] + sys.argv)})")
     else:
@@ -549,29 +660,51 @@ def main():
             f"{DROPOUT}, grad clip 1.0, seed {args.seed}, at most {args.max_steps} steps")
 
     train_windows, val_windows = fixed_windows(train, EVAL_WINDOWS), fixed_windows(val, EVAL_WINDOWS)
-    losses, t_sitting = [], time.perf_counter()
+    train_docstrings = [d for d in docstring_docs if not is_held_out(d)]
+    loop_openings = [encoding.encode(opening(train_docstrings[i]))
+                     for i in np.linspace(0, len(train_docstrings) - 1, N_LOOP_OPENINGS).astype(int)]
+    losses, unlikelihood_losses, t_sitting = [], [], time.perf_counter()
     while schedule.end is None or step < schedule.end:
-        starts = torch.randint(len(train) - BLOCK_SIZE, (BATCH_SIZE,), generator=batches)
-        chunk = torch.stack([torch.from_numpy(train[s:s + BLOCK_SIZE + 1]).long() for s in starts.tolist()])
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(step)
-        loss = lm_loss(model, chunk, bf16)
+        if args.unlikelihood_from and step % UL_EVERY == UL_EVERY - 1:
+            starts = torch.randint(len(train) - UL_PREFIX, (BATCH_SIZE,), generator=batches)
+            prefixes = torch.stack([torch.from_numpy(train[s:s + UL_PREFIX]).long() for s in starts.tolist()])
+            loss = unlikelihood_loss(model, prefixes, bf16)
+            unlikelihood_losses.append(loss.item())
+        else:
+            starts = torch.randint(len(train) - BLOCK_SIZE, (BATCH_SIZE,), generator=batches)
+            chunk = torch.stack([torch.from_numpy(train[s:s + BLOCK_SIZE + 1]).long() for s in starts.tolist()])
+            loss = lm_loss(model, chunk, bf16)
+            losses.append(loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(loss.item())
         step += 1
         if step % EVAL_EVERY == 0 or step == schedule.end:
             train_loss, val_loss = evaluate(model, train_windows, bf16), evaluate(model, val_windows, bf16)
             elapsed = trained_s + time.perf_counter() - t_sitting
+            state = dict(settings=settings, step=step, trained_s=elapsed, precision=precision, threads=args.threads,
+                         train_loss=train_loss, val_loss=val_loss)
+            if args.unlikelihood_from:
+                loops = looping_openings(model, loop_openings)
+                log(f"step {step:5d} | lr {schedule.lr(step - 1):.2e} | batch loss {np.mean(losses):.4f} "
+                    f"| unlikelihood loss {np.mean(unlikelihood_losses):.4f} | train loss {train_loss:.4f} "
+                    f"| val loss {val_loss:.4f} | loops {loops}/{len(loop_openings)} | {elapsed:6.0f} s")
+                losses, unlikelihood_losses = [], []
+                why = schedule.evaluated(step, loops)
+                state.update(loop_counts=schedule.loop_counts, stopped_at=schedule.stopped_at)
+                if why:
+                    log(f"stop: at step {step}, because {why}")
+                save_checkpoint(args.checkpoint, model, optimizer, batches, state)
+                continue
             log(f"step {step:5d} | lr {schedule.lr(step - 1):.2e} | batch loss {np.mean(losses):.4f} "
                 f"| train loss {train_loss:.4f} | val loss {val_loss:.4f} | {elapsed:6.0f} s")
             losses = []
             why = schedule.evaluated(step, val_loss)
-            state = dict(settings=settings, step=step, trained_s=elapsed, precision=precision, threads=args.threads,
-                         train_loss=train_loss, val_loss=val_loss, decay_start=schedule.decay_start,
-                         decay_steps=schedule.decay_steps, val_losses=schedule.val_losses)
+            state.update(decay_start=schedule.decay_start, decay_steps=schedule.decay_steps,
+                         val_losses=schedule.val_losses)
             if why:
                 log(f"decay: from step {step} over {schedule.decay_steps} steps, because {why}")
                 # The weights before any decay: --continue-from it trains on at the constant rate, further
