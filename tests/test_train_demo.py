@@ -107,11 +107,11 @@ def test_a_checkpoint_resumes_exactly(tmp_path):
 
 
 def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20():
-    # The shipped model: "Test if the address is not a valid IPv4 address.\nThe following methods are defined for
-    # IPv4 addresses.\nThe following ..." repeats only after 20 tokens; "Return the number of items in the given
-    # dictionary.\nReturn the number of items in the given ..." within 15.
-    prompts = ["Test if the address", "Return the number of"]
-    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 0)
+    # The shipped model: "Return the next item of the given item in the given item.\nReturn the number of items in
+    # the given by the given by the ..." repeats after 20 tokens; "Return position of cursor.\nReturn the current
+    # position of the screen, which is the same as the same as ..." within 20; the third gets <|endoftext|> at once.
+    prompts = ["Return the next item", "Return position of cursor.", "Version interface for Jython."]
+    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 1)
 
 
 def test_judge_names_a_missing_model_file(tmp_path):
@@ -170,3 +170,10 @@ def test_unlikelihood_training_stops_when_the_loops_stop_falling():
     for step, loops in zip(range(250, 2000, 250), [90, 70, 60, 55, 58, 59]):
         assert schedule.evaluated(step, loops) is None and schedule.end == 10_000  # 60 -> 55 is still 5
     assert schedule.evaluated(1750, 57) and schedule.end == 1750  # the best of the last three is not 3 below 55
+
+
+def test_unlikelihood_from_a_missing_model_file_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-from",
+                           str(tmp_path / "none.dat")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == f"error: no model file {tmp_path / 'none.dat'} to train on with unlikelihood steps\n"

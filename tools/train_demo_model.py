@@ -26,6 +26,11 @@ command run again resumes from it, so training can span several sittings. Progre
 to data/demo/train_log.txt, the source of the model card's numbers (data/demo/README.md). The weights
 are written with picogpt's ModelFileWriter, then reloaded by picogpt for the held-out perplexity and
 the sample continuations.
+
+A trained model that loops under greedy decoding trains on with --unlikelihood-from MODEL_DAT: sequence-
+level unlikelihood steps (Welleck et al. 2019) that show the model its own greedy continuations and make
+the tokens that repeat a phrase less likely, interleaved with ordinary steps, until the loops in greedy
+continuations of training openings stop falling. --judge counts such loops over the held-out openings.
 """
 
 import argparse
@@ -521,8 +526,9 @@ def main():
                    help="products in bfloat16 autocast or float32 (auto: bf16 where the CPU has it natively)")
     p.add_argument("--docs", default=DOCS_DIR, help=f"the HTML documentation (Debian: apt-get install {DOCS_PACKAGE})")
     p.add_argument("--log", default="data/demo/train_log.txt", help="log file (appended to when resuming)")
-    p.add_argument("--checkpoint", default="build/demo_checkpoint.safetensors",
-                   help="written at every evaluation; the same command resumes from it")
+    p.add_argument("--checkpoint", help="written at every evaluation; the same command resumes from it (default: "
+                                        "build/demo_checkpoint.safetensors, or build/demo_unlikelihood.safetensors "
+                                        "with --unlikelihood-from)")
     p.add_argument("--fresh", action="store_true", help="start again, ignoring an existing checkpoint")
     p.add_argument("--continue-from", metavar="CHECKPOINT",
                    help="train on from a checkpoint with its decay undone (the .stable.safetensors written when the "
@@ -535,6 +541,8 @@ def main():
                    help="do not train: count the greedy continuations of every held-out docstring opening that "
                         "repeat a phrase, for each model file")
     args = p.parse_args()
+    if args.checkpoint is None:  # the unlikelihood steps keep their own, so as not to resume (or replace) the other
+        args.checkpoint = f"build/demo_{'unlikelihood' if args.unlikelihood_from else 'checkpoint'}.safetensors"
     if args.judge:
         missing = [path for path in args.judge if not Path(path).is_file()]
         if missing:
