@@ -586,8 +586,8 @@ def main():
                     seed=args.seed, tokens=digest)
     if args.unlikelihood_from:  # and the weights it starts from
         start = hashlib.sha256(Path(args.unlikelihood_from).read_bytes()).hexdigest()[:16]
-        settings["unlikelihood"] = dict(start=start, lr=UL_LR, prefix=UL_PREFIX, continuation=UL_CONTINUATION, every=UL_EVERY,
-                                        plateau=UL_PLATEAU, openings=N_LOOP_OPENINGS)
+        settings["unlikelihood"] = dict(start=start, lr=UL_LR, prefix=UL_PREFIX, continuation=UL_CONTINUATION,
+                                        every=UL_EVERY, plateau=UL_PLATEAU, openings=N_LOOP_OPENINGS)
 
     config = GPT2Config(vocab_size=HPARAMS["n_vocab"], n_positions=HPARAMS["n_ctx"], n_embd=HPARAMS["n_embd"],
                         n_layer=HPARAMS["n_layer"], n_head=HPARAMS["n_head"],
