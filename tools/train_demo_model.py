@@ -330,6 +330,14 @@ def repeating_positions(ids, start, n=4):
     return sorted(positions)
 
 
+def random_windows(stream, length, batches, with_next=False):
+    """BATCH_SIZE windows of the token stream, at offsets below len(stream) - length drawn from `batches`:
+    [BATCH_SIZE, length], or [BATCH_SIZE, length + 1] with each window's next token (a training target)."""
+    starts = torch.randint(len(stream) - length, (BATCH_SIZE,), generator=batches)
+    n = length + with_next
+    return torch.stack([torch.from_numpy(stream[s:s + n]).long() for s in starts.tolist()])
+
+
 def unlikelihood_loss(model, prefixes, bf16):
     """Sequence-level unlikelihood: continue each prefix [batch, UL_PREFIX] greedily, then lower the
     probability p the model gives each continuation token that repeats an earlier four-token phrase
@@ -479,13 +487,8 @@ def held_out_perplexity(model_path, docs, encoding):
 
 def repeated_phrase(ids, n=4):
     """The first run of n tokens that occurs twice in ids, as text-free ids, or None."""
-    seen = set()
-    for i in range(len(ids) - n + 1):
-        gram = tuple(ids[i:i + n])
-        if gram in seen:
-            return gram
-        seen.add(gram)
-    return None
+    positions = repeating_positions(ids, 0, n)  # the first of them starts the first repeat
+    return tuple(ids[positions[0]:positions[0] + n]) if positions else None
 
 
 def greedy_loops(model_path, prompts, encoding):
@@ -601,9 +604,8 @@ def main():
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.95))
     batches = torch.Generator().manual_seed(args.seed)  # the data order: random offsets, fixed by the seed
-    schedule, step, trained_s = Schedule(args.max_steps), 0, 0.0
-    if args.unlikelihood_from:
-        schedule = UnlikelihoodSchedule(args.max_steps)
+    schedule = UnlikelihoodSchedule(args.max_steps) if args.unlikelihood_from else Schedule(args.max_steps)
+    step, trained_s = 0, 0.0
 
     if args.continue_from and not Path(args.continue_from).is_file():
         sys.exit(f"error: no checkpoint {args.continue_from} to continue from")
@@ -640,10 +642,11 @@ def main():
         log_file.write(message + "\n")
         log_file.flush()
 
+    environment = (f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} threads, "
+                   f"{platform.machine()}, products in {precision} (native bfloat16: {'yes' if native_bf16 else 'no'})")
     if args.unlikelihood_from and not resume:
         log(f"unlikelihood: {' '.join([Path(sys.executable).name] + sys.argv)}")
-        log(f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} threads, "
-            f"{platform.machine()}, products in {precision} (native bfloat16: {'yes' if native_bf16 else 'no'})")
+        log(environment)
         log(f"from {args.unlikelihood_from} (sha256 {settings['unlikelihood']['start']}), a fresh AdamW at lr {UL_LR}: "
             f"one step in {UL_EVERY} continues {BATCH_SIZE} training windows of {UL_PREFIX} tokens greedily for "
             f"{UL_CONTINUATION} tokens and lowers the probability of each token that repeats a four-token phrase; "
@@ -655,8 +658,7 @@ def main():
             f"({' '.join([Path(sys.executable).name] + sys.argv)})")
     else:
         log(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
-        log(f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} threads, "
-            f"{platform.machine()}, products in {precision} (native bfloat16: {'yes' if native_bf16 else 'no'})")
+        log(environment)
         log(f"corpus: {len(docstring_docs)} docstrings from {sysconfig.get_paths()['stdlib']}; "
             f"{len(docs) - len(docstring_docs)} documents from {docs_version(args.docs)}")
         log(f"split: train {len(train_docs)} documents, {len(train)} tokens; held out {len(val_docs)} documents, "
@@ -676,14 +678,10 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(step)
         if args.unlikelihood_from and step % UL_EVERY == UL_EVERY - 1:
-            starts = torch.randint(len(train) - UL_PREFIX, (BATCH_SIZE,), generator=batches)
-            prefixes = torch.stack([torch.from_numpy(train[s:s + UL_PREFIX]).long() for s in starts.tolist()])
-            loss = unlikelihood_loss(model, prefixes, bf16)
+            loss = unlikelihood_loss(model, random_windows(train, UL_PREFIX, batches), bf16)
             unlikelihood_losses.append(loss.item())
         else:
-            starts = torch.randint(len(train) - BLOCK_SIZE, (BATCH_SIZE,), generator=batches)
-            chunk = torch.stack([torch.from_numpy(train[s:s + BLOCK_SIZE + 1]).long() for s in starts.tolist()])
-            loss = lm_loss(model, chunk, bf16)
+            loss = lm_loss(model, random_windows(train, BLOCK_SIZE, batches, with_next=True), bf16)
             losses.append(loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
