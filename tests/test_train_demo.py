@@ -2,6 +2,7 @@
 documents, the split by document, the learning-rate schedule that decays on the held-out loss,
 checkpoints that resume to exactly where training was, and the count of greedy continuations that loop."""
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -130,14 +131,16 @@ def test_repeating_positions_are_the_tokens_of_a_phrase_seen_before():
     assert trainer.repeating_positions([7, 7, 7, 7, 7], start=0) == [1, 2, 3, 4]
 
 
-def test_unlikelihood_steps_make_a_models_own_loop_less_likely():
+def a_model_that_loops():
+    """A one-layer GPT-2 over 16 tokens trained on 0 1 2 3 4 0 1 2 3 4 ..., its optimizer, two prefixes of that,
+    its greedy continuations of them, and the (row, position) of each continuation token that repeats a phrase."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     n_seq = trainer.UL_PREFIX + trainer.UL_CONTINUATION
     model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=n_seq, n_embd=16, n_layer=1, n_head=2,
                                        bos_token_id=None, eos_token_id=None)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    periodic = torch.arange(n_seq).remainder(5).repeat(4, 1)  # 0 1 2 3 4 0 1 2 3 4 ...: a model that loops
+    periodic = torch.arange(n_seq).remainder(5).repeat(4, 1)
     for _ in range(40):
         loss = trainer.lm_loss(model, periodic, bf16=False)
         optimizer.zero_grad()
@@ -148,21 +151,47 @@ def test_unlikelihood_steps_make_a_models_own_loop_less_likely():
     marked = [(row, i - 1) for row, ids in enumerate(seq.tolist())
               for i in trainer.repeating_positions(ids, trainer.UL_PREFIX)]
     assert len(marked) > trainer.UL_CONTINUATION  # it does loop
+    return model, optimizer, prefixes, seq, marked
 
-    def loop_probability():
-        """The mean probability the model gives the tokens of its loop (the continuation it wrote first)."""
-        with torch.no_grad():
-            p = torch.softmax(model(seq[:, :-1]).logits, -1).gather(-1, seq[:, 1:, None])[..., 0]
-        return torch.stack([p[row, i] for row, i in marked]).mean().item()
 
-    before = loop_probability()
+def loop_probability(model, seq, marked):
+    """The mean probability the model gives the tokens of its loop (the continuation it wrote first)."""
+    with torch.no_grad():
+        p = torch.softmax(model.eval()(seq[:, :-1]).logits, -1).gather(-1, seq[:, 1:, None])[..., 0]
+    model.train()
+    return torch.stack([p[row, i] for row, i in marked]).mean().item()
+
+
+def test_unlikelihood_steps_make_a_models_own_loop_less_likely():
+    model, optimizer, prefixes, seq, marked = a_model_that_loops()
+    before = loop_probability(model, seq, marked)
     for _ in range(5):
         loss = trainer.unlikelihood_loss(model, prefixes, bf16=False)
         assert loss.item() > 0
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert before > 0.9 and loop_probability() < 0.5 * before
+    assert before > 0.9 and loop_probability(model, seq, marked) < 0.5 * before
+
+
+def test_anchored_unlikelihood_is_welleck_at_the_reference_and_breaks_the_loop():
+    model, optimizer, prefixes, seq, marked = a_model_that_loops()
+    for module in model.modules():  # no dropout, so that the model in training is the reference exactly
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():  # -log(1 - p) over the loop's tokens, as the plain unlikelihood loss gives it
+        p = torch.softmax(reference(seq[:, :-1]).logits, -1).gather(-1, seq[:, 1:, None])[..., 0]
+        welleck = torch.stack([-torch.log(1 - p[row, i]) for row, i in marked]).mean()
+        loss = trainer.anchored_unlikelihood_loss(model, reference, prefixes, bf16=False, anchor=0.25)
+    torch.testing.assert_close(loss, welleck)
+    before = loop_probability(model, seq, marked)
+    for _ in range(15):  # slower than -log(1 - p): the freed probability has a target, the reference's
+        loss = trainer.anchored_unlikelihood_loss(model, reference, prefixes, bf16=False, anchor=0.25)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before > 0.9 and loop_probability(model, seq, marked) < 0.5 * before
 
 
 def test_unlikelihood_training_stops_when_the_loops_stop_falling():
@@ -170,6 +199,14 @@ def test_unlikelihood_training_stops_when_the_loops_stop_falling():
     for step, loops in zip(range(250, 2000, 250), [90, 70, 60, 55, 58, 59]):
         assert schedule.evaluated(step, loops) is None and schedule.end == 10_000  # 60 -> 55 is still 5
     assert schedule.evaluated(1750, 57) and schedule.end == 1750  # the best of the last three is not 3 below 55
+
+
+def test_an_anchor_without_unlikelihood_steps_is_one_line():
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-anchor",
+                           "0.25"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == ("error: --unlikelihood-anchor weighs unlikelihood steps; "
+                           "give --unlikelihood-from MODEL_DAT as well\n")
 
 
 def test_unlikelihood_from_a_missing_model_file_is_one_line(tmp_path):

@@ -30,7 +30,8 @@ the sample continuations.
 A trained model that loops under greedy decoding trains on with --unlikelihood-from MODEL_DAT: sequence-
 level unlikelihood steps (Welleck et al. 2019) that show the model its own greedy continuations and make
 the tokens that repeat a phrase less likely, interleaved with ordinary steps, until the loops in greedy
-continuations of training openings stop falling. --judge counts such loops over the held-out openings.
+continuations of training openings stop falling (--unlikelihood-anchor holds them to the starting model's
+choices). --judge counts such loops over the held-out openings.
 """
 
 import argparse
@@ -338,21 +339,56 @@ def random_windows(stream, length, batches, with_next=False):
     return torch.stack([torch.from_numpy(stream[s:s + n]).long() for s in starts.tolist()])
 
 
+def own_continuations(model, prefixes):
+    """Continue each prefix [batch, UL_PREFIX] greedily for UL_CONTINUATION tokens: the sequences [batch, n],
+    and which of their next-token targets [batch, n - 1] (up to the first <|endoftext|>) repeat an earlier
+    four-token phrase and which are the continuation's others."""
+    seq = torch.cat([prefixes, greedy_torch(model, prefixes, UL_CONTINUATION, stop_at_eot=False)], dim=1)
+    penalised = torch.zeros(seq.shape, dtype=torch.bool)  # [batch, UL_PREFIX + UL_CONTINUATION]
+    continuation = torch.zeros(seq.shape, dtype=torch.bool)
+    for row, ids in enumerate(seq.tolist()):
+        end = ids.index(EOT, UL_PREFIX) if EOT in ids[UL_PREFIX:] else len(ids)
+        continuation[row, UL_PREFIX:end] = True
+        penalised[row, repeating_positions(ids[:end], UL_PREFIX)] = True
+    return seq, penalised[:, 1:], continuation[:, 1:] & ~penalised[:, 1:]
+
+
 def unlikelihood_loss(model, prefixes, bf16):
     """Sequence-level unlikelihood: continue each prefix [batch, UL_PREFIX] greedily, then lower the
     probability p the model gives each continuation token that repeats an earlier four-token phrase
     (-log(1 - p), averaged over those tokens; up to the first <|endoftext|>). Next-token training on good
     text never shows a model its own loops; this shows them and makes them unlikely."""
-    seq = torch.cat([prefixes, greedy_torch(model, prefixes, UL_CONTINUATION, stop_at_eot=False)], dim=1)
-    penalised = torch.zeros(seq.shape, dtype=torch.bool)  # [batch, UL_PREFIX + UL_CONTINUATION]
-    for row, ids in enumerate(seq.tolist()):
-        end = ids.index(EOT, UL_PREFIX) if EOT in ids[UL_PREFIX:] else len(ids)
-        penalised[row, repeating_positions(ids[:end], UL_PREFIX)] = True
+    seq, repeats, _ = own_continuations(model, prefixes)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(seq[:, :-1]).logits  # [batch, n - 1, n_vocab]: position i predicts token i + 1
     p = F.softmax(logits.float(), dim=-1).gather(-1, seq[:, 1:, None])[..., 0]  # [batch, n - 1]
-    target = penalised[:, 1:]
-    return -torch.log(torch.clamp(1 - p[target], min=1e-5)).sum() / max(1, int(target.sum()))
+    return -torch.log(torch.clamp(1 - p[repeats], min=1e-5)).sum() / max(1, int(repeats.sum()))
+
+
+def anchored_unlikelihood_loss(model, reference, prefixes, bf16, anchor):
+    """Sequence-level unlikelihood held to a reference model (--unlikelihood-anchor): continue each prefix
+    greedily, then train the model towards the reference's next-token distribution with the repeating
+    token taken out, at each token that repeats a four-token phrase, and towards the reference's own
+    distribution, weighted `anchor`, at the continuation's other tokens.
+
+    On a repeating token's logit the push is -log(1 - p)'s (the gradient is p either way); the difference
+    is where the probability goes. -log(1 - p) leaves that to the shared weights, and the demo model drifted
+    onto rare tokens where it stopped looping ("tolerated tolerated toleratedEss"); here it goes to what
+    the reference, the model before these steps, would have written instead. At the reference the loss is
+    -log(1 - p) exactly. Returns KL(target || model) averaged over the repeating tokens, plus `anchor` times
+    that averaged over the others.
+    """
+    seq, repeats, others = own_continuations(model, prefixes)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(seq[:, :-1]).logits  # [batch, n - 1, n_vocab]: position i predicts token i + 1
+        with torch.no_grad():
+            target = F.softmax(reference(seq[:, :-1]).logits.float(), dim=-1)
+    without_repeat = target.scatter(-1, seq[:, 1:, None], 0.0)
+    without_repeat = without_repeat / without_repeat.sum(-1, keepdim=True).clamp_min(1e-12)
+    target = torch.where(repeats[..., None], without_repeat, target)
+    kl = (target * (torch.log(target.clamp_min(1e-30)) - F.log_softmax(logits.float(), dim=-1))).sum(-1)
+    return ((kl[repeats].mean() if repeats.any() else 0 * kl.sum())
+            + (anchor * kl[others].mean() if others.any() else 0 * kl.sum()))
 
 
 def looping_openings(model, prompts_ids):
@@ -539,6 +575,10 @@ def main():
     p.add_argument("--unlikelihood-from", metavar="MODEL_DAT",
                    help="train a trained model on with unlikelihood steps against its greedy loops (at a constant "
                         f"rate {UL_LR}), until they stop falling or --max-steps; the log is appended to")
+    p.add_argument("--unlikelihood-anchor", metavar="WEIGHT", type=float,
+                   help="with --unlikelihood-from: hand the probability taken from a repeating token to the starting "
+                        "model's other choices, and hold the rest of each continuation to it with this weight "
+                        "(0.25 was tried), instead of -log(1 - p) alone")
     p.add_argument("--compare", metavar="MODEL_DAT", help="another model file to give the held-out perplexity of")
     p.add_argument("--judge", metavar="MODEL_DAT", nargs="+",
                    help="do not train: count the greedy continuations of every held-out docstring opening that "
@@ -557,6 +597,8 @@ def main():
         return
     if args.unlikelihood_from and args.continue_from:
         sys.exit("error: --unlikelihood-from and --continue-from start from different places; give one")
+    if args.unlikelihood_anchor is not None and not args.unlikelihood_from:
+        sys.exit("error: --unlikelihood-anchor weighs unlikelihood steps; give --unlikelihood-from MODEL_DAT as well")
     if args.unlikelihood_from and not Path(args.unlikelihood_from).is_file():
         sys.exit(f"error: no model file {args.unlikelihood_from} to train on with unlikelihood steps")
     if not Path(args.docs, "index.html").is_file():
@@ -591,6 +633,8 @@ def main():
         start = hashlib.sha256(Path(args.unlikelihood_from).read_bytes()).hexdigest()[:16]
         settings["unlikelihood"] = dict(start=start, lr=UL_LR, prefix=UL_PREFIX, continuation=UL_CONTINUATION,
                                         every=UL_EVERY, plateau=UL_PLATEAU, openings=N_LOOP_OPENINGS)
+        if args.unlikelihood_anchor is not None:
+            settings["unlikelihood"]["anchor"] = args.unlikelihood_anchor
 
     config = GPT2Config(vocab_size=HPARAMS["n_vocab"], n_positions=HPARAMS["n_ctx"], n_embd=HPARAMS["n_embd"],
                         n_layer=HPARAMS["n_layer"], n_head=HPARAMS["n_head"],
@@ -627,11 +671,16 @@ def main():
         if state["threads"] != args.threads:
             print(f"note: the checkpoint trained on {state['threads']} threads, this run on {args.threads}; "
                   f"the result will differ slightly from an uninterrupted run", file=sys.stderr)
-    elif args.unlikelihood_from:  # the trained weights (bfloat16 matrices widened exactly), a fresh AdamW
+    if args.unlikelihood_from:  # the trained weights (bfloat16 matrices widened exactly)
         trained = open_model_file(args.unlikelihood_from)
         if trained.hparams != HPARAMS:
             sys.exit(f"error: {args.unlikelihood_from} is not this script's model ({trained.hparams})")
-        model.transformer.load_state_dict(hf_model(trained.hparams, trained.tensors).transformer.state_dict())
+        start_weights = hf_model(trained.hparams, trained.tensors).transformer.state_dict()
+        if not resume:  # where the model starts, with a fresh AdamW
+            model.transformer.load_state_dict(start_weights)
+        if args.unlikelihood_anchor is not None:  # and what it is held to, frozen
+            reference = GPT2LMHeadModel(config).eval().requires_grad_(False)
+            reference.transformer.load_state_dict(start_weights)
     bf16 = precision == "bf16"
 
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
@@ -649,8 +698,11 @@ def main():
         log(environment)
         log(f"from {args.unlikelihood_from} (sha256 {settings['unlikelihood']['start']}), a fresh AdamW at lr {UL_LR}: "
             f"one step in {UL_EVERY} continues {BATCH_SIZE} training windows of {UL_PREFIX} tokens greedily for "
-            f"{UL_CONTINUATION} tokens and lowers the probability of each token that repeats a four-token phrase; "
-            f"the others are next-token steps; until the greedy continuations of {N_LOOP_OPENINGS} training "
+            f"{UL_CONTINUATION} tokens and lowers the probability of each token that repeats a four-token phrase"
+            + (f", handing it to the starting model's other choices and holding the rest of the continuation to "
+               f"that model's distributions with weight {args.unlikelihood_anchor}"
+               if args.unlikelihood_anchor is not None else "") +
+            f"; the others are next-token steps; until the greedy continuations of {N_LOOP_OPENINGS} training "
             f"docstring openings that loop fall by fewer than {UL_PLATEAU} over {PATIENCE} evaluations, "
             f"at most {args.max_steps} steps")
     elif resume:
@@ -678,7 +730,11 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(step)
         if args.unlikelihood_from and step % UL_EVERY == UL_EVERY - 1:
-            loss = unlikelihood_loss(model, random_windows(train, UL_PREFIX, batches), bf16)
+            prefixes = random_windows(train, UL_PREFIX, batches)
+            if args.unlikelihood_anchor is None:
+                loss = unlikelihood_loss(model, prefixes, bf16)
+            else:
+                loss = anchored_unlikelihood_loss(model, reference, prefixes, bf16, args.unlikelihood_anchor)
             unlikelihood_losses.append(loss.item())
         else:
             loss = lm_loss(model, random_windows(train, BLOCK_SIZE, batches, with_next=True), bf16)
