@@ -675,10 +675,12 @@ def main():
         trained = open_model_file(args.unlikelihood_from)
         if trained.hparams != HPARAMS:
             sys.exit(f"error: {args.unlikelihood_from} is not this script's model ({trained.hparams})")
-        start_weights = hf_model(trained.hparams, trained.tensors).transformer.state_dict()
+        anchored = args.unlikelihood_anchor is not None
+        if not resume or anchored:  # a resumed run's weights are the checkpoint's; only an anchor needs these
+            start_weights = hf_model(trained.hparams, trained.tensors).transformer.state_dict()
         if not resume:  # where the model starts, with a fresh AdamW
             model.transformer.load_state_dict(start_weights)
-        if args.unlikelihood_anchor is not None:  # and what it is held to, frozen
+        if anchored:  # and what it is held to, frozen
             reference = GPT2LMHeadModel(config).eval().requires_grad_(False)
             reference.transformer.load_state_dict(start_weights)
     bf16 = precision == "bf16"
