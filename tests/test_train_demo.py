@@ -3,6 +3,7 @@ documents, the split by document, the learning-rate schedule that decays on the 
 checkpoints that resume to exactly where training was, and the count of greedy continuations that loop."""
 
 import copy
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -192,6 +193,25 @@ def test_anchored_unlikelihood_is_welleck_at_the_reference_and_breaks_the_loop()
         loss.backward()
         optimizer.step()
     assert before > 0.9 and loop_probability(model, seq, marked) < 0.5 * before
+
+
+def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_one():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 9, generator=generator)  # [batch, n, n_vocab]
+    windows = torch.tensor([[3, 1, 3, 4, 1, 1, 2], [0, 0, 0, 5, 8, 0, 7]])  # [batch, n + 1]
+    p = torch.softmax(logits, -1)
+    expected = 0.0
+    for b, ids in enumerate(windows.tolist()):
+        for t in range(6):  # predicting ids[t + 1] from ids[:t + 1]
+            expected -= sum(math.log(1 - p[b, t, v]) for v in set(ids[:t + 1]) - {ids[t + 1]})
+    got = trainer.previous_token_unlikelihood(torch.log_softmax(logits, -1), windows)
+    torch.testing.assert_close(got, torch.tensor(expected / 12))
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=9, n_positions=8, n_embd=8, n_layer=1, n_head=2)).eval()
+    plain = trainer.lm_loss(model, windows, bf16=False)
+    torch.testing.assert_close(trainer.lm_loss(model, windows, bf16=False, token_unlikelihood=0.0), plain)
+    assert trainer.lm_loss(model, windows, bf16=False, token_unlikelihood=1.0) > plain
 
 
 def test_unlikelihood_training_stops_when_the_loops_stop_falling():

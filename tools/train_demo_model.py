@@ -30,8 +30,9 @@ the sample continuations.
 A trained model that loops under greedy decoding trains on with --unlikelihood-from MODEL_DAT: sequence-
 level unlikelihood steps (Welleck et al. 2019) that show the model its own greedy continuations and make
 the tokens that repeat a phrase less likely, interleaved with ordinary steps, until the loops in greedy
-continuations of training openings stop falling (--unlikelihood-anchor holds them to the starting model's
-choices). --judge counts such loops over the held-out openings.
+continuations of training openings stop falling. --token-unlikelihood adds Welleck's token-level loss to
+the next-token steps (the window's earlier tokens made less likely), and --unlikelihood-anchor holds the
+unlikelihood steps to the starting model's choices. --judge counts such loops over the held-out openings.
 """
 
 import argparse
@@ -98,6 +99,7 @@ MAKE_RUN_TOKENS = 20  # what `make run` prints
 # steps are ordinary ones; the rate is a constant UL_LR. It stops when the greedy continuations of
 # N_LOOP_OPENINGS training-docstring openings that loop have fallen by fewer than UL_PLATEAU over the last
 # PATIENCE evaluations (or at --max-steps): on training text, so the held-out openings still judge it.
+RARE_P = 1e-4  # --judge --reference: a token that model gives less than this is nonsense after the prompt
 UL_LR, UL_PREFIX, UL_CONTINUATION, UL_EVERY, UL_PLATEAU, N_LOOP_OPENINGS = 1e-4, 32, 60, 2, 3, 96
 
 
@@ -285,17 +287,41 @@ def fixed_windows(stream, n):
     return torch.stack([torch.from_numpy(stream[s:s + BLOCK_SIZE + 1]).long() for s in starts])
 
 
-def lm_loss(model, windows, bf16):
+def lm_loss(model, windows, bf16, token_unlikelihood=0.0):
     """Mean cross-entropy of each next token given those before it, over windows [batch, BLOCK_SIZE + 1].
 
     The same as GPT2LMHeadModel(x, labels=x).loss, without its shifted copy of the [batch, BLOCK_SIZE,
     n_vocab] logits (the output layer is most of the work with a 50257-token vocabulary). With bf16, the
-    products run in bfloat16 (autocast) and the loss in float32; the weights stay float32.
+    products run in bfloat16 (autocast) and the loss in float32; the weights stay float32. A
+    token_unlikelihood weight adds that times previous_token_unlikelihood.
     """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         hidden = model.transformer(windows[:, :-1]).last_hidden_state
-        logits = model.lm_head(hidden).flatten(0, 1)
-    return F.cross_entropy(logits.float(), windows[:, 1:].flatten())
+        logits = model.lm_head(hidden)  # [batch, BLOCK_SIZE, n_vocab]
+    if not token_unlikelihood:
+        return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten())
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return (F.nll_loss(log_probs.flatten(0, 1), windows[:, 1:].flatten())
+            + token_unlikelihood * previous_token_unlikelihood(log_probs, windows))
+
+
+def previous_token_unlikelihood(log_probs, windows):
+    """Token-level unlikelihood (Welleck et al. 2019, --token-unlikelihood) on real text: at each position,
+    -log(1 - p) summed over the distinct tokens already in the window that are not the next one, averaged
+    over positions. log_probs [batch, n, n_vocab] predict windows [batch, n + 1]'s tokens 1..n.
+
+    Cross-entropy raises the right token; this also lowers the wrong ones that copying the context would
+    give, the habit a greedy loop grows from, and it does so on human text rather than on the model's own
+    (where the freed probability can drift to rare tokens)."""
+    batch, n, _ = log_probs.shape
+    context, targets = windows[:, :-1], windows[:, 1:]  # [batch, n] each
+    same = context[:, :, None] == context[:, None, :]  # [batch, n, n]: token i is token j
+    seen_before = (same & torch.ones(n, n, dtype=torch.bool).tril(-1)).any(-1)  # [batch, n]: j repeats an earlier one
+    # candidates[b, t, j]: at position t, context token j (once per distinct token) counts against the model
+    candidates = (torch.ones(n, n, dtype=torch.bool).tril() & ~seen_before[:, None, :]
+                  & (context[:, None, :] != targets[:, :, None]))
+    p = log_probs.gather(-1, context[:, None, :].expand(batch, n, n)).exp()  # [batch, n, n]: p(token j) at t
+    return -(torch.log(torch.clamp(1 - p, min=1e-5)) * candidates).sum() / (batch * n)
 
 
 @torch.no_grad()
@@ -527,26 +553,42 @@ def repeated_phrase(ids, n=4):
     return tuple(ids[positions[0]:positions[0] + n]) if positions else None
 
 
-def greedy_loops(model_path, prompts, encoding):
+def greedy_loops(model_path, prompts, encoding, reference=None):
     """How many greedy continuations of the prompts repeat a four-token phrase within SAMPLE_TOKENS tokens,
     how many within the MAKE_RUN_TOKENS that `make run` prints, and how many end (at <|endoftext|>) before
     SAMPLE_TOKENS: the issue's test of the demo model ("no phrase repeated within 30 tokens"), counted over
-    every held-out docstring opening rather than read on a dozen. A model that says little loops little."""
+    every held-out docstring opening rather than read on a dozen. A model that says little loops little.
+
+    With a reference model (picogpt's), also how many continuations hold a token that it gives p < RARE_P,
+    and its mean negative log-likelihood of their tokens (nats per token): a model can stop looping by
+    writing nonsense ("tolerated tolerated toleratedEss"), which a loop count does not see."""
     model = picogpt.load(model_path, quiet=True)
-    within_sample = within_make_run = ended_early = 0
+    within_sample = within_make_run = ended_early = rare = 0
+    nll, n_tokens = 0.0, 0
     for prompt in prompts:
-        new = list(generate(model, encoding.encode(prompt), SAMPLE_TOKENS))
+        ids = encoding.encode(prompt)
+        new = list(generate(model, ids, SAMPLE_TOKENS))
         within_sample += repeated_phrase(new) is not None
         within_make_run += repeated_phrase(new[:MAKE_RUN_TOKENS]) is not None
         ended_early += len(new) < SAMPLE_TOKENS
-    return within_sample, within_make_run, ended_early
+        if reference is not None and new:
+            log_probs = score(reference, ids + new).token_log_probs[len(ids) - 1:]  # [len(new)]
+            rare += bool((log_probs < math.log(RARE_P)).any())
+            nll -= log_probs.sum()
+            n_tokens += len(new)
+    if reference is None:
+        return within_sample, within_make_run, ended_early
+    return within_sample, within_make_run, ended_early, rare, nll / max(1, n_tokens)
 
 
-def greedy_loops_line(model_path, prompts, encoding):
-    within_sample, within_make_run, ended_early = greedy_loops(model_path, prompts, encoding)
+def greedy_loops_line(model_path, prompts, encoding, reference_path=None):
+    reference = picogpt.load(reference_path, quiet=True) if reference_path else None
+    within_sample, within_make_run, ended_early, *rare = greedy_loops(model_path, prompts, encoding, reference)
     return (f"greedy loops: {within_sample} of {len(prompts)} held-out docstring openings repeat a four-token phrase "
             f"within {SAMPLE_TOKENS} tokens, {within_make_run} within {MAKE_RUN_TOKENS}; {ended_early} end before "
-            f"{SAMPLE_TOKENS} tokens; for {model_path}")
+            f"{SAMPLE_TOKENS} tokens; for {model_path}"
+            + (f"; {rare[0]} hold a token that {reference_path} gives p < {RARE_P:g}, and its mean negative "
+               f"log-likelihood of their tokens is {rare[1]:.3f} nats" if rare else ""))
 
 
 def opening(doc, n_words=4):
@@ -579,22 +621,30 @@ def main():
                    help="with --unlikelihood-from: hand the probability taken from a repeating token to the starting "
                         "model's other choices, and hold the rest of each continuation to it with this weight "
                         "(0.25 was tried), instead of -log(1 - p) alone")
+    p.add_argument("--token-unlikelihood", metavar="WEIGHT", type=float,
+                   help="add this weight times token-level unlikelihood to the next-token steps: lower the "
+                        "probability of the window's earlier tokens that are not the next one (1.0 was tried)")
     p.add_argument("--compare", metavar="MODEL_DAT", help="another model file to give the held-out perplexity of")
     p.add_argument("--judge", metavar="MODEL_DAT", nargs="+",
                    help="do not train: count the greedy continuations of every held-out docstring opening that "
                         "repeat a phrase, for each model file")
+    p.add_argument("--reference", metavar="MODEL_DAT",
+                   help="with --judge: also count the continuations that hold a token this model gives p < "
+                        f"{RARE_P:g} (nonsense), and give its mean negative log-likelihood of their tokens")
     args = p.parse_args()
     if args.checkpoint is None:  # the unlikelihood steps keep their own, so as not to resume (or replace) the other
         args.checkpoint = f"build/demo_{'unlikelihood' if args.unlikelihood_from else 'checkpoint'}.safetensors"
     if args.judge:
-        missing = [path for path in args.judge if not Path(path).is_file()]
+        missing = [path for path in args.judge + [args.reference or args.judge[0]] if not Path(path).is_file()]
         if missing:
             sys.exit(f"error: no model file {missing[0]}; name a model.dat (such as data/demo/model.dat)")
         encoding = load_tokenizer()
         prompts = [opening(doc) for doc in docstrings(stdlib_files()) if is_held_out(doc)]
         for path in args.judge:
-            print(greedy_loops_line(path, prompts, encoding), flush=True)
+            print(greedy_loops_line(path, prompts, encoding, args.reference), flush=True)
         return
+    if args.reference:
+        sys.exit("error: --reference judges models; give --judge MODEL_DAT ... as well")
     if args.unlikelihood_from and args.continue_from:
         sys.exit("error: --unlikelihood-from and --continue-from start from different places; give one")
     if args.unlikelihood_anchor is not None and not args.unlikelihood_from:
@@ -635,6 +685,8 @@ def main():
                                         every=UL_EVERY, plateau=UL_PLATEAU, openings=N_LOOP_OPENINGS)
         if args.unlikelihood_anchor is not None:
             settings["unlikelihood"]["anchor"] = args.unlikelihood_anchor
+    if args.token_unlikelihood is not None:
+        settings["token_unlikelihood"] = args.token_unlikelihood
 
     config = GPT2Config(vocab_size=HPARAMS["n_vocab"], n_positions=HPARAMS["n_ctx"], n_embd=HPARAMS["n_embd"],
                         n_layer=HPARAMS["n_layer"], n_head=HPARAMS["n_head"],
@@ -704,7 +756,10 @@ def main():
             + (f", handing it to the starting model's other choices and holding the rest of the continuation to "
                f"that model's distributions with weight {args.unlikelihood_anchor}"
                if args.unlikelihood_anchor is not None else "") +
-            f"; the others are next-token steps; until the greedy continuations of {N_LOOP_OPENINGS} training "
+            f"; the others are next-token steps"
+            + (f" with token-level unlikelihood (weight {args.token_unlikelihood}) on the window's earlier tokens"
+               if args.token_unlikelihood else "") +
+            f"; until the greedy continuations of {N_LOOP_OPENINGS} training "
             f"docstring openings that loop fall by fewer than {UL_PLATEAU} over {PATIENCE} evaluations, "
             f"at most {args.max_steps} steps")
     elif resume:
@@ -721,7 +776,9 @@ def main():
         log(f"training: {BATCH_SIZE} x {BLOCK_SIZE} tokens a step, AdamW lr {LR} (warm-up {WARMUP}, then constant "
             f"until the held-out loss improves by less than {PLATEAU} over {PATIENCE} evaluations, then a linear "
             f"decay to {MIN_LR} over {DECAY_FRACTION:.0%} of the steps), weight decay {WEIGHT_DECAY}, dropout "
-            f"{DROPOUT}, grad clip 1.0, seed {args.seed}, at most {args.max_steps} steps")
+            f"{DROPOUT}, grad clip 1.0, seed {args.seed}, at most {args.max_steps} steps"
+            + (f"; token-level unlikelihood (weight {args.token_unlikelihood}) on the window's earlier tokens"
+               if args.token_unlikelihood else ""))
 
     train_windows, val_windows = fixed_windows(train, EVAL_WINDOWS), fixed_windows(val, EVAL_WINDOWS)
     train_docstrings = [d for d in docstring_docs if not is_held_out(d)]
@@ -739,7 +796,8 @@ def main():
                 loss = anchored_unlikelihood_loss(model, reference, prefixes, bf16, args.unlikelihood_anchor)
             unlikelihood_losses.append(loss.item())
         else:
-            loss = lm_loss(model, random_windows(train, BLOCK_SIZE, batches, with_next=True), bf16)
+            loss = lm_loss(model, random_windows(train, BLOCK_SIZE, batches, with_next=True), bf16,
+                           args.token_unlikelihood or 0.0)
             losses.append(loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
