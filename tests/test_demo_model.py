@@ -27,9 +27,9 @@ LOGITS_TOLERANCE = 1e-4
 # Docstring-like text, then words the corpus hardly has, so rarely trained embeddings are exercised too.
 PARITY_PROMPT = ("Return a list of the lines in the string, breaking at line boundaries. "
                  "Alan Turing theorized that computers would one day become very powerful")
-GOLDEN_PROMPT = "The optional argument"  # the prompt of `make run` (see the model card for why this one)
+GOLDEN_PROMPT = "Coroutine that completes after"  # the prompt of `make run` (see the model card for why this one)
 # The shipped model's greedy 20 tokens (the same as Hugging Face's).
-GOLDEN_TEXT = " is the same as the default value.\nThe default implementation of the built-in function is provided"
+GOLDEN_TEXT = " the call.\nThe following example shows how to use a coroutine function to execute the coroutine"
 
 
 @pytest.fixture(scope="module")

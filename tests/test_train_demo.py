@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,11 +110,30 @@ def test_a_checkpoint_resumes_exactly(tmp_path):
 
 
 def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20():
-    # The shipped model: "Return the next item of the given item in the given item.\nReturn the number of items in
-    # the given by the given by the ..." repeats after 20 tokens; "Return position of cursor.\nReturn the current
-    # position of the screen, which is the same as the same as ..." within 20; the third gets <|endoftext|> at once.
-    prompts = ["Return the next item", "Return position of cursor.", "Version interface for Jython."]
+    # The shipped model: "Return position of cursor.\nReturn the current position of the screen.\nReturn the current
+    # position ..." repeats within 20 tokens; "Version interface for Jython.\nThe following functions are provided:
+    # \nReturn the version of the Python interpreter. The version of this module is the version of the ..." after
+    # 20; the third ends at <|endoftext|> after " not in the underlying socket."
+    prompts = ["Return position of cursor.", "Version interface for Jython.", "Similar to `open_connection` but"]
     assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 1)
+
+
+class UniformReference:
+    """A reference model that gives every token the same logit: p = 1/50257 < RARE_P for each."""
+    hparams = {"n_ctx": 256}
+
+    def __call__(self, ids, all_logits=False):
+        return np.zeros((len(ids), 50257), dtype=np.float32)
+
+
+def test_judging_against_a_reference_counts_its_unlikely_tokens():
+    import picogpt
+    prompts = ["Return position of cursor.", "Similar to `open_connection` but"]
+    encoding = trainer.load_tokenizer()
+    *loops, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, UniformReference())
+    assert loops == [1, 1, 1] and rare == 2 and nll == pytest.approx(math.log(50257))
+    *_, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, picogpt.load(str(DEMO_MODEL), quiet=True))
+    assert rare == 0 and 0 < nll < 5  # its own greedy choices are its likeliest
 
 
 def test_judge_names_a_missing_model_file(tmp_path):
