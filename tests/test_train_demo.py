@@ -234,6 +234,16 @@ def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_o
     assert trainer.lm_loss(model, windows, bf16=False, token_unlikelihood=1.0) > plain
 
 
+def test_unlikelihood_prefixes_can_be_the_openings_of_documents():
+    eot, n = trainer.EOT, trainer.UL_OPENING
+    stream = np.array([eot, *range(1, n + 3), eot, 7, 8, eot, eot, *range(20, 20 + n)])  # long, short, empty, exact
+    openings = trainer.document_openings(stream)
+    assert openings.tolist() == [1, n + 8]
+    prefixes = trainer.random_openings(stream, openings, torch.Generator().manual_seed(0))
+    assert prefixes.shape == (trainer.BATCH_SIZE, n)
+    assert {tuple(row) for row in prefixes.tolist()} == {tuple(range(1, n + 1)), tuple(range(20, 20 + n))}
+
+
 def test_unlikelihood_training_stops_when_the_loops_stop_falling():
     schedule = trainer.UnlikelihoodSchedule(max_steps=10_000)
     for step, loops in zip(range(250, 2000, 250), [90, 70, 60, 55, 58, 59]):
@@ -247,6 +257,13 @@ def test_an_anchor_without_unlikelihood_steps_is_one_line():
     assert done.returncode == 1
     assert done.stderr == ("error: --unlikelihood-anchor weighs unlikelihood steps; "
                            "give --unlikelihood-from MODEL_DAT as well\n")
+
+
+def test_unlikelihood_prefixes_without_unlikelihood_steps_is_one_line():
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-prefixes",
+                           "openings"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr == ("error: --unlikelihood-prefixes chooses what unlikelihood steps "
+                                                    "continue; give --unlikelihood-from MODEL_DAT as well\n")
 
 
 def test_unlikelihood_from_a_missing_model_file_is_one_line(tmp_path):

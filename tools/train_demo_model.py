@@ -99,8 +99,9 @@ MAKE_RUN_TOKENS = 20  # what `make run` prints
 # steps are ordinary ones; the rate is a constant UL_LR. It stops when the greedy continuations of
 # N_LOOP_OPENINGS training-docstring openings that loop have fallen by fewer than UL_PLATEAU over the last
 # PATIENCE evaluations (or at --max-steps): on training text, so the held-out openings still judge it.
-RARE_P = 1e-4  # --judge --reference: a token that model gives less than this is nonsense after the prompt
 UL_LR, UL_PREFIX, UL_CONTINUATION, UL_EVERY, UL_PLATEAU, N_LOOP_OPENINGS = 1e-4, 32, 60, 2, 3, 96
+UL_OPENING = 6  # --unlikelihood-prefixes openings: prefixes of a document's first tokens, as short as a prompt
+RARE_P = 1e-4  # --judge --reference: a token that model gives less than this is nonsense after the prompt
 
 
 def stdlib_files():
@@ -365,17 +366,32 @@ def random_windows(stream, length, batches, with_next=False):
     return torch.stack([torch.from_numpy(stream[s:s + n]).long() for s in starts.tolist()])
 
 
+def document_openings(stream):
+    """The offsets of the documents in a token stream that have at least UL_OPENING tokens: each just after
+    an <|endoftext|>, with none among its first UL_OPENING tokens."""
+    starts = np.flatnonzero(stream[:-UL_OPENING] == EOT) + 1
+    ends = np.append(np.flatnonzero(stream == EOT)[1:], len(stream))[:len(starts)]  # each document's next EOT
+    return starts[ends - starts >= UL_OPENING]
+
+
+def random_openings(stream, openings, batches):
+    """The first UL_OPENING tokens of BATCH_SIZE documents drawn from `batches`: [BATCH_SIZE, UL_OPENING]."""
+    picks = torch.randint(len(openings), (BATCH_SIZE,), generator=batches).tolist()
+    return torch.stack([torch.from_numpy(stream[openings[i]:openings[i] + UL_OPENING]).long() for i in picks])
+
+
 def own_continuations(model, prefixes):
-    """Continue each prefix [batch, UL_PREFIX] greedily for UL_CONTINUATION tokens: the sequences [batch, n],
+    """Continue each prefix [batch, n_prefix] greedily for UL_CONTINUATION tokens: the sequences [batch, n],
     and which of their next-token targets [batch, n - 1] (up to the first <|endoftext|>) repeat an earlier
     four-token phrase and which are the continuation's others."""
+    n_prefix = prefixes.shape[1]
     seq = torch.cat([prefixes, greedy_torch(model, prefixes, UL_CONTINUATION, stop_at_eot=False)], dim=1)
-    penalised = torch.zeros(seq.shape, dtype=torch.bool)  # [batch, UL_PREFIX + UL_CONTINUATION]
+    penalised = torch.zeros(seq.shape, dtype=torch.bool)  # [batch, n_prefix + UL_CONTINUATION]
     continuation = torch.zeros(seq.shape, dtype=torch.bool)
     for row, ids in enumerate(seq.tolist()):
-        end = ids.index(EOT, UL_PREFIX) if EOT in ids[UL_PREFIX:] else len(ids)
-        continuation[row, UL_PREFIX:end] = True
-        penalised[row, repeating_positions(ids[:end], UL_PREFIX)] = True
+        end = ids.index(EOT, n_prefix) if EOT in ids[n_prefix:] else len(ids)
+        continuation[row, n_prefix:end] = True
+        penalised[row, repeating_positions(ids[:end], n_prefix)] = True
     return seq, penalised[:, 1:], continuation[:, 1:] & ~penalised[:, 1:]
 
 
@@ -621,6 +637,9 @@ def main():
                    help="with --unlikelihood-from: hand the probability taken from a repeating token to the starting "
                         "model's other choices, and hold the rest of each continuation to it with this weight "
                         "(0.25 was tried), instead of -log(1 - p) alone")
+    p.add_argument("--unlikelihood-prefixes", choices=["windows", "openings"], default="windows",
+                   help=f"with --unlikelihood-from: continue random {UL_PREFIX}-token training windows (the default) "
+                        f"or the first {UL_OPENING} tokens of random training documents, as short as a prompt")
     p.add_argument("--token-unlikelihood", metavar="WEIGHT", type=float,
                    help="add this weight times token-level unlikelihood to the next-token steps: lower the "
                         "probability of the window's earlier tokens that are not the next one (1.0 was tried)")
@@ -647,6 +666,9 @@ def main():
         sys.exit("error: --reference judges models; give --judge MODEL_DAT ... as well")
     if args.unlikelihood_from and args.continue_from:
         sys.exit("error: --unlikelihood-from and --continue-from start from different places; give one")
+    if args.unlikelihood_prefixes != "windows" and not args.unlikelihood_from:
+        sys.exit("error: --unlikelihood-prefixes chooses what unlikelihood steps continue; give --unlikelihood-from "
+                 "MODEL_DAT as well")
     if args.unlikelihood_anchor is not None and not args.unlikelihood_from:
         sys.exit("error: --unlikelihood-anchor weighs unlikelihood steps; give --unlikelihood-from MODEL_DAT as well")
     if args.unlikelihood_from and not Path(args.unlikelihood_from).is_file():
@@ -685,6 +707,8 @@ def main():
                                         every=UL_EVERY, plateau=UL_PLATEAU, openings=N_LOOP_OPENINGS)
         if args.unlikelihood_anchor is not None:
             settings["unlikelihood"]["anchor"] = args.unlikelihood_anchor
+        if args.unlikelihood_prefixes != "windows":
+            settings["unlikelihood"]["prefixes"] = [args.unlikelihood_prefixes, UL_OPENING]
     if args.token_unlikelihood is not None:
         settings["token_unlikelihood"] = args.token_unlikelihood
 
@@ -751,12 +775,14 @@ def main():
         log(f"unlikelihood: {' '.join([Path(sys.executable).name] + sys.argv)}")
         log(environment)
         log(f"from {args.unlikelihood_from} (sha256 {settings['unlikelihood']['start']}), a fresh AdamW at lr {UL_LR}: "
-            f"one step in {UL_EVERY} continues {BATCH_SIZE} training windows of {UL_PREFIX} tokens greedily for "
+            f"one step in {UL_EVERY} continues {BATCH_SIZE} "
+            + (f"training windows of {UL_PREFIX} tokens" if args.unlikelihood_prefixes == "windows" else
+               f"training documents' first {UL_OPENING} tokens") + " greedily for "
             f"{UL_CONTINUATION} tokens and lowers the probability of each token that repeats a four-token phrase"
             + (f", handing it to the starting model's other choices and holding the rest of the continuation to "
                f"that model's distributions with weight {args.unlikelihood_anchor}"
                if args.unlikelihood_anchor is not None else "") +
-            f"; the others are next-token steps"
+            "; the others are next-token steps"
             + (f" with token-level unlikelihood (weight {args.token_unlikelihood}) on the window's earlier tokens"
                if args.token_unlikelihood else "") +
             f"; until the greedy continuations of {N_LOOP_OPENINGS} training "
@@ -784,12 +810,16 @@ def main():
     train_docstrings = [d for d in docstring_docs if not is_held_out(d)]
     loop_openings = [encoding.encode(opening(train_docstrings[i]))
                      for i in np.linspace(0, len(train_docstrings) - 1, N_LOOP_OPENINGS).astype(int)]
+    train_openings = document_openings(train)
     losses, unlikelihood_losses, t_sitting = [], [], time.perf_counter()
     while schedule.end is None or step < schedule.end:
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(step)
         if args.unlikelihood_from and step % UL_EVERY == UL_EVERY - 1:
-            prefixes = random_windows(train, UL_PREFIX, batches)
+            if args.unlikelihood_prefixes == "windows":
+                prefixes = random_windows(train, UL_PREFIX, batches)
+            else:
+                prefixes = random_openings(train, train_openings, batches)
             if args.unlikelihood_anchor is None:
                 loss = unlikelihood_loss(model, prefixes, bf16)
             else:
