@@ -639,7 +639,8 @@ def main():
                         "(0.25 was tried), instead of -log(1 - p) alone")
     p.add_argument("--unlikelihood-prefixes", choices=["windows", "openings"], default="windows",
                    help=f"with --unlikelihood-from: continue random {UL_PREFIX}-token training windows (the default) "
-                        f"or the first {UL_OPENING} tokens of random training documents, as short as a prompt")
+                        f"or the first {UL_OPENING} tokens of random training documents, as short as a prompt (tried: "
+                        "its greedy text collapsed into rare tokens; see the model card)")
     p.add_argument("--token-unlikelihood", metavar="WEIGHT", type=float,
                    help="add this weight times token-level unlikelihood to the next-token steps: lower the "
                         "probability of the window's earlier tokens that are not the next one (1.0 was tried)")
