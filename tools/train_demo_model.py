@@ -655,7 +655,8 @@ def main():
     if args.checkpoint is None:  # the unlikelihood steps keep their own, so as not to resume (or replace) the other
         args.checkpoint = f"build/demo_{'unlikelihood' if args.unlikelihood_from else 'checkpoint'}.safetensors"
     if args.judge:
-        missing = [path for path in args.judge + [args.reference or args.judge[0]] if not Path(path).is_file()]
+        named = args.judge + ([args.reference] if args.reference else [])
+        missing = [path for path in named if not Path(path).is_file()]
         if missing:
             sys.exit(f"error: no model file {missing[0]}; name a model.dat (such as data/demo/model.dat)")
         encoding = load_tokenizer()
@@ -772,6 +773,8 @@ def main():
 
     environment = (f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} threads, "
                    f"{platform.machine()}, products in {precision} (native bfloat16: {'yes' if native_bf16 else 'no'})")
+    token_level = (f" token-level unlikelihood (weight {args.token_unlikelihood}) on the window's earlier tokens"
+                   if args.token_unlikelihood else "")
     if args.unlikelihood_from and not resume:
         log(f"unlikelihood: {' '.join([Path(sys.executable).name] + sys.argv)}")
         log(environment)
@@ -783,9 +786,7 @@ def main():
             + (f", handing it to the starting model's other choices and holding the rest of the continuation to "
                f"that model's distributions with weight {args.unlikelihood_anchor}"
                if args.unlikelihood_anchor is not None else "") +
-            "; the others are next-token steps"
-            + (f" with token-level unlikelihood (weight {args.token_unlikelihood}) on the window's earlier tokens"
-               if args.token_unlikelihood else "") +
+            "; the others are next-token steps" + (" with" + token_level if token_level else "") +
             f"; until the greedy continuations of {N_LOOP_OPENINGS} training "
             f"docstring openings that loop fall by fewer than {UL_PLATEAU} over {PATIENCE} evaluations, "
             f"at most {args.max_steps} steps")
@@ -804,8 +805,7 @@ def main():
             f"until the held-out loss improves by less than {PLATEAU} over {PATIENCE} evaluations, then a linear "
             f"decay to {MIN_LR} over {DECAY_FRACTION:.0%} of the steps), weight decay {WEIGHT_DECAY}, dropout "
             f"{DROPOUT}, grad clip 1.0, seed {args.seed}, at most {args.max_steps} steps"
-            + (f"; token-level unlikelihood (weight {args.token_unlikelihood}) on the window's earlier tokens"
-               if args.token_unlikelihood else ""))
+            + (";" + token_level if token_level else ""))
 
     train_windows, val_windows = fixed_windows(train, EVAL_WINDOWS), fixed_windows(val, EVAL_WINDOWS)
     train_docstrings = [d for d in docstring_docs if not is_held_out(d)]
