@@ -215,6 +215,34 @@ def test_anchored_unlikelihood_is_welleck_at_the_reference_and_breaks_the_loop()
     assert before > 0.9 and loop_probability(model, seq, marked) < 0.5 * before
 
 
+def test_margin_unlikelihood_is_a_hinge_that_breaks_the_loop():
+    model, optimizer, prefixes, seq, marked = a_model_that_loops()
+    for module in model.modules():  # no dropout, so that the loss sees the logits computed here
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():  # the hinge by hand, over the loop's tokens
+        logits = model(seq[:, :-1]).logits
+        hinge = []
+        for row, i in marked:
+            chosen = logits[row, i, seq[row, i + 1]]
+            others = torch.cat([logits[row, i, :seq[row, i + 1]], logits[row, i, seq[row, i + 1] + 1:]])
+            hinge.append(max(0.0, 1.0 + (chosen - others.max()).item()))
+        loss = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0)
+    torch.testing.assert_close(loss, torch.tensor(sum(hinge) / len(hinge)))
+    before = loop_probability(model, seq, marked)
+    for _ in range(15):
+        loss = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before > 0.9 and loop_probability(model, seq, marked) < 0.5 * before
+    with torch.no_grad():  # and greedy no longer writes the loop
+        chosen = model.eval()(seq[:, :-1]).logits.argmax(-1)
+    assert not all(chosen[row, i] == seq[row, i + 1] for row, i in marked)
+    # a repeat already `margin` below the model's next choice gives nothing to push
+    assert trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=-1e9).item() == 0
+
+
 def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_one():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 9, generator=generator)  # [batch, n, n_vocab]
@@ -257,6 +285,18 @@ def test_an_anchor_without_unlikelihood_steps_is_one_line():
     assert done.returncode == 1
     assert done.stderr == ("error: --unlikelihood-anchor weighs unlikelihood steps; "
                            "give --unlikelihood-from MODEL_DAT as well\n")
+
+
+def test_a_margin_without_unlikelihood_steps_or_with_an_anchor_is_one_line():
+    script = str(REPO / "tools" / "train_demo_model.py")
+    done = subprocess.run([sys.executable, script, "--unlikelihood-margin", "1"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and done.stderr == ("error: --unlikelihood-margin shapes unlikelihood steps; "
+                                                    "give --unlikelihood-from MODEL_DAT as well\n")
+    done = subprocess.run([sys.executable, script, "--unlikelihood-from", str(DEMO_MODEL), "--unlikelihood-margin",
+                           "1", "--unlikelihood-anchor", "0.25"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr == ("error: --unlikelihood-margin and --unlikelihood-anchor are two "
+                                                    "different unlikelihood losses; give one\n")
 
 
 def test_unlikelihood_prefixes_without_unlikelihood_steps_is_one_line():

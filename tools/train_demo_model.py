@@ -407,6 +407,26 @@ def unlikelihood_loss(model, prefixes, bf16):
     return -torch.log(torch.clamp(1 - p[repeats], min=1e-5)).sum() / max(1, int(repeats.sum()))
 
 
+def margin_unlikelihood_loss(model, prefixes, bf16, margin):
+    """Sequence-level steps as a hinge on greedy's choice (--unlikelihood-margin): continue each prefix
+    greedily, then at each token that repeats a four-token phrase, max(0, margin + log p(that token) -
+    log p(the best other token)), averaged over those tokens.
+
+    Greedy decoding asks only which token comes first. -log(1 - p) pushes a repeating token with force p,
+    which fades as the distribution flattens, while near-ties among small p are where greedy text wanders
+    (the prefix trial, see the model card); it also keeps pushing a token that is no longer chosen. This
+    pushes with the same force until the token is margin nats below the model's next choice, raises that
+    choice alone, and then stops.
+    """
+    seq, repeats, _ = own_continuations(model, prefixes)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(seq[:, :-1]).logits  # [batch, n - 1, n_vocab]: position i predicts token i + 1
+    logits = logits.float()  # a difference of logits is the difference of log-probabilities
+    chosen = logits.gather(-1, seq[:, 1:, None])[..., 0]  # [batch, n - 1]
+    runner_up = logits.scatter(-1, seq[:, 1:, None], float("-inf")).amax(-1)  # [batch, n - 1]
+    return F.relu(margin + chosen - runner_up)[repeats].sum() / max(1, int(repeats.sum()))
+
+
 def anchored_unlikelihood_loss(model, reference, prefixes, bf16, anchor):
     """Sequence-level unlikelihood held to a reference model (--unlikelihood-anchor): continue each prefix
     greedily, then train the model towards the reference's next-token distribution with the repeating
@@ -637,6 +657,9 @@ def main():
                    help="with --unlikelihood-from: hand the probability taken from a repeating token to the starting "
                         "model's other choices, and hold the rest of each continuation to it with this weight "
                         "(0.25 was tried), instead of -log(1 - p) alone")
+    p.add_argument("--unlikelihood-margin", metavar="NATS", type=float,
+                   help="with --unlikelihood-from: instead of -log(1 - p), push each repeating token this many nats "
+                        "below the model's best other choice (a hinge on the logits), and no further")
     p.add_argument("--unlikelihood-prefixes", choices=["windows", "openings"], default="windows",
                    help=f"with --unlikelihood-from: continue random {UL_PREFIX}-token training windows (the default) "
                         f"or the first {UL_OPENING} tokens of random training documents, as short as a prompt (tried: "
@@ -671,6 +694,11 @@ def main():
     if args.unlikelihood_prefixes != "windows" and not args.unlikelihood_from:
         sys.exit("error: --unlikelihood-prefixes chooses what unlikelihood steps continue; give --unlikelihood-from "
                  "MODEL_DAT as well")
+    if args.unlikelihood_margin is not None and not args.unlikelihood_from:
+        sys.exit("error: --unlikelihood-margin shapes unlikelihood steps; give --unlikelihood-from MODEL_DAT as well")
+    if args.unlikelihood_margin is not None and args.unlikelihood_anchor is not None:
+        sys.exit("error: --unlikelihood-margin and --unlikelihood-anchor are two different unlikelihood losses; "
+                 "give one")
     if args.unlikelihood_anchor is not None and not args.unlikelihood_from:
         sys.exit("error: --unlikelihood-anchor weighs unlikelihood steps; give --unlikelihood-from MODEL_DAT as well")
     if args.unlikelihood_from and not Path(args.unlikelihood_from).is_file():
@@ -709,6 +737,8 @@ def main():
                                         every=UL_EVERY, plateau=UL_PLATEAU, openings=N_LOOP_OPENINGS)
         if args.unlikelihood_anchor is not None:
             settings["unlikelihood"]["anchor"] = args.unlikelihood_anchor
+        if args.unlikelihood_margin is not None:
+            settings["unlikelihood"]["margin"] = args.unlikelihood_margin
         if args.unlikelihood_prefixes != "windows":
             settings["unlikelihood"]["prefixes"] = [args.unlikelihood_prefixes, UL_OPENING]
     if args.token_unlikelihood is not None:
@@ -782,7 +812,10 @@ def main():
             f"one step in {UL_EVERY} continues {BATCH_SIZE} "
             + (f"training windows of {UL_PREFIX} tokens" if args.unlikelihood_prefixes == "windows" else
                f"training documents' first {UL_OPENING} tokens") + " greedily for "
-            f"{UL_CONTINUATION} tokens and lowers the probability of each token that repeats a four-token phrase"
+            f"{UL_CONTINUATION} tokens and "
+            + (f"pushes each token that repeats a four-token phrase {args.unlikelihood_margin:g} nats below the "
+               f"model's best other choice (a hinge on the logits)" if args.unlikelihood_margin is not None else
+               "lowers the probability of each token that repeats a four-token phrase")
             + (f", handing it to the starting model's other choices and holding the rest of the continuation to "
                f"that model's distributions with weight {args.unlikelihood_anchor}"
                if args.unlikelihood_anchor is not None else "") +
@@ -821,7 +854,9 @@ def main():
                 prefixes = random_windows(train, UL_PREFIX, batches)
             else:
                 prefixes = random_openings(train, train_openings, batches)
-            if args.unlikelihood_anchor is None:
+            if args.unlikelihood_margin is not None:
+                loss = margin_unlikelihood_loss(model, prefixes, bf16, args.unlikelihood_margin)
+            elif args.unlikelihood_anchor is None:
                 loss = unlikelihood_loss(model, prefixes, bf16)
             else:
                 loss = anchored_unlikelihood_loss(model, reference, prefixes, bf16, args.unlikelihood_anchor)
