@@ -279,6 +279,22 @@ def test_unlikelihood_training_stops_when_the_loops_stop_falling():
     assert schedule.evaluated(1750, 57) and schedule.end == 1750  # the best of the last three is not 3 below 55
 
 
+def test_keeping_the_fewest_loops_names_the_first_evaluation_with_the_fewest():
+    schedule = trainer.UnlikelihoodSchedule(max_steps=10_000)
+    for step, loops in zip(range(250, 2000, 250), [22, 15, 12, 7, 19, 7, 18]):
+        schedule.evaluated(step, loops)
+    assert schedule.fewest_loops_step == 1000
+    ended = trainer.UnlikelihoodSchedule(max_steps=600, loop_counts=[30, 20, 10])  # the last, at --max-steps
+    assert ended.fewest_loops_step == 600
+
+
+def test_keep_without_unlikelihood_steps_is_one_line():
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--keep", "fewest-loops"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr == ("error: --keep chooses among the evaluations of unlikelihood "
+                                                    "steps; give --unlikelihood-from MODEL_DAT as well\n")
+
+
 def test_an_anchor_without_unlikelihood_steps_is_one_line():
     done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-anchor",
                            "0.25"], capture_output=True, text=True, timeout=120)

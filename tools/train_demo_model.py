@@ -476,6 +476,11 @@ class UnlikelihoodSchedule:
     def end(self):
         return self.stopped_at or self.max_steps
 
+    @property
+    def fewest_loops_step(self):
+        """The step of the first evaluation at which the fewest training openings looped."""
+        return min((int(np.argmin(self.loop_counts)) + 1) * EVAL_EVERY, self.end)
+
     def evaluated(self, step, loops):
         """Record an evaluation after `step` steps; returns why training stops now, or None."""
         self.loop_counts.append(loops)
@@ -667,6 +672,10 @@ def main():
     p.add_argument("--token-unlikelihood", metavar="WEIGHT", type=float,
                    help="add this weight times token-level unlikelihood to the next-token steps: lower the "
                         "probability of the window's earlier tokens that are not the next one (1.0 was tried)")
+    p.add_argument("--keep", choices=["last", "fewest-loops"], default="last",
+                   help="with --unlikelihood-from: write the weights of the last evaluation (the default) or of the "
+                        "one at which the fewest training openings looped (kept as the run goes in the checkpoint's "
+                        ".best.safetensors; given to a finished run, writes them without training)")
     p.add_argument("--compare", metavar="MODEL_DAT", help="another model file to give the held-out perplexity of")
     p.add_argument("--judge", metavar="MODEL_DAT", nargs="+",
                    help="do not train: count the greedy continuations of every held-out docstring opening that "
@@ -677,6 +686,7 @@ def main():
     args = p.parse_args()
     if args.checkpoint is None:  # the unlikelihood steps keep their own, so as not to resume (or replace) the other
         args.checkpoint = f"build/demo_{'unlikelihood' if args.unlikelihood_from else 'checkpoint'}.safetensors"
+    fewest_loops_checkpoint = Path(args.checkpoint).with_suffix(".best.safetensors")
     if args.judge:
         named = args.judge + ([args.reference] if args.reference else [])
         missing = [path for path in named if not Path(path).is_file()]
@@ -693,6 +703,9 @@ def main():
         sys.exit("error: --unlikelihood-from and --continue-from start from different places; give one")
     if args.unlikelihood_prefixes != "windows" and not args.unlikelihood_from:
         sys.exit("error: --unlikelihood-prefixes chooses what unlikelihood steps continue; give --unlikelihood-from "
+                 "MODEL_DAT as well")
+    if args.keep != "last" and not args.unlikelihood_from:
+        sys.exit("error: --keep chooses among the evaluations of unlikelihood steps; give --unlikelihood-from "
                  "MODEL_DAT as well")
     if args.unlikelihood_margin is not None and not args.unlikelihood_from:
         sys.exit("error: --unlikelihood-margin shapes unlikelihood steps; give --unlikelihood-from MODEL_DAT as well")
@@ -885,6 +898,8 @@ def main():
                 state.update(loop_counts=schedule.loop_counts, stopped_at=schedule.stopped_at)
                 if why:
                     log(f"stop: at step {step}, because {why}")
+                if schedule.fewest_loops_step == step:  # for --keep fewest-loops, now or when the run is over
+                    save_checkpoint(fewest_loops_checkpoint, model, optimizer, batches, state)
                 save_checkpoint(args.checkpoint, model, optimizer, batches, state)
                 continue
             log(f"step {step:5d} | lr {schedule.lr(step - 1):.2e} | batch loss {np.mean(losses):.4f} "
@@ -901,6 +916,17 @@ def main():
                 log(f"saved {stable}: train on from here with --continue-from {stable} --max-steps N")
             save_checkpoint(args.checkpoint, model, optimizer, batches, state)
     elapsed = trained_s + time.perf_counter() - t_sitting
+    if args.keep == "fewest-loops" and schedule.fewest_loops_step != step:
+        if not fewest_loops_checkpoint.is_file():
+            sys.exit(f"error: no {fewest_loops_checkpoint} with the weights of step {schedule.fewest_loops_step}; "
+                     f"write the last evaluation's without --keep")
+        kept = load_checkpoint(fewest_loops_checkpoint, model, optimizer, batches)
+        if kept["settings"] != settings:
+            sys.exit(f"error: {fewest_loops_checkpoint} was made with other settings or another corpus; "
+                     f"write the last evaluation's without --keep")
+        step, train_loss, val_loss = kept["step"], kept["train_loss"], kept["val_loss"]
+        log(f"kept: step {step}, at which {kept['loop_counts'][-1]} of {N_LOOP_OPENINGS} training openings looped, "
+            f"the fewest of the run (--keep fewest-loops; {fewest_loops_checkpoint})")
 
     write_model(model, args.out)
     log(f"final: step {step}, train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
