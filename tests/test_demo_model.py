@@ -29,7 +29,7 @@ PARITY_PROMPT = ("Return a list of the lines in the string, breaking at line bou
                  "Alan Turing theorized that computers would one day become very powerful")
 GOLDEN_PROMPT = "Coroutine that completes after"  # the prompt of `make run` (see the model card for why this one)
 # The shipped model's greedy 20 tokens (the same as Hugging Face's).
-GOLDEN_TEXT = " the call.\nThe following example shows how to use a coroutine function to execute the coroutine"
+GOLDEN_TEXT = " the call.\nThe following example shows how the code was executed:"  # then <|endoftext|>
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +77,22 @@ def test_greedy_text_is_pinned(demo, capsys):
 
 
 def log_numbers():
-    """(train loss, val loss) of the log's final line and of its last evaluation, and the corpus sizes."""
+    """(train loss, val loss) of the log's final line and of the last evaluation of the step it names (the
+    last one, or the one --keep chose), and the corpus sizes."""
     text = LOG.read_text(encoding="utf-8")
-    final = re.findall(r"^final: step \d+, train loss ([\d.]+), val loss ([\d.]+)", text, re.M)
-    steps = re.findall(r"^step +\d+ \|.*\| train loss ([\d.]+) \| val loss ([\d.]+) \|", text, re.M)
+    final = re.findall(r"^final: step (\d+), train loss ([\d.]+), val loss ([\d.]+)", text, re.M)
+    assert final, f"{LOG} lacks its final line"
+    final_step, *final_losses = final[-1]
+    before = text.rsplit("\nfinal: ", 1)[0]
+    steps = re.findall(rf"^step +{final_step} \|.*\| train loss ([\d.]+) \| val loss ([\d.]+) \|", before, re.M)
     corpus = re.search(r"split: train \d+ documents, (\d+) tokens; held out \d+ documents, (\d+) tokens", text)
-    assert final and steps and corpus, f"{LOG} lacks its final, step or corpus lines"
-    return final[-1], steps[-1], (int(corpus[1]), int(corpus[2]))
+    assert steps and corpus, f"{LOG} lacks the evaluation of step {final_step} or its corpus line"
+    return tuple(final_losses), steps[-1], (int(corpus[1]), int(corpus[2]))
 
 
 def test_model_card_numbers_are_the_training_logs():
     final, last_step, (train_tokens, val_tokens) = log_numbers()
-    assert final == last_step  # the final line reports the last evaluation
+    assert final == last_step  # the final line reports the evaluation whose weights were written
     card = CARD.read_text(encoding="utf-8")
     card_train = re.search(r"final training loss\D*(\d+\.\d+)", card, re.I)
     card_val = re.search(r"final validation loss\D*(\d+\.\d+)", card, re.I)

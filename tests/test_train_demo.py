@@ -110,11 +110,11 @@ def test_a_checkpoint_resumes_exactly(tmp_path):
 
 
 def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20():
-    # The shipped model: "Return position of cursor.\nReturn the current position of the screen.\nReturn the current
-    # position ..." repeats within 20 tokens; "Version interface for Jython.\nThe following functions are provided:
-    # \nReturn the version of the Python interpreter. The version of this module is the version of the ..." after
-    # 20; the third ends at <|endoftext|> after " not in the underlying socket."
-    prompts = ["Return position of cursor.", "Version interface for Jython.", "Similar to `open_connection` but"]
+    # The shipped model: "Return self / other.\nReturn the number of items in the iterable.\nReturn the number of
+    # items ..." repeats within 20 tokens; "Class decorator for enumerations.\nThe decorator is used to specify the
+    # decorator decorator as the decorator.\nThe decorator is used ..." after 20; the third ends at <|endoftext|>
+    # after "\nThe following methods are available:".
+    prompts = ["Return self / other.", "Class decorator for enumerations", "Raise GeneratorExit inside generator."]
     assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 1)
 
 
@@ -128,7 +128,7 @@ class UniformReference:
 
 def test_judging_against_a_reference_counts_its_unlikely_tokens():
     import picogpt
-    prompts = ["Return position of cursor.", "Similar to `open_connection` but"]
+    prompts = ["Return self / other.", "Raise GeneratorExit inside generator."]  # loops; ends early
     encoding = trainer.load_tokenizer()
     *loops, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, UniformReference())
     assert loops == [1, 1, 1] and rare == 2 and nll == pytest.approx(math.log(50257))
