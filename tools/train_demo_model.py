@@ -921,8 +921,8 @@ def main():
             sys.exit(f"error: no {fewest_loops_checkpoint} with the weights of step {schedule.fewest_loops_step}; "
                      f"write the last evaluation's without --keep")
         kept = load_checkpoint(fewest_loops_checkpoint, model, optimizer, batches)
-        if kept["settings"] != settings:
-            sys.exit(f"error: {fewest_loops_checkpoint} was made with other settings or another corpus; "
+        if kept["settings"] != settings or kept["step"] != schedule.fewest_loops_step:
+            sys.exit(f"error: {fewest_loops_checkpoint} is not step {schedule.fewest_loops_step} of this run; "
                      f"write the last evaluation's without --keep")
         step, train_loss, val_loss = kept["step"], kept["train_loss"], kept["val_loss"]
         log(f"kept: step {step}, at which {kept['loop_counts'][-1]} of {N_LOOP_OPENINGS} training openings looped, "
