@@ -243,6 +243,28 @@ def test_margin_unlikelihood_is_a_hinge_that_breaks_the_loop():
     assert trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=-1e9).item() == 0
 
 
+def test_a_margin_with_an_anchor_adds_the_kl_divergence_at_the_other_tokens():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)  # an untrained model: its continuations repeat some phrases, not all
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=trainer.UL_PREFIX + trainer.UL_CONTINUATION,
+                                       n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
+    prefixes = torch.randint(64, (2, trainer.UL_PREFIX))
+    _, repeats, others = trainer.own_continuations(model, prefixes)
+    assert repeats.any() and others.any()
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        hinge = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0)
+        at_reference = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0,
+                                                        reference=reference, anchor=0.25)
+        torch.testing.assert_close(at_reference, hinge)  # the KL divergence to itself is 0
+        for param in reference.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+        moved = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, reference=reference,
+                                                 anchor=0.25)
+    assert moved > hinge
+
+
 def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_one():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 9, generator=generator)  # [batch, n, n_vocab]
@@ -303,16 +325,11 @@ def test_an_anchor_without_unlikelihood_steps_is_one_line():
                            "give --unlikelihood-from MODEL_DAT as well\n")
 
 
-def test_a_margin_without_unlikelihood_steps_or_with_an_anchor_is_one_line():
-    script = str(REPO / "tools" / "train_demo_model.py")
-    done = subprocess.run([sys.executable, script, "--unlikelihood-margin", "1"], capture_output=True, text=True,
-                          timeout=120)
+def test_a_margin_without_unlikelihood_steps_is_one_line():
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-margin", "1"],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr == ("error: --unlikelihood-margin shapes unlikelihood steps; "
                                                     "give --unlikelihood-from MODEL_DAT as well\n")
-    done = subprocess.run([sys.executable, script, "--unlikelihood-from", str(DEMO_MODEL), "--unlikelihood-margin",
-                           "1", "--unlikelihood-anchor", "0.25"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr == ("error: --unlikelihood-margin and --unlikelihood-anchor are two "
-                                                    "different unlikelihood losses; give one\n")
 
 
 def test_unlikelihood_prefixes_without_unlikelihood_steps_is_one_line():

@@ -407,7 +407,7 @@ def unlikelihood_loss(model, prefixes, bf16):
     return -torch.log(torch.clamp(1 - p[repeats], min=1e-5)).sum() / max(1, int(repeats.sum()))
 
 
-def margin_unlikelihood_loss(model, prefixes, bf16, margin):
+def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anchor=0.0):
     """Sequence-level steps as a hinge on greedy's choice (--unlikelihood-margin): continue each prefix
     greedily, then at each token that repeats a four-token phrase, max(0, margin + log p(that token) -
     log p(the best other token)), averaged over those tokens.
@@ -417,14 +417,24 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin):
     (the prefix trial, see the model card); it also keeps pushing a token that is no longer chosen. This
     pushes with the same force until the token is margin nats below the model's next choice, raises that
     choice alone, and then stops.
+
+    With a reference model (--unlikelihood-anchor), `anchor` times KL(reference || model) averaged over the
+    continuation's other tokens is added: the rest of the text is held to the model the steps started from.
     """
-    seq, repeats, _ = own_continuations(model, prefixes)
+    seq, repeats, others = own_continuations(model, prefixes)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(seq[:, :-1]).logits  # [batch, n - 1, n_vocab]: position i predicts token i + 1
+        if reference is not None:
+            with torch.no_grad():
+                target = F.softmax(reference(seq[:, :-1]).logits.float(), dim=-1)
     logits = logits.float()  # a difference of logits is the difference of log-probabilities
     chosen = logits.gather(-1, seq[:, 1:, None])[..., 0]  # [batch, n - 1]
     runner_up = logits.scatter(-1, seq[:, 1:, None], float("-inf")).amax(-1)  # [batch, n - 1]
-    return F.relu(margin + chosen - runner_up)[repeats].sum() / max(1, int(repeats.sum()))
+    loss = F.relu(margin + chosen - runner_up)[repeats].sum() / max(1, int(repeats.sum()))
+    if reference is None or not others.any():
+        return loss
+    kl = (target * (torch.log(target.clamp_min(1e-30)) - F.log_softmax(logits, dim=-1))).sum(-1)  # [batch, n - 1]
+    return loss + anchor * kl[others].mean()
 
 
 def anchored_unlikelihood_loss(model, reference, prefixes, bf16, anchor):
@@ -661,7 +671,7 @@ def main():
     p.add_argument("--unlikelihood-anchor", metavar="WEIGHT", type=float,
                    help="with --unlikelihood-from: hand the probability taken from a repeating token to the starting "
                         "model's other choices, and hold the rest of each continuation to it with this weight "
-                        "(0.25 was tried), instead of -log(1 - p) alone")
+                        "(0.25 was tried), instead of -log(1 - p) alone; with --unlikelihood-margin, only the latter")
     p.add_argument("--unlikelihood-margin", metavar="NATS", type=float,
                    help="with --unlikelihood-from: instead of -log(1 - p), push each repeating token this many nats "
                         "below the model's best other choice (a hinge on the logits), and no further")
@@ -709,9 +719,6 @@ def main():
                  "MODEL_DAT as well")
     if args.unlikelihood_margin is not None and not args.unlikelihood_from:
         sys.exit("error: --unlikelihood-margin shapes unlikelihood steps; give --unlikelihood-from MODEL_DAT as well")
-    if args.unlikelihood_margin is not None and args.unlikelihood_anchor is not None:
-        sys.exit("error: --unlikelihood-margin and --unlikelihood-anchor are two different unlikelihood losses; "
-                 "give one")
     if args.unlikelihood_anchor is not None and not args.unlikelihood_from:
         sys.exit("error: --unlikelihood-anchor weighs unlikelihood steps; give --unlikelihood-from MODEL_DAT as well")
     if args.unlikelihood_from and not Path(args.unlikelihood_from).is_file():
@@ -829,7 +836,10 @@ def main():
             + (f"pushes each token that repeats a four-token phrase {args.unlikelihood_margin:g} nats below the "
                f"model's best other choice (a hinge on the logits)" if args.unlikelihood_margin is not None else
                "lowers the probability of each token that repeats a four-token phrase")
-            + (f", handing it to the starting model's other choices and holding the rest of the continuation to "
+            + (f", holding the rest of the continuation to the starting model's distributions with weight "
+               f"{args.unlikelihood_anchor}" if args.unlikelihood_anchor is not None and args.unlikelihood_margin
+               is not None else
+               f", handing it to the starting model's other choices and holding the rest of the continuation to "
                f"that model's distributions with weight {args.unlikelihood_anchor}"
                if args.unlikelihood_anchor is not None else "") +
             "; the others are next-token steps" + (" with" + token_level if token_level else "") +
@@ -868,7 +878,9 @@ def main():
             else:
                 prefixes = random_openings(train, train_openings, batches)
             if args.unlikelihood_margin is not None:
-                loss = margin_unlikelihood_loss(model, prefixes, bf16, args.unlikelihood_margin)
+                loss = margin_unlikelihood_loss(model, prefixes, bf16, args.unlikelihood_margin,
+                                                **(dict(reference=reference, anchor=args.unlikelihood_anchor)
+                                                   if args.unlikelihood_anchor is not None else {}))
             elif args.unlikelihood_anchor is None:
                 loss = unlikelihood_loss(model, prefixes, bf16)
             else:
