@@ -310,33 +310,17 @@ def test_keeping_the_fewest_loops_names_the_first_evaluation_with_the_fewest():
     assert ended.fewest_loops_step == 600
 
 
-def test_keep_without_unlikelihood_steps_is_one_line():
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--keep", "fewest-loops"],
+@pytest.mark.parametrize("flag, what", [
+    (["--keep", "fewest-loops"], "--keep chooses among the evaluations of unlikelihood steps"),
+    (["--unlikelihood-anchor", "0.25"], "--unlikelihood-anchor weighs unlikelihood steps"),
+    (["--unlikelihood-margin", "1"], "--unlikelihood-margin shapes unlikelihood steps"),
+    (["--unlikelihood-prefixes", "openings"], "--unlikelihood-prefixes chooses what unlikelihood steps continue"),
+])
+def test_an_unlikelihood_flag_without_unlikelihood_steps_is_one_line(flag, what):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), *flag],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr == ("error: --keep chooses among the evaluations of unlikelihood "
-                                                    "steps; give --unlikelihood-from MODEL_DAT as well\n")
-
-
-def test_an_anchor_without_unlikelihood_steps_is_one_line():
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-anchor",
-                           "0.25"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
-    assert done.stderr == ("error: --unlikelihood-anchor weighs unlikelihood steps; "
-                           "give --unlikelihood-from MODEL_DAT as well\n")
-
-
-def test_a_margin_without_unlikelihood_steps_is_one_line():
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-margin", "1"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr == ("error: --unlikelihood-margin shapes unlikelihood steps; "
-                                                    "give --unlikelihood-from MODEL_DAT as well\n")
-
-
-def test_unlikelihood_prefixes_without_unlikelihood_steps_is_one_line():
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-prefixes",
-                           "openings"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr == ("error: --unlikelihood-prefixes chooses what unlikelihood steps "
-                                                    "continue; give --unlikelihood-from MODEL_DAT as well\n")
+    assert done.stderr == f"error: {what}; give --unlikelihood-from MODEL_DAT as well\n"
 
 
 def test_unlikelihood_from_a_missing_model_file_is_one_line(tmp_path):

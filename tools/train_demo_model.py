@@ -407,6 +407,11 @@ def unlikelihood_loss(model, prefixes, bf16):
     return -torch.log(torch.clamp(1 - p[repeats], min=1e-5)).sum() / max(1, int(repeats.sum()))
 
 
+def kl_divergence(target, logits):
+    """KL(target || softmax(logits)) at each position: target [..., n_vocab] probabilities -> [...]."""
+    return (target * (torch.log(target.clamp_min(1e-30)) - F.log_softmax(logits.float(), dim=-1))).sum(-1)
+
+
 def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anchor=0.0):
     """Sequence-level steps as a hinge on greedy's choice (--unlikelihood-margin): continue each prefix
     greedily, then at each token that repeats a four-token phrase, max(0, margin + log p(that token) -
@@ -433,8 +438,7 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anch
     loss = F.relu(margin + chosen - runner_up)[repeats].sum() / max(1, int(repeats.sum()))
     if reference is None or not others.any():
         return loss
-    kl = (target * (torch.log(target.clamp_min(1e-30)) - F.log_softmax(logits, dim=-1))).sum(-1)  # [batch, n - 1]
-    return loss + anchor * kl[others].mean()
+    return loss + anchor * kl_divergence(target, logits)[others].mean()  # KL at [batch, n - 1]
 
 
 def anchored_unlikelihood_loss(model, reference, prefixes, bf16, anchor):
@@ -458,7 +462,7 @@ def anchored_unlikelihood_loss(model, reference, prefixes, bf16, anchor):
     without_repeat = target.scatter(-1, seq[:, 1:, None], 0.0)
     without_repeat = without_repeat / without_repeat.sum(-1, keepdim=True).clamp_min(1e-12)
     target = torch.where(repeats[..., None], without_repeat, target)
-    kl = (target * (torch.log(target.clamp_min(1e-30)) - F.log_softmax(logits.float(), dim=-1))).sum(-1)
+    kl = kl_divergence(target, logits)  # [batch, n - 1]
     return ((kl[repeats].mean() if repeats.any() else 0 * kl.sum())
             + (anchor * kl[others].mean() if others.any() else 0 * kl.sum()))
 
@@ -711,16 +715,14 @@ def main():
         sys.exit("error: --reference judges models; give --judge MODEL_DAT ... as well")
     if args.unlikelihood_from and args.continue_from:
         sys.exit("error: --unlikelihood-from and --continue-from start from different places; give one")
-    if args.unlikelihood_prefixes != "windows" and not args.unlikelihood_from:
-        sys.exit("error: --unlikelihood-prefixes chooses what unlikelihood steps continue; give --unlikelihood-from "
-                 "MODEL_DAT as well")
-    if args.keep != "last" and not args.unlikelihood_from:
-        sys.exit("error: --keep chooses among the evaluations of unlikelihood steps; give --unlikelihood-from "
-                 "MODEL_DAT as well")
-    if args.unlikelihood_margin is not None and not args.unlikelihood_from:
-        sys.exit("error: --unlikelihood-margin shapes unlikelihood steps; give --unlikelihood-from MODEL_DAT as well")
-    if args.unlikelihood_anchor is not None and not args.unlikelihood_from:
-        sys.exit("error: --unlikelihood-anchor weighs unlikelihood steps; give --unlikelihood-from MODEL_DAT as well")
+    unlikelihood_only = [  # flags that mean nothing without unlikelihood steps, and what each does to them
+        (args.unlikelihood_prefixes != "windows", "--unlikelihood-prefixes chooses what unlikelihood steps continue"),
+        (args.keep != "last", "--keep chooses among the evaluations of unlikelihood steps"),
+        (args.unlikelihood_margin is not None, "--unlikelihood-margin shapes unlikelihood steps"),
+        (args.unlikelihood_anchor is not None, "--unlikelihood-anchor weighs unlikelihood steps")]
+    for given, what in unlikelihood_only:
+        if given and not args.unlikelihood_from:
+            sys.exit(f"error: {what}; give --unlikelihood-from MODEL_DAT as well")
     if args.unlikelihood_from and not Path(args.unlikelihood_from).is_file():
         sys.exit(f"error: no model file {args.unlikelihood_from} to train on with unlikelihood steps")
     if not Path(args.docs, "index.html").is_file():
@@ -799,6 +801,7 @@ def main():
         if state["threads"] != args.threads:
             print(f"note: the checkpoint trained on {state['threads']} threads, this run on {args.threads}; "
                   f"the result will differ slightly from an uninterrupted run", file=sys.stderr)
+    reference = None  # the model an anchor holds the unlikelihood steps to
     if args.unlikelihood_from:  # the trained weights (bfloat16 matrices widened exactly)
         trained = open_model_file(args.unlikelihood_from)
         if trained.hparams != HPARAMS:
@@ -826,22 +829,26 @@ def main():
     token_level = (f" token-level unlikelihood (weight {args.token_unlikelihood}) on the window's earlier tokens"
                    if args.token_unlikelihood else "")
     if args.unlikelihood_from and not resume:
+        if args.unlikelihood_margin is not None:
+            on_repeats = (f"pushes each token that repeats a four-token phrase {args.unlikelihood_margin:g} nats "
+                          f"below the model's best other choice (a hinge on the logits)")
+        else:
+            on_repeats = "lowers the probability of each token that repeats a four-token phrase"
+        if args.unlikelihood_anchor is None:
+            anchor_text = ""
+        elif args.unlikelihood_margin is not None:
+            anchor_text = (f", holding the rest of the continuation to the starting model's distributions with "
+                           f"weight {args.unlikelihood_anchor}")
+        else:
+            anchor_text = (f", handing it to the starting model's other choices and holding the rest of the "
+                           f"continuation to that model's distributions with weight {args.unlikelihood_anchor}")
         log(f"unlikelihood: {' '.join([Path(sys.executable).name] + sys.argv)}")
         log(environment)
         log(f"from {args.unlikelihood_from} (sha256 {settings['unlikelihood']['start']}), a fresh AdamW at lr {UL_LR}: "
             f"one step in {UL_EVERY} continues {BATCH_SIZE} "
             + (f"training windows of {UL_PREFIX} tokens" if args.unlikelihood_prefixes == "windows" else
                f"training documents' first {UL_OPENING} tokens") + " greedily for "
-            f"{UL_CONTINUATION} tokens and "
-            + (f"pushes each token that repeats a four-token phrase {args.unlikelihood_margin:g} nats below the "
-               f"model's best other choice (a hinge on the logits)" if args.unlikelihood_margin is not None else
-               "lowers the probability of each token that repeats a four-token phrase")
-            + (f", holding the rest of the continuation to the starting model's distributions with weight "
-               f"{args.unlikelihood_anchor}" if args.unlikelihood_anchor is not None and args.unlikelihood_margin
-               is not None else
-               f", handing it to the starting model's other choices and holding the rest of the continuation to "
-               f"that model's distributions with weight {args.unlikelihood_anchor}"
-               if args.unlikelihood_anchor is not None else "") +
+            f"{UL_CONTINUATION} tokens and " + on_repeats + anchor_text +
             "; the others are next-token steps" + (" with" + token_level if token_level else "") +
             f"; until the greedy continuations of {N_LOOP_OPENINGS} training "
             f"docstring openings that loop fall by fewer than {UL_PLATEAU} over {PATIENCE} evaluations, "
@@ -878,9 +885,8 @@ def main():
             else:
                 prefixes = random_openings(train, train_openings, batches)
             if args.unlikelihood_margin is not None:
-                loss = margin_unlikelihood_loss(model, prefixes, bf16, args.unlikelihood_margin,
-                                                **(dict(reference=reference, anchor=args.unlikelihood_anchor)
-                                                   if args.unlikelihood_anchor is not None else {}))
+                loss = margin_unlikelihood_loss(model, prefixes, bf16, args.unlikelihood_margin, reference,
+                                                args.unlikelihood_anchor or 0.0)
             elif args.unlikelihood_anchor is None:
                 loss = unlikelihood_loss(model, prefixes, bf16)
             else:
