@@ -265,6 +265,35 @@ def test_a_margin_with_an_anchor_adds_the_kl_divergence_at_the_other_tokens():
     assert moved > hinge
 
 
+def test_a_margin_among_the_references_likeliest_tokens_takes_its_other_token_from_them():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)  # an untrained model: its continuations repeat some phrases
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=trainer.UL_PREFIX + trainer.UL_CONTINUATION,
+                                       n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
+    prefixes = torch.randint(64, (2, trainer.UL_PREFIX))
+    seq, repeats, _ = trainer.own_continuations(model, prefixes)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    for param in reference.parameters():  # a reference whose likeliest tokens are not the model's
+        param.data.add_(0.5 * torch.randn_like(param))
+    with torch.no_grad():  # the hinge by hand: the other token is the best of the reference's 3 likeliest
+        logits, reference_logits = model(seq[:, :-1]).logits, reference(seq[:, :-1]).logits
+        hinge = []
+        for row, i in repeats.nonzero().tolist():
+            repeat = seq[row, i + 1].item()
+            candidates = [v for v in reference_logits[row, i].topk(3).indices.tolist() if v != repeat]
+            hinge.append(max(0.0, 1.0 + (logits[row, i, repeat] - logits[row, i, candidates].max()).item()))
+        among = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, reference=reference,
+                                                 among=3)
+        torch.testing.assert_close(among, torch.tensor(sum(hinge) / len(hinge)))
+        # among the whole vocabulary it is the plain hinge; among fewer, the other token is no better
+        plain = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0)
+        everything = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, reference=reference,
+                                                      among=64)
+    torch.testing.assert_close(everything, plain)
+    assert among > plain
+
+
 def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_one():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 9, generator=generator)  # [batch, n, n_vocab]
@@ -314,6 +343,7 @@ def test_keeping_the_fewest_loops_names_the_first_evaluation_with_the_fewest():
     (["--keep", "fewest-loops"], "--keep chooses among the evaluations of unlikelihood steps"),
     (["--unlikelihood-anchor", "0.25"], "--unlikelihood-anchor weighs unlikelihood steps"),
     (["--unlikelihood-margin", "1"], "--unlikelihood-margin shapes unlikelihood steps"),
+    (["--unlikelihood-margin-among", "8"], "--unlikelihood-margin-among shapes unlikelihood steps"),
     (["--unlikelihood-prefixes", "openings"], "--unlikelihood-prefixes chooses what unlikelihood steps continue"),
 ])
 def test_an_unlikelihood_flag_without_unlikelihood_steps_is_one_line(flag, what):
@@ -321,6 +351,19 @@ def test_an_unlikelihood_flag_without_unlikelihood_steps_is_one_line(flag, what)
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr == f"error: {what}; give --unlikelihood-from MODEL_DAT as well\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--unlikelihood-margin-among", "8"],
+     "--unlikelihood-margin-among chooses the margin's other token; give --unlikelihood-margin NATS as well"),
+    (["--unlikelihood-margin", "1", "--unlikelihood-margin-among", "1"],
+     "--unlikelihood-margin-among needs K of 2 or more (the repeating token may be one of them)"),
+])
+def test_a_margin_among_too_few_tokens_or_without_a_margin_is_one_line(tmp_path, flags, message):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-from",
+                           str(tmp_path / "none.dat"), *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == f"error: {message}\n"
 
 
 def test_unlikelihood_from_a_missing_model_file_is_one_line(tmp_path):

@@ -412,7 +412,7 @@ def kl_divergence(target, logits):
     return (target * (torch.log(target.clamp_min(1e-30)) - F.log_softmax(logits.float(), dim=-1))).sum(-1)
 
 
-def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anchor=0.0):
+def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anchor=0.0, among=None):
     """Sequence-level steps as a hinge on greedy's choice (--unlikelihood-margin): continue each prefix
     greedily, then at each token that repeats a four-token phrase, max(0, margin + log p(that token) -
     log p(the best other token)), averaged over those tokens.
@@ -423,21 +423,31 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anch
     pushes with the same force until the token is margin nats below the model's next choice, raises that
     choice alone, and then stops.
 
-    With a reference model (--unlikelihood-anchor), `anchor` times KL(reference || model) averaged over the
-    continuation's other tokens is added: the rest of the text is held to the model the steps started from.
+    A reference model, the one the steps started from, can hold them in two ways. With `among`
+    (--unlikelihood-margin-among K), the other token is the best of the reference's K likeliest there, so
+    that what the hinge raises is a token the reference found plausible, not whatever junk happens to come
+    second in a flattened distribution. With `anchor` (--unlikelihood-anchor), `anchor` times
+    KL(reference || model) averaged over the continuation's other tokens is added: the rest of the text is
+    held to the reference.
     """
     seq, repeats, others = own_continuations(model, prefixes)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(seq[:, :-1]).logits  # [batch, n - 1, n_vocab]: position i predicts token i + 1
         if reference is not None:
             with torch.no_grad():
-                target = F.softmax(reference(seq[:, :-1]).logits.float(), dim=-1)
+                reference_logits = reference(seq[:, :-1]).logits.float()
     logits = logits.float()  # a difference of logits is the difference of log-probabilities
     chosen = logits.gather(-1, seq[:, 1:, None])[..., 0]  # [batch, n - 1]
-    runner_up = logits.scatter(-1, seq[:, 1:, None], float("-inf")).amax(-1)  # [batch, n - 1]
+    candidates = logits
+    if among is not None:  # only the reference's `among` likeliest tokens can be the other choice
+        top = reference_logits.topk(among).indices  # [batch, n - 1, among]
+        likeliest = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top, True)
+        candidates = logits.masked_fill(~likeliest, float("-inf"))
+    runner_up = candidates.scatter(-1, seq[:, 1:, None], float("-inf")).amax(-1)  # [batch, n - 1]
     loss = F.relu(margin + chosen - runner_up)[repeats].sum() / max(1, int(repeats.sum()))
-    if reference is None or not others.any():
+    if not anchor or not others.any():
         return loss
+    target = F.softmax(reference_logits, dim=-1)
     return loss + anchor * kl_divergence(target, logits)[others].mean()  # KL at [batch, n - 1]
 
 
@@ -679,6 +689,9 @@ def main():
     p.add_argument("--unlikelihood-margin", metavar="NATS", type=float,
                    help="with --unlikelihood-from: instead of -log(1 - p), push each repeating token this many nats "
                         "below the model's best other choice (a hinge on the logits), and no further")
+    p.add_argument("--unlikelihood-margin-among", metavar="K", type=int,
+                   help="with --unlikelihood-margin: take the best other choice among the starting model's K likeliest "
+                        "next tokens only (K >= 2), so that the hinge raises a token that model found plausible")
     p.add_argument("--unlikelihood-prefixes", choices=["windows", "openings"], default="windows",
                    help=f"with --unlikelihood-from: continue random {UL_PREFIX}-token training windows (the default) "
                         f"or the first {UL_OPENING} tokens of random training documents, as short as a prompt (tried: "
@@ -719,10 +732,16 @@ def main():
         (args.unlikelihood_prefixes != "windows", "--unlikelihood-prefixes chooses what unlikelihood steps continue"),
         (args.keep != "last", "--keep chooses among the evaluations of unlikelihood steps"),
         (args.unlikelihood_margin is not None, "--unlikelihood-margin shapes unlikelihood steps"),
+        (args.unlikelihood_margin_among is not None, "--unlikelihood-margin-among shapes unlikelihood steps"),
         (args.unlikelihood_anchor is not None, "--unlikelihood-anchor weighs unlikelihood steps")]
     for given, what in unlikelihood_only:
         if given and not args.unlikelihood_from:
             sys.exit(f"error: {what}; give --unlikelihood-from MODEL_DAT as well")
+    if args.unlikelihood_margin_among is not None and args.unlikelihood_margin is None:
+        sys.exit("error: --unlikelihood-margin-among chooses the margin's other token; give --unlikelihood-margin NATS "
+                 "as well")
+    if args.unlikelihood_margin_among is not None and args.unlikelihood_margin_among < 2:
+        sys.exit("error: --unlikelihood-margin-among needs K of 2 or more (the repeating token may be one of them)")
     if args.unlikelihood_from and not Path(args.unlikelihood_from).is_file():
         sys.exit(f"error: no model file {args.unlikelihood_from} to train on with unlikelihood steps")
     if not Path(args.docs, "index.html").is_file():
@@ -761,6 +780,8 @@ def main():
             settings["unlikelihood"]["anchor"] = args.unlikelihood_anchor
         if args.unlikelihood_margin is not None:
             settings["unlikelihood"]["margin"] = args.unlikelihood_margin
+        if args.unlikelihood_margin_among is not None:
+            settings["unlikelihood"]["margin_among"] = args.unlikelihood_margin_among
         if args.unlikelihood_prefixes != "windows":
             settings["unlikelihood"]["prefixes"] = [args.unlikelihood_prefixes, UL_OPENING]
     if args.token_unlikelihood is not None:
@@ -801,17 +822,17 @@ def main():
         if state["threads"] != args.threads:
             print(f"note: the checkpoint trained on {state['threads']} threads, this run on {args.threads}; "
                   f"the result will differ slightly from an uninterrupted run", file=sys.stderr)
-    reference = None  # the model an anchor holds the unlikelihood steps to
+    reference = None  # the starting model, frozen, where an anchor or --unlikelihood-margin-among holds the steps to it
     if args.unlikelihood_from:  # the trained weights (bfloat16 matrices widened exactly)
         trained = open_model_file(args.unlikelihood_from)
         if trained.hparams != HPARAMS:
             sys.exit(f"error: {args.unlikelihood_from} is not this script's model ({trained.hparams})")
-        anchored = args.unlikelihood_anchor is not None
-        if not resume or anchored:  # a resumed run's weights are the checkpoint's; only an anchor needs these
+        held = args.unlikelihood_anchor is not None or args.unlikelihood_margin_among is not None
+        if not resume or held:  # a resumed run's weights are the checkpoint's; only a reference needs these
             start_weights = hf_model(trained.hparams, trained.tensors).transformer.state_dict()
         if not resume:  # where the model starts, with a fresh AdamW
             model.transformer.load_state_dict(start_weights)
-        if anchored:  # and what it is held to, frozen
+        if held:  # and what it is held to, frozen
             reference = GPT2LMHeadModel(config).eval().requires_grad_(False)
             reference.transformer.load_state_dict(start_weights)
     bf16 = precision == "bf16"
@@ -832,6 +853,8 @@ def main():
         if args.unlikelihood_margin is not None:
             on_repeats = (f"pushes each token that repeats a four-token phrase {args.unlikelihood_margin:g} nats "
                           f"below the model's best other choice (a hinge on the logits)")
+            if args.unlikelihood_margin_among is not None:
+                on_repeats += f" among the starting model's {args.unlikelihood_margin_among} likeliest tokens"
         else:
             on_repeats = "lowers the probability of each token that repeats a four-token phrase"
         if args.unlikelihood_anchor is None:
@@ -886,7 +909,7 @@ def main():
                 prefixes = random_openings(train, train_openings, batches)
             if args.unlikelihood_margin is not None:
                 loss = margin_unlikelihood_loss(model, prefixes, bf16, args.unlikelihood_margin, reference,
-                                                args.unlikelihood_anchor or 0.0)
+                                                args.unlikelihood_anchor or 0.0, args.unlikelihood_margin_among)
             elif args.unlikelihood_anchor is None:
                 loss = unlikelihood_loss(model, prefixes, bf16)
             else:
