@@ -31,8 +31,9 @@ A trained model that loops under greedy decoding trains on with --unlikelihood-f
 level unlikelihood steps (Welleck et al. 2019) that show the model its own greedy continuations and make
 the tokens that repeat a phrase less likely, interleaved with ordinary steps, until the loops in greedy
 continuations of training openings stop falling. --token-unlikelihood adds Welleck's token-level loss to
-the next-token steps (the window's earlier tokens made less likely), and --unlikelihood-anchor holds the
-unlikelihood steps to the starting model's choices. --judge counts such loops over the held-out openings.
+the next-token steps (the window's earlier tokens made less likely), --unlikelihood-margin makes the
+unlikelihood steps a hinge on greedy's choice (--unlikelihood-margin-among: the choice the starting model
+found plausible), and --unlikelihood-anchor holds them to the starting model's distributions. --judge counts such loops over the held-out openings.
 """
 
 import argparse
