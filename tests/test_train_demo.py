@@ -292,6 +292,8 @@ def test_a_margin_among_the_references_likeliest_tokens_takes_its_other_token_fr
                                                       among=64)
     torch.testing.assert_close(everything, plain)
     assert among > plain
+    with pytest.raises(ValueError, match="needs that reference"):  # no reference to take the tokens from
+        trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, among=3)
 
 
 def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_one():
@@ -357,7 +359,9 @@ def test_an_unlikelihood_flag_without_unlikelihood_steps_is_one_line(flag, what)
     (["--unlikelihood-margin-among", "8"],
      "--unlikelihood-margin-among chooses the margin's other token; give --unlikelihood-margin NATS as well"),
     (["--unlikelihood-margin", "1", "--unlikelihood-margin-among", "1"],
-     "--unlikelihood-margin-among needs K of 2 or more (the repeating token may be one of them)"),
+     "--unlikelihood-margin-among needs K from 2 (the repeating token may be one of them) to 50257 (the vocabulary)"),
+    (["--unlikelihood-margin", "1", "--unlikelihood-margin-among", "50258"],
+     "--unlikelihood-margin-among needs K from 2 (the repeating token may be one of them) to 50257 (the vocabulary)"),
 ])
 def test_a_margin_among_too_few_tokens_or_without_a_margin_is_one_line(tmp_path, flags, message):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-from",

@@ -431,6 +431,8 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anch
     KL(reference || model) averaged over the continuation's other tokens is added: the rest of the text is
     held to the reference.
     """
+    if reference is None and (among is not None or anchor):
+        raise ValueError("a margin among a reference's likeliest tokens, or held to it, needs that reference")
     seq, repeats, others = own_continuations(model, prefixes)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(seq[:, :-1]).logits  # [batch, n - 1, n_vocab]: position i predicts token i + 1
@@ -741,8 +743,9 @@ def main():
     if args.unlikelihood_margin_among is not None and args.unlikelihood_margin is None:
         sys.exit("error: --unlikelihood-margin-among chooses the margin's other token; give --unlikelihood-margin NATS "
                  "as well")
-    if args.unlikelihood_margin_among is not None and args.unlikelihood_margin_among < 2:
-        sys.exit("error: --unlikelihood-margin-among needs K of 2 or more (the repeating token may be one of them)")
+    if args.unlikelihood_margin_among is not None and not 2 <= args.unlikelihood_margin_among <= N_VOCAB:
+        sys.exit(f"error: --unlikelihood-margin-among needs K from 2 (the repeating token may be one of them) to "
+                 f"{N_VOCAB} (the vocabulary)")
     if args.unlikelihood_from and not Path(args.unlikelihood_from).is_file():
         sys.exit(f"error: no model file {args.unlikelihood_from} to train on with unlikelihood steps")
     if not Path(args.docs, "index.html").is_file():
