@@ -296,6 +296,38 @@ def test_a_margin_among_the_references_likeliest_tokens_takes_its_other_token_fr
         trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, among=3)
 
 
+def test_a_margin_on_nonsense_pushes_down_the_tokens_the_reference_finds_unlikely_too():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)  # an untrained model: its continuations repeat some phrases, not all
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=trainer.UL_PREFIX + trainer.UL_CONTINUATION,
+                                       n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
+    prefixes = torch.randint(64, (2, trainer.UL_PREFIX))
+    seq, repeats, others = trainer.own_continuations(model, prefixes)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    for param in reference.parameters():
+        param.data.add_(0.5 * torch.randn_like(param))
+    with torch.no_grad():
+        logits, reference_p = model(seq[:, :-1]).logits, torch.softmax(reference(seq[:, :-1]).logits, -1)
+        others_p = reference_p.gather(-1, seq[:, 1:, None])[..., 0][others]  # the continuation's other tokens'
+        threshold = others_p.sort().values[len(others_p) // 2].item()  # about half of them below it
+        hinge = []  # by hand: the repeating tokens and the others the reference gives p < threshold
+        for row, i in (repeats | others).nonzero().tolist():
+            token = seq[row, i + 1].item()
+            if repeats[row, i] or reference_p[row, i, token] < threshold:
+                best_other = torch.cat([logits[row, i, :token], logits[row, i, token + 1:]]).max()
+                hinge.append(max(0.0, 1.0 + (logits[row, i, token] - best_other).item()))
+        loss = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, reference=reference,
+                                                nonsense=threshold)
+        torch.testing.assert_close(loss, torch.tensor(sum(hinge) / len(hinge)))
+        assert int(repeats.sum()) < len(hinge) < int((repeats | others).sum())  # some of the others were pushed
+        none_rare = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, reference=reference,
+                                                     nonsense=1e-30)
+        torch.testing.assert_close(none_rare, trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0))
+    with pytest.raises(ValueError, match="needs that reference"):
+        trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, nonsense=1e-4)
+
+
 def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_one():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 9, generator=generator)  # [batch, n, n_vocab]
@@ -346,6 +378,8 @@ def test_keeping_the_fewest_loops_names_the_first_evaluation_with_the_fewest():
     (["--unlikelihood-anchor", "0.25"], "--unlikelihood-anchor weighs unlikelihood steps"),
     (["--unlikelihood-margin", "1"], "--unlikelihood-margin shapes unlikelihood steps"),
     (["--unlikelihood-margin-among", "8"], "--unlikelihood-margin-among shapes unlikelihood steps"),
+    (["--unlikelihood-nonsense", "1e-4"], "--unlikelihood-nonsense shapes unlikelihood steps"),
+    (["--unlikelihood-reference", "x.dat"], "--unlikelihood-reference holds unlikelihood steps"),
     (["--unlikelihood-prefixes", "openings"], "--unlikelihood-prefixes chooses what unlikelihood steps continue"),
 ])
 def test_an_unlikelihood_flag_without_unlikelihood_steps_is_one_line(flag, what):
@@ -362,12 +396,19 @@ def test_an_unlikelihood_flag_without_unlikelihood_steps_is_one_line(flag, what)
      "--unlikelihood-margin-among needs K from 2 (the repeating token may be one of them) to 50257 (the vocabulary)"),
     (["--unlikelihood-margin", "1", "--unlikelihood-margin-among", "50258"],
      "--unlikelihood-margin-among needs K from 2 (the repeating token may be one of them) to 50257 (the vocabulary)"),
+    (["--unlikelihood-nonsense", "1e-4"],
+     "--unlikelihood-nonsense pushes tokens down with the margin; give --unlikelihood-margin NATS as well"),
+    (["--unlikelihood-margin", "1", "--unlikelihood-nonsense", "1"],
+     "--unlikelihood-nonsense needs a probability P between 0 and 1 (1e-4 was tried)"),
+    (["--unlikelihood-margin", "1", "--unlikelihood-reference", "{tmp}/ref.dat"],
+     "no model file {tmp}/ref.dat to hold unlikelihood steps to"),
 ])
-def test_a_margin_among_too_few_tokens_or_without_a_margin_is_one_line(tmp_path, flags, message):
+def test_a_margin_flag_without_a_margin_or_out_of_range_is_one_line(tmp_path, flags, message):
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
     done = subprocess.run([sys.executable, str(REPO / "tools" / "train_demo_model.py"), "--unlikelihood-from",
                            str(tmp_path / "none.dat"), *flags], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
-    assert done.stderr == f"error: {message}\n"
+    assert done.stderr == f"error: {message.format(tmp=tmp_path)}\n"
 
 
 def test_unlikelihood_from_a_missing_model_file_is_one_line(tmp_path):

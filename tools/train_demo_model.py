@@ -33,7 +33,9 @@ the tokens that repeat a phrase less likely, interleaved with ordinary steps, un
 continuations of training openings stop falling. --token-unlikelihood adds Welleck's token-level loss to
 the next-token steps (the window's earlier tokens made less likely), --unlikelihood-margin makes the
 unlikelihood steps a hinge on greedy's choice (--unlikelihood-margin-among: the choice the starting model
-found plausible), and --unlikelihood-anchor holds them to the starting model's distributions. --judge counts such loops over the held-out openings.
+found plausible; --unlikelihood-nonsense: junk pushed down too), and --unlikelihood-anchor holds them to the
+starting model's distributions (or --unlikelihood-reference's). --judge counts such loops over the held-out
+openings.
 """
 
 import argparse
@@ -413,7 +415,7 @@ def kl_divergence(target, logits):
     return (target * (torch.log(target.clamp_min(1e-30)) - F.log_softmax(logits.float(), dim=-1))).sum(-1)
 
 
-def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anchor=0.0, among=None):
+def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anchor=0.0, among=None, nonsense=None):
     """Sequence-level steps as a hinge on greedy's choice (--unlikelihood-margin): continue each prefix
     greedily, then at each token that repeats a four-token phrase, max(0, margin + log p(that token) -
     log p(the best other token)), averaged over those tokens.
@@ -429,9 +431,10 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anch
     that what the hinge raises is a token the reference found plausible, not whatever junk happens to come
     second in a flattened distribution. With `anchor` (--unlikelihood-anchor), `anchor` times
     KL(reference || model) averaged over the continuation's other tokens is added: the rest of the text is
-    held to the reference.
+    held to the reference. With `nonsense` (--unlikelihood-nonsense P), a continuation token that the
+    reference gives p < P is pushed down as a repeating one is: greedy's junk, as well as its loops.
     """
-    if reference is None and (among is not None or anchor):
+    if reference is None and (among is not None or anchor or nonsense is not None):
         raise ValueError("a margin among a reference's likeliest tokens, or held to it, needs that reference")
     seq, repeats, others = own_continuations(model, prefixes)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -440,6 +443,10 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anch
             with torch.no_grad():
                 reference_logits = reference(seq[:, :-1]).logits.float()
     logits = logits.float()  # a difference of logits is the difference of log-probabilities
+    if nonsense is not None:  # the continuation's tokens the reference finds nonsense join the repeating ones
+        reference_p = F.softmax(reference_logits, dim=-1).gather(-1, seq[:, 1:, None])[..., 0]  # [batch, n - 1]
+        rare = (repeats | others) & (reference_p < nonsense)
+        repeats, others = repeats | rare, others & ~rare
     chosen = logits.gather(-1, seq[:, 1:, None])[..., 0]  # [batch, n - 1]
     candidates = logits
     if among is not None:  # only the reference's `among` likeliest tokens can be the other choice
@@ -695,6 +702,12 @@ def main():
     p.add_argument("--unlikelihood-margin-among", metavar="K", type=int,
                    help="with --unlikelihood-margin: take the best other choice among the starting model's K likeliest "
                         "next tokens only (K >= 2), so that the hinge raises a token that model found plausible")
+    p.add_argument("--unlikelihood-nonsense", metavar="P", type=float,
+                   help="with --unlikelihood-margin: also push down each continuation token that the reference gives "
+                        "p < P, as a repeating one is (greedy's junk as well as its loops)")
+    p.add_argument("--unlikelihood-reference", metavar="MODEL_DAT",
+                   help="the model that --unlikelihood-margin-among, --unlikelihood-nonsense and --unlikelihood-anchor "
+                        "hold the steps to (default: the starting model, --unlikelihood-from)")
     p.add_argument("--unlikelihood-prefixes", choices=["windows", "openings"], default="windows",
                    help=f"with --unlikelihood-from: continue random {UL_PREFIX}-token training windows (the default) "
                         f"or the first {UL_OPENING} tokens of random training documents, as short as a prompt (tried: "
@@ -736,10 +749,19 @@ def main():
         (args.keep != "last", "--keep chooses among the evaluations of unlikelihood steps"),
         (args.unlikelihood_margin is not None, "--unlikelihood-margin shapes unlikelihood steps"),
         (args.unlikelihood_margin_among is not None, "--unlikelihood-margin-among shapes unlikelihood steps"),
+        (args.unlikelihood_nonsense is not None, "--unlikelihood-nonsense shapes unlikelihood steps"),
+        (args.unlikelihood_reference is not None, "--unlikelihood-reference holds unlikelihood steps"),
         (args.unlikelihood_anchor is not None, "--unlikelihood-anchor weighs unlikelihood steps")]
     for given, what in unlikelihood_only:
         if given and not args.unlikelihood_from:
             sys.exit(f"error: {what}; give --unlikelihood-from MODEL_DAT as well")
+    if args.unlikelihood_nonsense is not None and args.unlikelihood_margin is None:
+        sys.exit("error: --unlikelihood-nonsense pushes tokens down with the margin; give --unlikelihood-margin NATS "
+                 "as well")
+    if args.unlikelihood_nonsense is not None and not 0 < args.unlikelihood_nonsense < 1:
+        sys.exit("error: --unlikelihood-nonsense needs a probability P between 0 and 1 (1e-4 was tried)")
+    if args.unlikelihood_reference is not None and not Path(args.unlikelihood_reference).is_file():
+        sys.exit(f"error: no model file {args.unlikelihood_reference} to hold unlikelihood steps to")
     if args.unlikelihood_margin_among is not None and args.unlikelihood_margin is None:
         sys.exit("error: --unlikelihood-margin-among chooses the margin's other token; give --unlikelihood-margin NATS "
                  "as well")
@@ -786,6 +808,11 @@ def main():
             settings["unlikelihood"]["margin"] = args.unlikelihood_margin
         if args.unlikelihood_margin_among is not None:
             settings["unlikelihood"]["margin_among"] = args.unlikelihood_margin_among
+        if args.unlikelihood_nonsense is not None:
+            settings["unlikelihood"]["nonsense"] = args.unlikelihood_nonsense
+        if args.unlikelihood_reference is not None:
+            settings["unlikelihood"]["reference"] = hashlib.sha256(
+                Path(args.unlikelihood_reference).read_bytes()).hexdigest()[:16]
         if args.unlikelihood_prefixes != "windows":
             settings["unlikelihood"]["prefixes"] = [args.unlikelihood_prefixes, UL_OPENING]
     if args.token_unlikelihood is not None:
@@ -831,14 +858,20 @@ def main():
         trained = open_model_file(args.unlikelihood_from)
         if trained.hparams != HPARAMS:
             sys.exit(f"error: {args.unlikelihood_from} is not this script's model ({trained.hparams})")
-        held = args.unlikelihood_anchor is not None or args.unlikelihood_margin_among is not None
-        if not resume or held:  # a resumed run's weights are the checkpoint's; only a reference needs these
+        held = (args.unlikelihood_anchor is not None or args.unlikelihood_margin_among is not None
+                or args.unlikelihood_nonsense is not None)
+        if not resume or (held and not args.unlikelihood_reference):  # a resumed run's weights are the checkpoint's
             start_weights = hf_model(trained.hparams, trained.tensors).transformer.state_dict()
         if not resume:  # where the model starts, with a fresh AdamW
             model.transformer.load_state_dict(start_weights)
-        if held:  # and what it is held to, frozen
+        if held:  # and what it is held to, frozen: the starting model or --unlikelihood-reference
+            held_to = open_model_file(args.unlikelihood_reference) if args.unlikelihood_reference else trained
+            if held_to.hparams != HPARAMS:
+                sys.exit(f"error: {args.unlikelihood_reference} is not this script's model ({held_to.hparams})")
             reference = GPT2LMHeadModel(config).eval().requires_grad_(False)
-            reference.transformer.load_state_dict(start_weights)
+            reference.transformer.load_state_dict(
+                hf_model(held_to.hparams, held_to.tensors).transformer.state_dict() if args.unlikelihood_reference
+                else start_weights)
     bf16 = precision == "bf16"
 
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
@@ -854,20 +887,23 @@ def main():
     token_level = (f" token-level unlikelihood (weight {args.token_unlikelihood}) on the window's earlier tokens"
                    if args.token_unlikelihood else "")
     if args.unlikelihood_from and not resume:
+        held_to = f"{args.unlikelihood_reference}'s" if args.unlikelihood_reference else "the starting model's"
         if args.unlikelihood_margin is not None:
             on_repeats = (f"pushes each token that repeats a four-token phrase {args.unlikelihood_margin:g} nats "
                           f"below the model's best other choice (a hinge on the logits)")
             if args.unlikelihood_margin_among is not None:
-                on_repeats += f" among the starting model's {args.unlikelihood_margin_among} likeliest tokens"
+                on_repeats += f" among {held_to} {args.unlikelihood_margin_among} likeliest tokens"
+            if args.unlikelihood_nonsense is not None:
+                on_repeats += f", and so each token that {held_to[:-2]} gives p < {args.unlikelihood_nonsense:g}"
         else:
             on_repeats = "lowers the probability of each token that repeats a four-token phrase"
         if args.unlikelihood_anchor is None:
             anchor_text = ""
         elif args.unlikelihood_margin is not None:
-            anchor_text = (f", holding the rest of the continuation to the starting model's distributions with "
+            anchor_text = (f", holding the rest of the continuation to {held_to} distributions with "
                            f"weight {args.unlikelihood_anchor}")
         else:
-            anchor_text = (f", handing it to the starting model's other choices and holding the rest of the "
+            anchor_text = (f", handing it to {held_to} other choices and holding the rest of the "
                            f"continuation to that model's distributions with weight {args.unlikelihood_anchor}")
         log(f"unlikelihood: {' '.join([Path(sys.executable).name] + sys.argv)}")
         log(environment)
@@ -913,7 +949,8 @@ def main():
                 prefixes = random_openings(train, train_openings, batches)
             if args.unlikelihood_margin is not None:
                 loss = margin_unlikelihood_loss(model, prefixes, bf16, args.unlikelihood_margin, reference,
-                                                args.unlikelihood_anchor or 0.0, args.unlikelihood_margin_among)
+                                                args.unlikelihood_anchor or 0.0, args.unlikelihood_margin_among,
+                                                args.unlikelihood_nonsense)
             elif args.unlikelihood_anchor is None:
                 loss = unlikelihood_loss(model, prefixes, bf16)
             else:
