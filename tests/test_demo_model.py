@@ -29,7 +29,7 @@ PARITY_PROMPT = ("Return a list of the lines in the string, breaking at line bou
                  "Alan Turing theorized that computers would one day become very powerful")
 GOLDEN_PROMPT = "Return the number of"  # the prompt of `make run` (see the model card for why this one)
 # The shipped model's greedy 20 tokens (the same as Hugging Face's).
-GOLDEN_TEXT = " items in the given sequence."  # then <|endoftext|>
+GOLDEN_TEXT = " items in the queue."  # then <|endoftext|>
 
 
 @pytest.fixture(scope="module")

@@ -110,11 +110,11 @@ def test_a_checkpoint_resumes_exactly(tmp_path):
 
 
 def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20():
-    # The shipped model: "Class decorator for enumerations.\nThe decorator is used as a decorator:\nThe decorator is
-    # used ..." repeats within 20 tokens; "Event loop using a different event loop.\nThe following example uses an
-    # event loop:\nA base class that defines an event loop that uses an event loop, ..." after 20; the third ends
-    # at <|endoftext|> after "\nThe following functions are defined in this module:".
-    prompts = ["Class decorator for enumerations", "Event loop using a", "Alternate random number generator"]
+    # The shipped model: "Wakeup read*() functions waiting until the file is closed.\nReturn a namedtuple containing
+    # the names of the names of the file ..." repeats within 20 tokens; "Read until EOF, using the write() method.\nChanged in version 3.3: The method is now deprecated in favor of
+    # bytes.7 and is deprecated in favor of" after 20; the third ends at <|endoftext|> after "\nThe following two
+    # classes are:".
+    prompts = ["Wakeup read*() functions waiting", "Read until EOF, using", "Debug helper to print"]
     assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 1)
 
 
@@ -128,7 +128,7 @@ class UniformReference:
 
 def test_judging_against_a_reference_counts_its_unlikely_tokens():
     import picogpt
-    prompts = ["Class decorator for enumerations", "Alternate random number generator"]  # loops; ends early
+    prompts = ["Wakeup read*() functions waiting", "Debug helper to print"]  # loops; ends early
     encoding = trainer.load_tokenizer()
     *loops, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, UniformReference())
     assert loops == [1, 1, 1] and rare == 2 and nll == pytest.approx(math.log(50257))
