@@ -243,13 +243,19 @@ def test_margin_unlikelihood_is_a_hinge_that_breaks_the_loop():
     assert trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=-1e9).item() == 0
 
 
-def test_a_margin_with_an_anchor_adds_the_kl_divergence_at_the_other_tokens():
+def an_untrained_model():
+    """A one-layer GPT-2 over 64 tokens, untrained and without dropout, and two random prefixes: its greedy
+    continuations repeat some phrases, not all."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)  # an untrained model: its continuations repeat some phrases, not all
+    torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=trainer.UL_PREFIX + trainer.UL_CONTINUATION,
                                        n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
                                        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
-    prefixes = torch.randint(64, (2, trainer.UL_PREFIX))
+    return model, torch.randint(64, (2, trainer.UL_PREFIX))
+
+
+def test_a_margin_with_an_anchor_adds_the_kl_divergence_at_the_other_tokens():
+    model, prefixes = an_untrained_model()
     _, repeats, others = trainer.own_continuations(model, prefixes)
     assert repeats.any() and others.any()
     reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -266,12 +272,7 @@ def test_a_margin_with_an_anchor_adds_the_kl_divergence_at_the_other_tokens():
 
 
 def test_a_margin_among_the_references_likeliest_tokens_takes_its_other_token_from_them():
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)  # an untrained model: its continuations repeat some phrases
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=trainer.UL_PREFIX + trainer.UL_CONTINUATION,
-                                       n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
-    prefixes = torch.randint(64, (2, trainer.UL_PREFIX))
+    model, prefixes = an_untrained_model()
     seq, repeats, _ = trainer.own_continuations(model, prefixes)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     for param in reference.parameters():  # a reference whose likeliest tokens are not the model's
@@ -297,12 +298,7 @@ def test_a_margin_among_the_references_likeliest_tokens_takes_its_other_token_fr
 
 
 def test_a_margin_on_nonsense_pushes_down_the_tokens_the_reference_finds_unlikely_too():
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)  # an untrained model: its continuations repeat some phrases, not all
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=trainer.UL_PREFIX + trainer.UL_CONTINUATION,
-                                       n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
-    prefixes = torch.randint(64, (2, trainer.UL_PREFIX))
+    model, prefixes = an_untrained_model()
     seq, repeats, others = trainer.own_continuations(model, prefixes)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     for param in reference.parameters():
