@@ -111,9 +111,9 @@ def test_a_checkpoint_resumes_exactly(tmp_path):
 
 def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20():
     # The shipped model: "Wakeup read*() functions waiting until the file is closed.\nReturn a namedtuple containing
-    # the names of the names of the file ..." repeats within 20 tokens; "Read until EOF, using the write() method.\nChanged in version 3.3: The method is now deprecated in favor of
-    # bytes.7 and is deprecated in favor of" after 20; the third ends at <|endoftext|> after "\nThe following two
-    # classes are:".
+    # the names of the names of the file ..." repeats within 20 tokens; "Read until EOF, using the write()
+    # method.\nChanged in version 3.3: The method is now deprecated in favor of bytes.7 and is deprecated in favor
+    # of" after 20; the third ends at <|endoftext|> after "\nThe following two classes are:".
     prompts = ["Wakeup read*() functions waiting", "Read until EOF, using", "Debug helper to print"]
     assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 1)
 
@@ -254,6 +254,15 @@ def an_untrained_model():
     return model, torch.randint(64, (2, trainer.UL_PREFIX))
 
 
+def a_moved_copy(model):
+    """A frozen copy of the model with every weight moved at random: a reference whose likeliest tokens and
+    probabilities are not the model's."""
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    for param in reference.parameters():
+        param.data.add_(0.5 * torch.randn_like(param))
+    return reference
+
+
 def test_a_margin_with_an_anchor_adds_the_kl_divergence_at_the_other_tokens():
     model, prefixes = an_untrained_model()
     _, repeats, others = trainer.own_continuations(model, prefixes)
@@ -274,9 +283,7 @@ def test_a_margin_with_an_anchor_adds_the_kl_divergence_at_the_other_tokens():
 def test_a_margin_among_the_references_likeliest_tokens_takes_its_other_token_from_them():
     model, prefixes = an_untrained_model()
     seq, repeats, _ = trainer.own_continuations(model, prefixes)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    for param in reference.parameters():  # a reference whose likeliest tokens are not the model's
-        param.data.add_(0.5 * torch.randn_like(param))
+    reference = a_moved_copy(model)
     with torch.no_grad():  # the hinge by hand: the other token is the best of the reference's 3 likeliest
         logits, reference_logits = model(seq[:, :-1]).logits, reference(seq[:, :-1]).logits
         hinge = []
@@ -300,9 +307,7 @@ def test_a_margin_among_the_references_likeliest_tokens_takes_its_other_token_fr
 def test_a_margin_on_nonsense_pushes_down_the_tokens_the_reference_finds_unlikely_too():
     model, prefixes = an_untrained_model()
     seq, repeats, others = trainer.own_continuations(model, prefixes)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    for param in reference.parameters():
-        param.data.add_(0.5 * torch.randn_like(param))
+    reference = a_moved_copy(model)
     with torch.no_grad():
         logits, reference_p = model(seq[:, :-1]).logits, torch.softmax(reference(seq[:, :-1]).logits, -1)
         others_p = reference_p.gather(-1, seq[:, 1:, None])[..., 0][others]  # the continuation's other tokens'
@@ -319,7 +324,8 @@ def test_a_margin_on_nonsense_pushes_down_the_tokens_the_reference_finds_unlikel
         assert int(repeats.sum()) < len(hinge) < int((repeats | others).sum())  # some of the others were pushed
         none_rare = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, reference=reference,
                                                      nonsense=1e-30)
-        torch.testing.assert_close(none_rare, trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0))
+        plain = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0)
+        torch.testing.assert_close(none_rare, plain)
     with pytest.raises(ValueError, match="needs that reference"):
         trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, nonsense=1e-4)
 

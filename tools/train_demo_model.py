@@ -443,8 +443,10 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anch
             with torch.no_grad():
                 reference_logits = reference(seq[:, :-1]).logits.float()
     logits = logits.float()  # a difference of logits is the difference of log-probabilities
+    if reference is not None:
+        reference_probs = F.softmax(reference_logits, dim=-1)  # [batch, n - 1, n_vocab]
     if nonsense is not None:  # the continuation's tokens the reference finds nonsense join the repeating ones
-        reference_p = F.softmax(reference_logits, dim=-1).gather(-1, seq[:, 1:, None])[..., 0]  # [batch, n - 1]
+        reference_p = reference_probs.gather(-1, seq[:, 1:, None])[..., 0]  # [batch, n - 1]
         rare = (repeats | others) & (reference_p < nonsense)
         repeats, others = repeats | rare, others & ~rare
     chosen = logits.gather(-1, seq[:, 1:, None])[..., 0]  # [batch, n - 1]
@@ -457,8 +459,7 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anch
     loss = F.relu(margin + chosen - runner_up)[repeats].sum() / max(1, int(repeats.sum()))
     if not anchor or not others.any():
         return loss
-    target = F.softmax(reference_logits, dim=-1)
-    return loss + anchor * kl_divergence(target, logits)[others].mean()  # KL at [batch, n - 1]
+    return loss + anchor * kl_divergence(reference_probs, logits)[others].mean()  # KL at [batch, n - 1]
 
 
 def anchored_unlikelihood_loss(model, reference, prefixes, bf16, anchor):
@@ -755,16 +756,16 @@ def main():
     for given, what in unlikelihood_only:
         if given and not args.unlikelihood_from:
             sys.exit(f"error: {what}; give --unlikelihood-from MODEL_DAT as well")
-    if args.unlikelihood_nonsense is not None and args.unlikelihood_margin is None:
-        sys.exit("error: --unlikelihood-nonsense pushes tokens down with the margin; give --unlikelihood-margin NATS "
-                 "as well")
+    margin_only = [  # flags that mean nothing without the margin, and what each does with it
+        (args.unlikelihood_margin_among is not None, "--unlikelihood-margin-among chooses the margin's other token"),
+        (args.unlikelihood_nonsense is not None, "--unlikelihood-nonsense pushes tokens down with the margin")]
+    for given, what in margin_only:
+        if given and args.unlikelihood_margin is None:
+            sys.exit(f"error: {what}; give --unlikelihood-margin NATS as well")
     if args.unlikelihood_nonsense is not None and not 0 < args.unlikelihood_nonsense < 1:
         sys.exit("error: --unlikelihood-nonsense needs a probability P between 0 and 1 (1e-4 was tried)")
     if args.unlikelihood_reference is not None and not Path(args.unlikelihood_reference).is_file():
         sys.exit(f"error: no model file {args.unlikelihood_reference} to hold unlikelihood steps to")
-    if args.unlikelihood_margin_among is not None and args.unlikelihood_margin is None:
-        sys.exit("error: --unlikelihood-margin-among chooses the margin's other token; give --unlikelihood-margin NATS "
-                 "as well")
     if args.unlikelihood_margin_among is not None and not 2 <= args.unlikelihood_margin_among <= N_VOCAB:
         sys.exit(f"error: --unlikelihood-margin-among needs K from 2 (the repeating token may be one of them) to "
                  f"{N_VOCAB} (the vocabulary)")
@@ -853,25 +854,21 @@ def main():
         if state["threads"] != args.threads:
             print(f"note: the checkpoint trained on {state['threads']} threads, this run on {args.threads}; "
                   f"the result will differ slightly from an uninterrupted run", file=sys.stderr)
-    reference = None  # the starting model, frozen, where an anchor or --unlikelihood-margin-among holds the steps to it
+    reference = None  # the frozen model the unlikelihood steps are held to (starting model or --unlikelihood-reference)
     if args.unlikelihood_from:  # the trained weights (bfloat16 matrices widened exactly)
         trained = open_model_file(args.unlikelihood_from)
         if trained.hparams != HPARAMS:
             sys.exit(f"error: {args.unlikelihood_from} is not this script's model ({trained.hparams})")
         held = (args.unlikelihood_anchor is not None or args.unlikelihood_margin_among is not None
                 or args.unlikelihood_nonsense is not None)
-        if not resume or (held and not args.unlikelihood_reference):  # a resumed run's weights are the checkpoint's
-            start_weights = hf_model(trained.hparams, trained.tensors).transformer.state_dict()
-        if not resume:  # where the model starts, with a fresh AdamW
-            model.transformer.load_state_dict(start_weights)
+        if not resume:  # where the model starts, with a fresh AdamW (a resumed run's weights are the checkpoint's)
+            model.transformer.load_state_dict(hf_model(trained.hparams, trained.tensors).transformer.state_dict())
         if held:  # and what it is held to, frozen: the starting model or --unlikelihood-reference
             held_to = open_model_file(args.unlikelihood_reference) if args.unlikelihood_reference else trained
             if held_to.hparams != HPARAMS:
                 sys.exit(f"error: {args.unlikelihood_reference} is not this script's model ({held_to.hparams})")
             reference = GPT2LMHeadModel(config).eval().requires_grad_(False)
-            reference.transformer.load_state_dict(
-                hf_model(held_to.hparams, held_to.tensors).transformer.state_dict() if args.unlikelihood_reference
-                else start_weights)
+            reference.transformer.load_state_dict(hf_model(held_to.hparams, held_to.tensors).transformer.state_dict())
     bf16 = precision == "bf16"
 
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
@@ -887,23 +884,23 @@ def main():
     token_level = (f" token-level unlikelihood (weight {args.token_unlikelihood}) on the window's earlier tokens"
                    if args.token_unlikelihood else "")
     if args.unlikelihood_from and not resume:
-        held_to = f"{args.unlikelihood_reference}'s" if args.unlikelihood_reference else "the starting model's"
+        held_to = args.unlikelihood_reference or "the starting model"  # the model the steps are held to
         if args.unlikelihood_margin is not None:
             on_repeats = (f"pushes each token that repeats a four-token phrase {args.unlikelihood_margin:g} nats "
                           f"below the model's best other choice (a hinge on the logits)")
             if args.unlikelihood_margin_among is not None:
-                on_repeats += f" among {held_to} {args.unlikelihood_margin_among} likeliest tokens"
+                on_repeats += f" among {held_to}'s {args.unlikelihood_margin_among} likeliest tokens"
             if args.unlikelihood_nonsense is not None:
-                on_repeats += f", and so each token that {held_to[:-2]} gives p < {args.unlikelihood_nonsense:g}"
+                on_repeats += f", and so each token that {held_to} gives p < {args.unlikelihood_nonsense:g}"
         else:
             on_repeats = "lowers the probability of each token that repeats a four-token phrase"
         if args.unlikelihood_anchor is None:
             anchor_text = ""
         elif args.unlikelihood_margin is not None:
-            anchor_text = (f", holding the rest of the continuation to {held_to} distributions with "
+            anchor_text = (f", holding the rest of the continuation to {held_to}'s distributions with "
                            f"weight {args.unlikelihood_anchor}")
         else:
-            anchor_text = (f", handing it to {held_to} other choices and holding the rest of the "
+            anchor_text = (f", handing it to {held_to}'s other choices and holding the rest of the "
                            f"continuation to that model's distributions with weight {args.unlikelihood_anchor}")
         log(f"unlikelihood: {' '.join([Path(sys.executable).name] + sys.argv)}")
         log(environment)
