@@ -110,7 +110,8 @@ def test_model_card_quotes_the_held_out_perplexities_and_samples():
     assert len(perplexities) == 2, f"{LOG} lacks the held-out perplexity of the new and the old model"
     for value, _ in perplexities:
         assert value in card
-    samples = re.findall(r"^sample: ('.*') -> ('.*?')(?: \(repeats .*\))?$", text, re.M)
+    samples = re.findall(r"^sample: ('.*') -> ('.*?')(?: \((?:repeats .*?)?(?:; )?(?:no complete sentence)?\))?$",
+                         text, re.M)
     assert len(samples) >= 13
     for prompt, continuation in samples:
         assert f"{prompt} -> {continuation}" in card

@@ -109,13 +109,15 @@ def test_a_checkpoint_resumes_exactly(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20():
+def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20_and_early_ends():
     # The shipped model: "Wakeup read*() functions waiting until the file is closed.\nReturn a namedtuple containing
     # the names of the names of the file ..." repeats within 20 tokens; "Read until EOF, using the write()
     # method.\nChanged in version 3.3: The method is now deprecated in favor of bytes.7 and is deprecated in favor
-    # of" after 20; the third ends at <|endoftext|> after "\nThe following two classes are:".
-    prompts = ["Wakeup read*() functions waiting", "Read until EOF, using", "Debug helper to print"]
-    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 1)
+    # of" after 20; the third ends at <|endoftext|> after " the source code.\nThe following two classes are:";
+    # the fourth after "\nThe following functions are available:", before completing a sentence.
+    prompts = ["Wakeup read*() functions waiting", "Read until EOF, using", "Debug helper to print",
+               "Interface for write-only transports."]
+    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 2, 1)
 
 
 class UniformReference:
@@ -131,7 +133,7 @@ def test_judging_against_a_reference_counts_its_unlikely_tokens():
     prompts = ["Wakeup read*() functions waiting", "Debug helper to print"]  # loops; ends early
     encoding = trainer.load_tokenizer()
     *loops, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, UniformReference())
-    assert loops == [1, 1, 1] and rare == 2 and nll == pytest.approx(math.log(50257))
+    assert loops == [1, 1, 1, 0] and rare == 2 and nll == pytest.approx(math.log(50257))
     *_, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, picogpt.load(str(DEMO_MODEL), quiet=True))
     assert rare == 0 and 0 < nll < 5  # its own greedy choices are its likeliest
 
@@ -330,6 +332,50 @@ def test_a_margin_on_nonsense_pushes_down_the_tokens_the_reference_finds_unlikel
         trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, nonsense=1e-4)
 
 
+@pytest.mark.parametrize("text, complete", [
+    (" items in the queue.", True), ("\nThe following functions are:", False), ("", False),
+    (" the version 3.3:", False), (' as "spam!"\nThe', True), (" (see above.)", True), (" Why? Because", True),
+])
+def test_a_sentence_is_complete_at_a_full_stop_or_mark_before_a_space_or_the_end(text, complete):
+    assert trainer.holds_a_sentence(text) == complete
+
+
+class Text:
+    """A stand-in tokenizer whose every decoded text is the same."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def decode(self, ids):
+        return self.text
+
+
+def test_an_early_end_is_pushed_down_with_the_repeating_tokens(monkeypatch):
+    model, prefixes = an_untrained_model()
+    n_prefix = prefixes.shape[1]
+    seq, repeats, _ = trainer.own_continuations(model, prefixes)
+    monkeypatch.setattr(trainer, "EOT", seq[0, n_prefix].item())  # row 0's first new token ends it at once
+    seq, repeats, others = trainer.own_continuations(model, prefixes)  # the same greedy text, ended at it
+    _, unfinished, _ = trainer.own_continuations(model, prefixes, Text(" the version 3.3:"))
+    _, finished, _ = trainer.own_continuations(model, prefixes, Text(" Done."))
+    assert torch.equal(finished, repeats)  # a continuation that completes a sentence may end
+    expected = repeats.clone()  # and one that does not has its <|endoftext|> pushed down: the target at eot - 1
+    for row, ids in enumerate(seq[:, n_prefix:].tolist()):
+        if trainer.EOT in ids:
+            expected[row, n_prefix + ids.index(trainer.EOT) - 1] = True
+    assert expected[0, n_prefix - 1] and torch.equal(unfinished, expected)
+    with torch.no_grad():  # and the hinge takes it as it takes a repeating token
+        logits = model(seq[:, :-1]).logits
+        hinge = []
+        for row, i in unfinished.nonzero().tolist():
+            token = seq[row, i + 1].item()
+            best_other = torch.cat([logits[row, i, :token], logits[row, i, token + 1:]]).max()
+            hinge.append(max(0.0, 1.0 + (logits[row, i, token] - best_other).item()))
+        loss = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0,
+                                                encoding=Text(" the version 3.3:"))
+    torch.testing.assert_close(loss, torch.tensor(sum(hinge) / len(hinge)))
+
+
 def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_one():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 9, generator=generator)  # [batch, n, n_vocab]
@@ -381,6 +427,7 @@ def test_keeping_the_fewest_loops_names_the_first_evaluation_with_the_fewest():
     (["--unlikelihood-margin", "1"], "--unlikelihood-margin shapes unlikelihood steps"),
     (["--unlikelihood-margin-among", "8"], "--unlikelihood-margin-among shapes unlikelihood steps"),
     (["--unlikelihood-nonsense", "1e-4"], "--unlikelihood-nonsense shapes unlikelihood steps"),
+    (["--unlikelihood-early-end"], "--unlikelihood-early-end shapes unlikelihood steps"),
     (["--unlikelihood-reference", "x.dat"], "--unlikelihood-reference holds unlikelihood steps"),
     (["--unlikelihood-prefixes", "openings"], "--unlikelihood-prefixes chooses what unlikelihood steps continue"),
 ])
@@ -400,6 +447,8 @@ def test_an_unlikelihood_flag_without_unlikelihood_steps_is_one_line(flag, what)
      "--unlikelihood-margin-among needs K from 2 (the repeating token may be one of them) to 50257 (the vocabulary)"),
     (["--unlikelihood-nonsense", "1e-4"],
      "--unlikelihood-nonsense pushes tokens down with the margin; give --unlikelihood-margin NATS as well"),
+    (["--unlikelihood-early-end"],
+     "--unlikelihood-early-end pushes <|endoftext|> down with the margin; give --unlikelihood-margin NATS as well"),
     (["--unlikelihood-margin", "1", "--unlikelihood-nonsense", "1"],
      "--unlikelihood-nonsense needs a probability P between 0 and 1 (1e-4 was tried)"),
     (["--unlikelihood-margin", "1", "--unlikelihood-reference", "{tmp}/ref.dat"],

@@ -105,6 +105,7 @@ MAKE_RUN_TOKENS = 20  # what `make run` prints
 UL_LR, UL_PREFIX, UL_CONTINUATION, UL_EVERY, UL_PLATEAU, N_LOOP_OPENINGS = 1e-4, 32, 60, 2, 3, 96
 UL_OPENING = 6  # --unlikelihood-prefixes openings: prefixes of a document's first tokens, as short as a prompt
 RARE_P = 1e-4  # --judge --reference: a token that model gives less than this is nonsense after the prompt
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?:\s|$)")  # a full stop, ! or ?, then the end of the text or a space
 
 
 def stdlib_files():
@@ -383,10 +384,17 @@ def random_openings(stream, openings, batches):
     return torch.stack([torch.from_numpy(stream[openings[i]:openings[i] + UL_OPENING]).long() for i in picks])
 
 
-def own_continuations(model, prefixes):
+def holds_a_sentence(text):
+    """Whether text completes a sentence: a full stop, ! or ? before a space or the end."""
+    return SENTENCE_END.search(text) is not None
+
+
+def own_continuations(model, prefixes, encoding=None):
     """Continue each prefix [batch, n_prefix] greedily for UL_CONTINUATION tokens: the sequences [batch, n],
     and which of their next-token targets [batch, n - 1] (up to the first <|endoftext|>) repeat an earlier
-    four-token phrase and which are the continuation's others."""
+    four-token phrase and which are the continuation's others. Given the tokenizer (--unlikelihood-early-end),
+    an <|endoftext|> that ends a continuation before it completes a sentence (at once, or after "The
+    following functions are:") counts with the repeating tokens."""
     n_prefix = prefixes.shape[1]
     seq = torch.cat([prefixes, greedy_torch(model, prefixes, UL_CONTINUATION, stop_at_eot=False)], dim=1)
     penalised = torch.zeros(seq.shape, dtype=torch.bool)  # [batch, n_prefix + UL_CONTINUATION]
@@ -395,6 +403,8 @@ def own_continuations(model, prefixes):
         end = ids.index(EOT, n_prefix) if EOT in ids[n_prefix:] else len(ids)
         continuation[row, n_prefix:end] = True
         penalised[row, repeating_positions(ids[:end], n_prefix)] = True
+        if encoding is not None and end < len(ids) and not holds_a_sentence(encoding.decode(ids[n_prefix:end])):
+            penalised[row, end] = True  # the <|endoftext|> itself: [:, 1:] below makes it the target at end - 1
     return seq, penalised[:, 1:], continuation[:, 1:] & ~penalised[:, 1:]
 
 
@@ -415,7 +425,8 @@ def kl_divergence(target, logits):
     return (target * (torch.log(target.clamp_min(1e-30)) - F.log_softmax(logits.float(), dim=-1))).sum(-1)
 
 
-def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anchor=0.0, among=None, nonsense=None):
+def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anchor=0.0, among=None, nonsense=None,
+                             encoding=None):
     """Sequence-level steps as a hinge on greedy's choice (--unlikelihood-margin): continue each prefix
     greedily, then at each token that repeats a four-token phrase, max(0, margin + log p(that token) -
     log p(the best other token)), averaged over those tokens.
@@ -432,11 +443,14 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anch
     second in a flattened distribution. With `anchor` (--unlikelihood-anchor), `anchor` times
     KL(reference || model) averaged over the continuation's other tokens is added: the rest of the text is
     held to the reference. With `nonsense` (--unlikelihood-nonsense P), a continuation token that the
-    reference gives p < P is pushed down as a repeating one is: greedy's junk, as well as its loops.
+    reference gives p < P is pushed down as a repeating one is: greedy's junk, as well as its loops. Given
+    the tokenizer (--unlikelihood-early-end), so is an <|endoftext|> that ends a continuation before it
+    completes a sentence: a model pushed off its loops learns that ending is never penalised, and ends after
+    the prompt or after "The following functions are:".
     """
     if reference is None and (among is not None or anchor or nonsense is not None):
         raise ValueError("a margin among a reference's likeliest tokens, or held to it, needs that reference")
-    seq, repeats, others = own_continuations(model, prefixes)
+    seq, repeats, others = own_continuations(model, prefixes, encoding)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(seq[:, :-1]).logits  # [batch, n - 1, n_vocab]: position i predicts token i + 1
         if reference is not None:
@@ -488,13 +502,17 @@ def anchored_unlikelihood_loss(model, reference, prefixes, bf16, anchor):
             + (anchor * kl[others].mean() if others.any() else 0 * kl.sum()))
 
 
-def looping_openings(model, prompts_ids):
-    """How many greedy continuations of SAMPLE_TOKENS (ending at <|endoftext|>) repeat a four-token phrase."""
-    loops = 0
+def looping_openings(model, prompts_ids, encoding):
+    """How many greedy continuations of SAMPLE_TOKENS (ending at <|endoftext|>) repeat a four-token phrase,
+    and how many end before they complete a sentence."""
+    loops = unfinished = 0
     for ids in prompts_ids:
         new = greedy_torch(model, torch.tensor([ids]), SAMPLE_TOKENS, stop_at_eot=True)[0].tolist()
-        loops += repeated_phrase(new[:new.index(EOT)] if EOT in new else new) is not None
-    return loops
+        ended = EOT in new
+        new = new[:new.index(EOT)] if ended else new
+        loops += repeated_phrase(new) is not None
+        unfinished += ended and not holds_a_sentence(encoding.decode(new))
+    return loops, unfinished
 
 
 class UnlikelihoodSchedule:
@@ -631,15 +649,17 @@ def repeated_phrase(ids, n=4):
 
 def greedy_loops(model_path, prompts, encoding, reference=None):
     """How many greedy continuations of the prompts repeat a four-token phrase within SAMPLE_TOKENS tokens,
-    how many within the MAKE_RUN_TOKENS that `make run` prints, and how many end (at <|endoftext|>) before
-    SAMPLE_TOKENS: the issue's test of the demo model ("no phrase repeated within 30 tokens"), counted over
-    every held-out docstring opening rather than read on a dozen. A model that says little loops little.
+    how many within the MAKE_RUN_TOKENS that `make run` prints, how many end (at <|endoftext|>) before
+    SAMPLE_TOKENS, and how many of those before they complete a sentence (empty ones too): the issue's test of
+    the demo model ("at least one complete sentence", "no phrase repeated within 30 tokens"), counted over
+    every held-out docstring opening rather than read on a dozen. A model that says little loops little, and
+    one that ends after "The following functions are:" writes no sentence.
 
     With a reference model (picogpt's), also how many continuations hold a token that it gives p < RARE_P,
     and its mean negative log-likelihood of their tokens (nats per token): a model can stop looping by
     writing nonsense ("tolerated tolerated toleratedEss"), which a loop count does not see."""
     model = picogpt.load(model_path, quiet=True)
-    within_sample = within_make_run = ended_early = rare = 0
+    within_sample = within_make_run = ended_early = unfinished = rare = 0
     nll, n_tokens = 0.0, 0
     for prompt in prompts:
         ids = encoding.encode(prompt)
@@ -647,22 +667,24 @@ def greedy_loops(model_path, prompts, encoding, reference=None):
         within_sample += repeated_phrase(new) is not None
         within_make_run += repeated_phrase(new[:MAKE_RUN_TOKENS]) is not None
         ended_early += len(new) < SAMPLE_TOKENS
+        unfinished += len(new) < SAMPLE_TOKENS and not holds_a_sentence(encoding.decode(new))
         if reference is not None and new:
             log_probs = score(reference, ids + new).token_log_probs[len(ids) - 1:]  # [len(new)]
             rare += bool((log_probs < math.log(RARE_P)).any())
             nll -= log_probs.sum()
             n_tokens += len(new)
     if reference is None:
-        return within_sample, within_make_run, ended_early
-    return within_sample, within_make_run, ended_early, rare, nll / max(1, n_tokens)
+        return within_sample, within_make_run, ended_early, unfinished
+    return within_sample, within_make_run, ended_early, unfinished, rare, nll / max(1, n_tokens)
 
 
 def greedy_loops_line(model_path, prompts, encoding, reference_path=None):
     reference = picogpt.load(reference_path, quiet=True) if reference_path else None
-    within_sample, within_make_run, ended_early, *rare = greedy_loops(model_path, prompts, encoding, reference)
+    within_sample, within_make_run, ended_early, unfinished, *rare = greedy_loops(model_path, prompts, encoding,
+                                                                                reference)
     return (f"greedy loops: {within_sample} of {len(prompts)} held-out docstring openings repeat a four-token phrase "
             f"within {SAMPLE_TOKENS} tokens, {within_make_run} within {MAKE_RUN_TOKENS}; {ended_early} end before "
-            f"{SAMPLE_TOKENS} tokens; for {model_path}"
+            f"{SAMPLE_TOKENS} tokens, {unfinished} of them before completing a sentence; for {model_path}"
             + (f"; {rare[0]} hold a token that {reference_path} gives p < {RARE_P:g}, and its mean negative "
                f"log-likelihood of their tokens is {rare[1]:.3f} nats" if rare else ""))
 
@@ -706,6 +728,10 @@ def main():
     p.add_argument("--unlikelihood-nonsense", metavar="P", type=float,
                    help="with --unlikelihood-margin: also push down each continuation token that the reference gives "
                         "p < P, as a repeating one is (greedy's junk as well as its loops)")
+    p.add_argument("--unlikelihood-early-end", action="store_true",
+                   help="with --unlikelihood-margin: also push down an <|endoftext|> that ends a continuation before it "
+                        "completes a sentence (at once, or after \"The following functions are:\"), as a repeating "
+                        "token is")
     p.add_argument("--unlikelihood-reference", metavar="MODEL_DAT",
                    help="the model that --unlikelihood-margin-among, --unlikelihood-nonsense and --unlikelihood-anchor "
                         "hold the steps to (default: the starting model, --unlikelihood-from)")
@@ -751,6 +777,7 @@ def main():
         (args.unlikelihood_margin is not None, "--unlikelihood-margin shapes unlikelihood steps"),
         (args.unlikelihood_margin_among is not None, "--unlikelihood-margin-among shapes unlikelihood steps"),
         (args.unlikelihood_nonsense is not None, "--unlikelihood-nonsense shapes unlikelihood steps"),
+        (args.unlikelihood_early_end, "--unlikelihood-early-end shapes unlikelihood steps"),
         (args.unlikelihood_reference is not None, "--unlikelihood-reference holds unlikelihood steps"),
         (args.unlikelihood_anchor is not None, "--unlikelihood-anchor weighs unlikelihood steps")]
     for given, what in unlikelihood_only:
@@ -758,7 +785,8 @@ def main():
             sys.exit(f"error: {what}; give --unlikelihood-from MODEL_DAT as well")
     margin_only = [  # flags that mean nothing without the margin, and what each does with it
         (args.unlikelihood_margin_among is not None, "--unlikelihood-margin-among chooses the margin's other token"),
-        (args.unlikelihood_nonsense is not None, "--unlikelihood-nonsense pushes tokens down with the margin")]
+        (args.unlikelihood_nonsense is not None, "--unlikelihood-nonsense pushes tokens down with the margin"),
+        (args.unlikelihood_early_end, "--unlikelihood-early-end pushes <|endoftext|> down with the margin")]
     for given, what in margin_only:
         if given and args.unlikelihood_margin is None:
             sys.exit(f"error: {what}; give --unlikelihood-margin NATS as well")
@@ -811,6 +839,8 @@ def main():
             settings["unlikelihood"]["margin_among"] = args.unlikelihood_margin_among
         if args.unlikelihood_nonsense is not None:
             settings["unlikelihood"]["nonsense"] = args.unlikelihood_nonsense
+        if args.unlikelihood_early_end:
+            settings["unlikelihood"]["early_end"] = True
         if args.unlikelihood_reference is not None:
             settings["unlikelihood"]["reference"] = hashlib.sha256(
                 Path(args.unlikelihood_reference).read_bytes()).hexdigest()[:16]
@@ -892,6 +922,8 @@ def main():
                 on_repeats += f" among {held_to}'s {args.unlikelihood_margin_among} likeliest tokens"
             if args.unlikelihood_nonsense is not None:
                 on_repeats += f", and so each token that {held_to} gives p < {args.unlikelihood_nonsense:g}"
+            if args.unlikelihood_early_end:
+                on_repeats += ", and each <|endoftext|> that ends a continuation before it completes a sentence"
         else:
             on_repeats = "lowers the probability of each token that repeats a four-token phrase"
         if args.unlikelihood_anchor is None:
@@ -947,7 +979,8 @@ def main():
             if args.unlikelihood_margin is not None:
                 loss = margin_unlikelihood_loss(model, prefixes, bf16, args.unlikelihood_margin, reference,
                                                 args.unlikelihood_anchor or 0.0, args.unlikelihood_margin_among,
-                                                args.unlikelihood_nonsense)
+                                                args.unlikelihood_nonsense,
+                                                encoding if args.unlikelihood_early_end else None)
             elif args.unlikelihood_anchor is None:
                 loss = unlikelihood_loss(model, prefixes, bf16)
             else:
@@ -968,10 +1001,11 @@ def main():
             state = dict(settings=settings, step=step, trained_s=elapsed, precision=precision, threads=args.threads,
                          train_loss=train_loss, val_loss=val_loss)
             if args.unlikelihood_from:
-                loops = looping_openings(model, loop_openings)
+                loops, unfinished = looping_openings(model, loop_openings, encoding)
                 log(f"step {step:5d} | lr {schedule.lr(step - 1):.2e} | batch loss {np.mean(losses):.4f} "
                     f"| unlikelihood loss {np.mean(unlikelihood_losses):.4f} | train loss {train_loss:.4f} "
-                    f"| val loss {val_loss:.4f} | loops {loops}/{len(loop_openings)} | {elapsed:6.0f} s")
+                    f"| val loss {val_loss:.4f} | loops {loops}/{len(loop_openings)} "
+                    f"| unfinished {unfinished}/{len(loop_openings)} | {elapsed:6.0f} s")
                 losses, unlikelihood_losses = [], []
                 why = schedule.evaluated(step, loops)
                 state.update(loop_counts=schedule.loop_counts, stopped_at=schedule.stopped_at)
@@ -1023,8 +1057,9 @@ def main():
     for prompt in [README_PROMPT] + [opening(held_out_docstrings[i]) for i in picks]:
         new = list(generate(demo, encoding.encode(prompt), SAMPLE_TOKENS))
         repeat = repeated_phrase(new)
-        log(f"sample: {prompt!r} -> {encoding.decode(new)!r}"
-            + (f" (repeats {encoding.decode(list(repeat))!r})" if repeat else ""))
+        faults = ([f"repeats {encoding.decode(list(repeat))!r}"] if repeat else []) + (
+            ["no complete sentence"] if len(new) < SAMPLE_TOKENS and not holds_a_sentence(encoding.decode(new)) else [])
+        log(f"sample: {prompt!r} -> {encoding.decode(new)!r}" + (f" ({'; '.join(faults)})" if faults else ""))
     all_openings = [opening(doc) for doc in held_out_docstrings]
     for path in [args.out] + ([args.compare] if args.compare else []):
         log(greedy_loops_line(path, all_openings, encoding))
