@@ -729,9 +729,9 @@ def main():
                    help="with --unlikelihood-margin: also push down each continuation token that the reference gives "
                         "p < P, as a repeating one is (greedy's junk as well as its loops)")
     p.add_argument("--unlikelihood-early-end", action="store_true",
-                   help="with --unlikelihood-margin: also push down an <|endoftext|> that ends a continuation before it "
-                        "completes a sentence (at once, or after \"The following functions are:\"), as a repeating "
-                        "token is")
+                   help="with --unlikelihood-margin: also push down an <|endoftext|> that ends a continuation "
+                        "before it completes a sentence (at once, or after \"The following functions are:\"), as a "
+                        "repeating token is")
     p.add_argument("--unlikelihood-reference", metavar="MODEL_DAT",
                    help="the model that --unlikelihood-margin-among, --unlikelihood-nonsense and --unlikelihood-anchor "
                         "hold the steps to (default: the starting model, --unlikelihood-from)")
