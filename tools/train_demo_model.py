@@ -936,6 +936,7 @@ def main():
                            f"continuation to that model's distributions with weight {args.unlikelihood_anchor}")
         log(f"unlikelihood: {' '.join([Path(sys.executable).name] + sys.argv)}")
         log(environment)
+        log(f"corpus: {docs_version(args.docs)}; tokens sha256 {digest}")  # the next-token steps' and openings'
         log(f"from {args.unlikelihood_from} (sha256 {settings['unlikelihood']['start']}), a fresh AdamW at lr {UL_LR}: "
             f"one step in {UL_EVERY} continues {BATCH_SIZE} "
             + (f"training windows of {UL_PREFIX} tokens" if args.unlikelihood_prefixes == "windows" else
