@@ -405,6 +405,37 @@ def test_unlikelihood_prefixes_can_be_the_openings_of_documents():
     assert {tuple(row) for row in prefixes.tolist()} == {tuple(range(1, n + 1)), tuple(range(20, 20 + n))}
 
 
+def test_unlikelihood_prefixes_can_be_documents_first_sentences_one_length_to_a_batch():
+    eot, stop, space = trainer.EOT, 13, 11  # "." ends a sentence where a token that begins with a space follows
+    ends_sentence, starts_space = np.zeros(trainer.N_VOCAB, bool), np.zeros(trainer.N_VOCAB, bool)
+    ends_sentence[stop], starts_space[space] = True, True
+    stream = np.array([eot, 5, 6, stop, space, 7, stop, eot,  # "5 6." ends before " 7."
+                       8, stop, 9, stop, eot,  # "8.9" goes on: the sentence ends at <|endoftext|>
+                       3, 4, eot,  # no sentence end before the document's
+                       5, stop, eot, 8, stop, eot])  # "5." and "8."
+    sentences = trainer.document_sentences(stream, ends_sentence, starts_space)
+    assert {n: offsets.tolist() for n, offsets in sentences.items()} == {2: [16, 19], 3: [1], 4: [8]}
+    assert list(trainer.document_sentences(stream, ends_sentence, starts_space, longest=3)) == [2, 3]
+    batches = torch.Generator().manual_seed(0)
+    lengths = set()
+    for _ in range(20):
+        prefixes = trainer.random_sentences(stream, sentences, batches)
+        assert prefixes.shape[0] == trainer.BATCH_SIZE
+        n = prefixes.shape[1]
+        lengths.add(n)
+        assert {tuple(row) for row in prefixes.tolist()} <= {tuple(stream[i:i + n]) for i in sentences[n]}
+    assert lengths == {2, 3, 4}
+
+
+def test_sentence_ends_are_read_off_the_gpt2_vocabulary():
+    encoding = trainer.load_tokenizer()
+    ends_sentence, starts_space = trainer.sentence_ends(encoding)
+    assert ends_sentence.shape == starts_space.shape == (trainer.N_VOCAB,)
+    [stop], [queue], [newline], [called] = (encoding.encode(text) for text in [".", " queue", "\n", "called"])
+    assert ends_sentence[stop] and not ends_sentence[queue] and not ends_sentence[trainer.EOT]
+    assert starts_space[queue] and starts_space[newline] and not starts_space[called]
+
+
 def test_unlikelihood_training_stops_when_the_loops_stop_falling():
     schedule = trainer.UnlikelihoodSchedule(max_steps=10_000)
     for step, loops in zip(range(250, 2000, 250), [90, 70, 60, 55, 58, 59]):

@@ -389,6 +389,38 @@ def holds_a_sentence(text):
     return SENTENCE_END.search(text) is not None
 
 
+def sentence_ends(encoding):
+    """Which token ids [N_VOCAB] end in a full stop, ! or ? (then closing quotes or brackets), and which begin
+    with a space: a sentence ends at the first kind when the second kind or <|endoftext|> follows."""
+    texts = [encoding.decode([i]) for i in range(N_VOCAB)]
+    return (np.array([re.search(r"[.!?][\"')\]]*$", text) is not None for text in texts]),
+            np.array([text[:1].isspace() for text in texts]))
+
+
+def document_sentences(stream, ends_sentence, starts_space, longest=UL_PREFIX):
+    """Each document's first sentence, where it ends within `longest` tokens: {length: offsets} of the
+    documents (each just after an <|endoftext|>), grouped by the sentence's length in tokens."""
+    followed = np.append(starts_space[stream[1:]] | (stream[1:] == EOT), True)  # [len(stream)]
+    ends = np.flatnonzero(ends_sentence[stream] & followed & (stream != EOT))  # offsets of sentence ends
+    starts = np.flatnonzero(stream[:-1] == EOT) + 1
+    next_eot = np.append(np.flatnonzero(stream == EOT)[1:], len(stream))[:len(starts)]
+    at = np.searchsorted(ends, starts)
+    found = at < len(ends)
+    starts, next_eot, first_end = starts[found], next_eot[found], ends[at[found]]
+    lengths = first_end - starts + 1
+    keep = (first_end < next_eot) & (lengths <= longest)
+    return {int(n): starts[keep][lengths[keep] == n] for n in np.unique(lengths[keep])}
+
+
+def random_sentences(stream, sentences, batches):
+    """BATCH_SIZE documents' first sentences, all of one length (so that no batch needs padding), drawn
+    from `batches`: a random document's, then others of its length: [BATCH_SIZE, that length]."""
+    lengths = np.concatenate([np.full(len(offsets), n) for n, offsets in sentences.items()])
+    n = int(lengths[torch.randint(len(lengths), (1,), generator=batches).item()])
+    picks = torch.randint(len(sentences[n]), (BATCH_SIZE,), generator=batches).tolist()
+    return torch.stack([torch.from_numpy(stream[sentences[n][i]:sentences[n][i] + n]).long() for i in picks])
+
+
 def own_continuations(model, prefixes, encoding=None):
     """Continue each prefix [batch, n_prefix] greedily for UL_CONTINUATION tokens: the sequences [batch, n],
     and which of their next-token targets [batch, n - 1] (up to the first <|endoftext|>) repeat an earlier
@@ -735,10 +767,11 @@ def main():
     p.add_argument("--unlikelihood-reference", metavar="MODEL_DAT",
                    help="the model that --unlikelihood-margin-among, --unlikelihood-nonsense and --unlikelihood-anchor "
                         "hold the steps to (default: the starting model, --unlikelihood-from)")
-    p.add_argument("--unlikelihood-prefixes", choices=["windows", "openings"], default="windows",
-                   help=f"with --unlikelihood-from: continue random {UL_PREFIX}-token training windows (the default) "
-                        f"or the first {UL_OPENING} tokens of random training documents, as short as a prompt (tried: "
-                        "its greedy text collapsed into rare tokens; see the model card)")
+    p.add_argument("--unlikelihood-prefixes", choices=["windows", "openings", "sentences"], default="windows",
+                   help=f"with --unlikelihood-from: continue random {UL_PREFIX}-token training windows (the default), "
+                        f"or the first {UL_OPENING} tokens of random training documents, as short as a prompt (tried "
+                        "alone: its greedy text collapsed into rare tokens; see the model card), or those and, every "
+                        "other time, documents' whole first sentences (sentences), as a prompt that is one already")
     p.add_argument("--token-unlikelihood", metavar="WEIGHT", type=float,
                    help="add this weight times token-level unlikelihood to the next-token steps: lower the "
                         "probability of the window's earlier tokens that are not the next one (1.0 was tried)")
@@ -939,8 +972,11 @@ def main():
         log(f"corpus: {docs_version(args.docs)}; tokens sha256 {digest}")  # the next-token steps' and openings'
         log(f"from {args.unlikelihood_from} (sha256 {settings['unlikelihood']['start']}), a fresh AdamW at lr {UL_LR}: "
             f"one step in {UL_EVERY} continues {BATCH_SIZE} "
-            + (f"training windows of {UL_PREFIX} tokens" if args.unlikelihood_prefixes == "windows" else
-               f"training documents' first {UL_OPENING} tokens") + " greedily for "
+            + {"windows": f"training windows of {UL_PREFIX} tokens",
+               "openings": f"training documents' first {UL_OPENING} tokens",
+               "sentences": f"training documents' first {UL_OPENING} tokens, or every other time their first "
+                            f"sentence (up to {UL_PREFIX} tokens, one length in a batch),"}[args.unlikelihood_prefixes]
+            + " greedily for "
             f"{UL_CONTINUATION} tokens and " + on_repeats + anchor_text +
             "; the others are next-token steps" + (" with" + token_level if token_level else "") +
             f"; until the greedy continuations of {N_LOOP_OPENINGS} training "
@@ -968,6 +1004,8 @@ def main():
     loop_openings = [encoding.encode(opening(train_docstrings[i]))
                      for i in np.linspace(0, len(train_docstrings) - 1, N_LOOP_OPENINGS).astype(int)]
     train_openings = document_openings(train)
+    train_sentences = (document_sentences(train, *sentence_ends(encoding))
+                       if args.unlikelihood_prefixes == "sentences" else None)
     losses, unlikelihood_losses, t_sitting = [], [], time.perf_counter()
     while schedule.end is None or step < schedule.end:
         for group in optimizer.param_groups:
@@ -975,6 +1013,8 @@ def main():
         if args.unlikelihood_from and step % UL_EVERY == UL_EVERY - 1:
             if args.unlikelihood_prefixes == "windows":
                 prefixes = random_windows(train, UL_PREFIX, batches)
+            elif args.unlikelihood_prefixes == "sentences" and step // UL_EVERY % 2:
+                prefixes = random_sentences(train, train_sentences, batches)
             else:
                 prefixes = random_openings(train, train_openings, batches)
             if args.unlikelihood_margin is not None:
