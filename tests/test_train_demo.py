@@ -110,14 +110,14 @@ def test_a_checkpoint_resumes_exactly(tmp_path):
 
 
 def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20_and_early_ends():
-    # The shipped model: "Wakeup read*() functions waiting until the file is closed.\nReturn a namedtuple containing
-    # the names of the names of the file ..." repeats within 20 tokens; "Read until EOF, using the write()
-    # method.\nChanged in version 3.3: The method is now deprecated in favor of bytes.7 and is deprecated in favor
-    # of" after 20; the third ends at <|endoftext|> after " the source code.\nThe following two classes are:";
-    # the fourth after "\nThe following functions are available:", before completing a sentence.
-    prompts = ["Wakeup read*() functions waiting", "Read until EOF, using", "Debug helper to print",
-               "Interface for write-only transports."]
-    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 2, 1)
+    # The shipped model: "Get a random number, or an integer, or an integer, or an integer, in the first one."
+    # repeats within 20 tokens and ends at <|endoftext|>; "Return formatted information about the message’s
+    # message.\nThe message is an object which contains only the attributes of the message’s headers, and the
+    # returned value" after 20; "Remove an element. If the element is already in the list, then the first
+    # element is returned." ends after a sentence; "Deprecated, use `source'." ends at once, with no sentence.
+    prompts = ["Get a random number", "Return formatted information about", "Remove an element. If",
+               "Deprecated, use `source'."]
+    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 3, 1)
 
 
 class UniformReference:
@@ -130,10 +130,10 @@ class UniformReference:
 
 def test_judging_against_a_reference_counts_its_unlikely_tokens():
     import picogpt
-    prompts = ["Wakeup read*() functions waiting", "Debug helper to print"]  # loops; ends early
+    prompts = ["Get a random number", "Remove an element. If"]  # loops and ends early; ends early
     encoding = trainer.load_tokenizer()
     *loops, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, UniformReference())
-    assert loops == [1, 1, 1, 0] and rare == 2 and nll == pytest.approx(math.log(50257))
+    assert loops == [1, 1, 2, 0] and rare == 2 and nll == pytest.approx(math.log(50257))
     *_, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, picogpt.load(str(DEMO_MODEL), quiet=True))
     assert rare == 0 and 0 < nll < 5  # its own greedy choices are its likeliest
 
