@@ -416,6 +416,11 @@ def test_unlikelihood_prefixes_can_be_documents_first_sentences_one_length_to_a_
     sentences = trainer.document_sentences(stream, ends_sentence, starts_space)
     assert {n: offsets.tolist() for n, offsets in sentences.items()} == {2: [16, 19], 3: [1], 4: [8]}
     assert list(trainer.document_sentences(stream, ends_sentence, starts_space, longest=3)) == [2, 3]
+    # a token stream ends without <|endoftext|>: its last document's sentence may end the stream, or not be
+    ends_the_stream = trainer.document_sentences(np.append(stream, [9, 9, stop]), ends_sentence, starts_space)
+    assert ends_the_stream[3].tolist() == [1, 22]
+    unfinished = trainer.document_sentences(np.append(stream, [9, 9]), ends_sentence, starts_space)
+    assert {n: offsets.tolist() for n, offsets in unfinished.items()} == {2: [16, 19], 3: [1], 4: [8]}
     batches = torch.Generator().manual_seed(0)
     lengths = set()
     for _ in range(20):

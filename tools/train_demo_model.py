@@ -105,7 +105,8 @@ MAKE_RUN_TOKENS = 20  # what `make run` prints
 UL_LR, UL_PREFIX, UL_CONTINUATION, UL_EVERY, UL_PLATEAU, N_LOOP_OPENINGS = 1e-4, 32, 60, 2, 3, 96
 UL_OPENING = 6  # --unlikelihood-prefixes openings: prefixes of a document's first tokens, as short as a prompt
 RARE_P = 1e-4  # --judge --reference: a token that model gives less than this is nonsense after the prompt
-SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?:\s|$)")  # a full stop, ! or ?, then the end of the text or a space
+STOP = r"[.!?][\"')\]]*"  # a full stop, ! or ?, and any closing quotes or brackets
+SENTENCE_END = re.compile(STOP + r"(?:\s|$)")  # ... then a space or the end of the text
 
 
 def stdlib_files():
@@ -385,15 +386,17 @@ def random_openings(stream, openings, batches):
 
 
 def holds_a_sentence(text):
-    """Whether text completes a sentence: a full stop, ! or ? before a space or the end."""
+    """Whether text completes a sentence: a full stop, ! or ? (and any closing quotes or brackets) before
+    whitespace or the end. "e.g. " counts too: a rule for counting, not a parser."""
     return SENTENCE_END.search(text) is not None
 
 
 def sentence_ends(encoding):
     """Which token ids [N_VOCAB] end in a full stop, ! or ? (then closing quotes or brackets), and which begin
-    with a space: a sentence ends at the first kind when the second kind or <|endoftext|> follows."""
+    with whitespace: a sentence ends at the first kind when the second kind or <|endoftext|> follows (no
+    GPT-2 token holds a stop and then whitespace, so this is SENTENCE_END read on tokens)."""
     texts = [encoding.decode([i]) for i in range(N_VOCAB)]
-    return (np.array([re.search(r"[.!?][\"')\]]*$", text) is not None for text in texts]),
+    return (np.array([re.search(STOP + "$", text) is not None for text in texts]),
             np.array([text[:1].isspace() for text in texts]))
 
 
@@ -414,7 +417,9 @@ def document_sentences(stream, ends_sentence, starts_space, longest=UL_PREFIX):
 
 def random_sentences(stream, sentences, batches):
     """BATCH_SIZE documents' first sentences, all of one length (so that no batch needs padding), drawn
-    from `batches`: a random document's, then others of its length: [BATCH_SIZE, that length]."""
+    from `batches`: the length of a random document's, then BATCH_SIZE documents of that length (with
+    replacement, so a rare length repeats some): [BATCH_SIZE, that length]. Lengths come as often as
+    documents have them."""
     lengths = np.concatenate([np.full(len(offsets), n) for n, offsets in sentences.items()])
     n = int(lengths[torch.randint(len(lengths), (1,), generator=batches).item()])
     picks = torch.randint(len(sentences[n]), (BATCH_SIZE,), generator=batches).tolist()
@@ -425,8 +430,8 @@ def own_continuations(model, prefixes, encoding=None):
     """Continue each prefix [batch, n_prefix] greedily for UL_CONTINUATION tokens: the sequences [batch, n],
     and which of their next-token targets [batch, n - 1] (up to the first <|endoftext|>) repeat an earlier
     four-token phrase and which are the continuation's others. Given the tokenizer (--unlikelihood-early-end),
-    an <|endoftext|> that ends a continuation before it completes a sentence (at once, or after "The
-    following functions are:") counts with the repeating tokens."""
+    an <|endoftext|> that ends a continuation holding no complete sentence (empty, or only "\nThe following
+    functions are:") counts with the repeating tokens."""
     n_prefix = prefixes.shape[1]
     seq = torch.cat([prefixes, greedy_torch(model, prefixes, UL_CONTINUATION, stop_at_eot=False)], dim=1)
     penalised = torch.zeros(seq.shape, dtype=torch.bool)  # [batch, n_prefix + UL_CONTINUATION]
@@ -476,9 +481,10 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anch
     KL(reference || model) averaged over the continuation's other tokens is added: the rest of the text is
     held to the reference. With `nonsense` (--unlikelihood-nonsense P), a continuation token that the
     reference gives p < P is pushed down as a repeating one is: greedy's junk, as well as its loops. Given
-    the tokenizer (--unlikelihood-early-end), so is an <|endoftext|> that ends a continuation before it
-    completes a sentence: a model pushed off its loops learns that ending is never penalised, and ends after
-    the prompt or after "The following functions are:".
+    the tokenizer (--unlikelihood-early-end), so is an <|endoftext|> that ends a continuation holding no
+    complete sentence: a model pushed off its loops learns that ending is never penalised, and ends right
+    after the prompt or after "\nThe following functions are:". Where the document really ends there (a
+    one-sentence docstring), this pushes against the data: the trade is a model that always writes on.
     """
     if reference is None and (among is not None or anchor or nonsense is not None):
         raise ValueError("a margin among a reference's likeliest tokens, or held to it, needs that reference")
@@ -536,7 +542,7 @@ def anchored_unlikelihood_loss(model, reference, prefixes, bf16, anchor):
 
 def looping_openings(model, prompts_ids, encoding):
     """How many greedy continuations of SAMPLE_TOKENS (ending at <|endoftext|>) repeat a four-token phrase,
-    and how many end before they complete a sentence."""
+    and how many end holding no complete sentence."""
     loops = unfinished = 0
     for ids in prompts_ids:
         new = greedy_torch(model, torch.tensor([ids]), SAMPLE_TOKENS, stop_at_eot=True)[0].tolist()
@@ -762,16 +768,16 @@ def main():
                         "p < P, as a repeating one is (greedy's junk as well as its loops)")
     p.add_argument("--unlikelihood-early-end", action="store_true",
                    help="with --unlikelihood-margin: also push down an <|endoftext|> that ends a continuation "
-                        "before it completes a sentence (at once, or after \"The following functions are:\"), as a "
-                        "repeating token is")
+                        "holding no complete sentence (empty, or only \"The following functions are:\"), as a "
+                        "repeating token is, even where the document does end there")
     p.add_argument("--unlikelihood-reference", metavar="MODEL_DAT",
                    help="the model that --unlikelihood-margin-among, --unlikelihood-nonsense and --unlikelihood-anchor "
                         "hold the steps to (default: the starting model, --unlikelihood-from)")
     p.add_argument("--unlikelihood-prefixes", choices=["windows", "openings", "sentences"], default="windows",
-                   help=f"with --unlikelihood-from: continue random {UL_PREFIX}-token training windows (the default), "
-                        f"or the first {UL_OPENING} tokens of random training documents, as short as a prompt (tried "
-                        "alone: its greedy text collapsed into rare tokens; see the model card), or those and, every "
-                        "other time, documents' whole first sentences (sentences), as a prompt that is one already")
+                   help=f"with --unlikelihood-from, what the sequence-level steps continue: windows, random "
+                        f"{UL_PREFIX}-token training windows (the default); openings, the first {UL_OPENING} tokens of "
+                        "random training documents, as short as a prompt; sentences, openings alternating with "
+                        f"documents' whole first sentences (up to {UL_PREFIX} tokens), as a prompt that is one already")
     p.add_argument("--token-unlikelihood", metavar="WEIGHT", type=float,
                    help="add this weight times token-level unlikelihood to the next-token steps: lower the "
                         "probability of the window's earlier tokens that are not the next one (1.0 was tried)")
@@ -782,7 +788,7 @@ def main():
     p.add_argument("--compare", metavar="MODEL_DAT", help="another model file to give the held-out perplexity of")
     p.add_argument("--judge", metavar="MODEL_DAT", nargs="+",
                    help="do not train: count the greedy continuations of every held-out docstring opening that "
-                        "repeat a phrase, for each model file")
+                        "repeat a phrase, and those that end holding no complete sentence, for each model file")
     p.add_argument("--reference", metavar="MODEL_DAT",
                    help="with --judge: also count the continuations that hold a token this model gives p < "
                         f"{RARE_P:g} (nonsense), and give its mean negative log-likelihood of their tokens")
@@ -1004,8 +1010,15 @@ def main():
     loop_openings = [encoding.encode(opening(train_docstrings[i]))
                      for i in np.linspace(0, len(train_docstrings) - 1, N_LOOP_OPENINGS).astype(int)]
     train_openings = document_openings(train)
-    train_sentences = (document_sentences(train, *sentence_ends(encoding))
-                       if args.unlikelihood_prefixes == "sentences" else None)
+    train_sentences = None
+    if args.unlikelihood_prefixes == "sentences":
+        train_sentences = document_sentences(train, *sentence_ends(encoding))
+        if not train_sentences:
+            sys.exit(f"error: no training document has a first sentence within {UL_PREFIX} tokens to continue; "
+                     f"use --unlikelihood-prefixes openings")
+        if args.unlikelihood_from and not resume:
+            log(f"first sentences: {sum(map(len, train_sentences.values()))} of the {len(train_docs)} training "
+                f"documents have one within {UL_PREFIX} tokens")
     losses, unlikelihood_losses, t_sitting = [], [], time.perf_counter()
     while schedule.end is None or step < schedule.end:
         for group in optimizer.param_groups:
