@@ -217,20 +217,26 @@ def test_anchored_unlikelihood_is_welleck_at_the_reference_and_breaks_the_loop()
     assert before > 0.9 and loop_probability(model, seq, marked) < 0.5 * before
 
 
+def hinge_by_hand(logits, seq, positions, margin=1.0):
+    """The margin loss computed one position at a time: at each (row, i), max(0, margin + the logit of the
+    next token seq[row, i + 1] - the best other logit), averaged."""
+    hinge = []
+    for row, i in positions:
+        token = seq[row, i + 1].item()
+        best_other = torch.cat([logits[row, i, :token], logits[row, i, token + 1:]]).max()
+        hinge.append(max(0.0, margin + (logits[row, i, token] - best_other).item()))
+    return torch.tensor(sum(hinge) / len(hinge))
+
+
 def test_margin_unlikelihood_is_a_hinge_that_breaks_the_loop():
     model, optimizer, prefixes, seq, marked = a_model_that_loops()
     for module in model.modules():  # no dropout, so that the loss sees the logits computed here
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     with torch.no_grad():  # the hinge by hand, over the loop's tokens
-        logits = model(seq[:, :-1]).logits
-        hinge = []
-        for row, i in marked:
-            chosen = logits[row, i, seq[row, i + 1]]
-            others = torch.cat([logits[row, i, :seq[row, i + 1]], logits[row, i, seq[row, i + 1] + 1:]])
-            hinge.append(max(0.0, 1.0 + (chosen - others.max()).item()))
+        hinge = hinge_by_hand(model(seq[:, :-1]).logits, seq, marked)
         loss = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0)
-    torch.testing.assert_close(loss, torch.tensor(sum(hinge) / len(hinge)))
+    torch.testing.assert_close(loss, hinge)
     before = loop_probability(model, seq, marked)
     for _ in range(15):
         loss = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0)
@@ -314,16 +320,12 @@ def test_a_margin_on_nonsense_pushes_down_the_tokens_the_reference_finds_unlikel
         logits, reference_p = model(seq[:, :-1]).logits, torch.softmax(reference(seq[:, :-1]).logits, -1)
         others_p = reference_p.gather(-1, seq[:, 1:, None])[..., 0][others]  # the continuation's other tokens'
         threshold = others_p.sort().values[len(others_p) // 2].item()  # about half of them below it
-        hinge = []  # by hand: the repeating tokens and the others the reference gives p < threshold
-        for row, i in (repeats | others).nonzero().tolist():
-            token = seq[row, i + 1].item()
-            if repeats[row, i] or reference_p[row, i, token] < threshold:
-                best_other = torch.cat([logits[row, i, :token], logits[row, i, token + 1:]]).max()
-                hinge.append(max(0.0, 1.0 + (logits[row, i, token] - best_other).item()))
+        pushed = [(row, i) for row, i in (repeats | others).nonzero().tolist()  # the repeating tokens and the
+                  if repeats[row, i] or reference_p[row, i, seq[row, i + 1]] < threshold]  # others below it
         loss = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, reference=reference,
                                                 nonsense=threshold)
-        torch.testing.assert_close(loss, torch.tensor(sum(hinge) / len(hinge)))
-        assert int(repeats.sum()) < len(hinge) < int((repeats | others).sum())  # some of the others were pushed
+        torch.testing.assert_close(loss, hinge_by_hand(logits, seq, pushed))
+        assert int(repeats.sum()) < len(pushed) < int((repeats | others).sum())  # some of the others were pushed
         none_rare = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0, reference=reference,
                                                      nonsense=1e-30)
         plain = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0)
@@ -365,15 +367,10 @@ def test_an_early_end_is_pushed_down_with_the_repeating_tokens(monkeypatch):
             expected[row, n_prefix + ids.index(trainer.EOT) - 1] = True
     assert expected[0, n_prefix - 1] and torch.equal(unfinished, expected)
     with torch.no_grad():  # and the hinge takes it as it takes a repeating token
-        logits = model(seq[:, :-1]).logits
-        hinge = []
-        for row, i in unfinished.nonzero().tolist():
-            token = seq[row, i + 1].item()
-            best_other = torch.cat([logits[row, i, :token], logits[row, i, token + 1:]]).max()
-            hinge.append(max(0.0, 1.0 + (logits[row, i, token] - best_other).item()))
+        hinge = hinge_by_hand(model(seq[:, :-1]).logits, seq, unfinished.nonzero().tolist())
         loss = trainer.margin_unlikelihood_loss(model, prefixes, bf16=False, margin=1.0,
                                                 encoding=Text(" the version 3.3:"))
-    torch.testing.assert_close(loss, torch.tensor(sum(hinge) / len(hinge)))
+    torch.testing.assert_close(loss, hinge)
 
 
 def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_one():

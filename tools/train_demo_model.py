@@ -1016,7 +1016,7 @@ def main():
         if not train_sentences:
             sys.exit(f"error: no training document has a first sentence within {UL_PREFIX} tokens to continue; "
                      f"use --unlikelihood-prefixes openings")
-        if args.unlikelihood_from and not resume:
+        if not resume:  # (sentences come with --unlikelihood-from, checked above)
             log(f"first sentences: {sum(map(len, train_sentences.values()))} of the {len(train_docs)} training "
                 f"documents have one within {UL_PREFIX} tokens")
     losses, unlikelihood_losses, t_sitting = [], [], time.perf_counter()
@@ -1110,10 +1110,10 @@ def main():
     picks = np.linspace(0, len(held_out_docstrings) - 1, N_HELD_OUT_PROMPTS).astype(int)
     for prompt in [README_PROMPT] + [opening(held_out_docstrings[i]) for i in picks]:
         new = list(generate(demo, encoding.encode(prompt), SAMPLE_TOKENS))
-        repeat = repeated_phrase(new)
+        text, repeat = encoding.decode(new), repeated_phrase(new)
         faults = ([f"repeats {encoding.decode(list(repeat))!r}"] if repeat else []) + (
-            ["no complete sentence"] if len(new) < SAMPLE_TOKENS and not holds_a_sentence(encoding.decode(new)) else [])
-        log(f"sample: {prompt!r} -> {encoding.decode(new)!r}" + (f" ({'; '.join(faults)})" if faults else ""))
+            ["no complete sentence"] if len(new) < SAMPLE_TOKENS and not holds_a_sentence(text) else [])
+        log(f"sample: {prompt!r} -> {text!r}" + (f" ({'; '.join(faults)})" if faults else ""))
     all_openings = [opening(doc) for doc in held_out_docstrings]
     for path in [args.out] + ([args.compare] if args.compare else []):
         log(greedy_loops_line(path, all_openings, encoding))
