@@ -109,15 +109,16 @@ def test_a_checkpoint_resumes_exactly(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20_and_early_ends():
+def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20_early_ends_and_distinct():
     # The shipped model: "Get a random number, or an integer, or an integer, or an integer, in the first one."
     # repeats within 20 tokens and ends at <|endoftext|>; "Return formatted information about the message’s
     # message.\nThe message is an object which contains only the attributes of the message’s headers, and the
     # returned value" after 20; "Remove an element. If the element is already in the list, then the first
     # element is returned." ends after a sentence; "Deprecated, use `source'." ends at once, with no sentence.
+    # The first prompt given twice: 5 continuations, 4 of them distinct.
     prompts = ["Get a random number", "Return formatted information about", "Remove an element. If",
-               "Deprecated, use `source'."]
-    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (2, 1, 3, 1)
+               "Deprecated, use `source'.", "Get a random number"]
+    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (3, 2, 4, 1, 4)
 
 
 class UniformReference:
@@ -133,7 +134,7 @@ def test_judging_against_a_reference_counts_its_unlikely_tokens():
     prompts = ["Get a random number", "Remove an element. If"]  # loops and ends early; ends early
     encoding = trainer.load_tokenizer()
     *loops, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, UniformReference())
-    assert loops == [1, 1, 2, 0] and rare == 2 and nll == pytest.approx(math.log(50257))
+    assert loops == [1, 1, 2, 0, 2] and rare == 2 and nll == pytest.approx(math.log(50257))
     *_, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, picogpt.load(str(DEMO_MODEL), quiet=True))
     assert rare == 0 and 0 < nll < 5  # its own greedy choices are its likeliest
 
@@ -373,6 +374,82 @@ def test_an_early_end_is_pushed_down_with_the_repeating_tokens(monkeypatch):
     torch.testing.assert_close(loss, hinge)
 
 
+def best_of_candidates(model, reference, prefixes, k, batches):
+    """best_sampled_continuations' samples drawn again from a copy of its generator, with the reference's
+    mean log-probability of each one's continuation and <|endoftext|>, by hand, after the prefix and after
+    <|endoftext|> alone: {row: [(after the prefix, alone, ids)]} over the samples that end."""
+    seed = int(torch.randint(2**31 - 1, (1,), generator=batches))
+    torch.manual_seed(seed)
+    samples = model.eval().generate(prefixes.repeat_interleave(k, 0), do_sample=True, top_k=trainer.BEST_OF_TOP_K,
+                                    temperature=trainer.BEST_OF_TEMPERATURE, max_new_tokens=trainer.UL_CONTINUATION,
+                                    eos_token_id=trainer.EOT, pad_token_id=trainer.EOT,
+                                    attention_mask=torch.ones_like(prefixes).repeat_interleave(k, 0))
+    n_prefix, candidates = prefixes.shape[1], {}
+    for j, ids in enumerate(samples.tolist()):
+        if trainer.EOT in ids[n_prefix:]:
+            ids = ids[:ids.index(trainer.EOT, n_prefix) + 1]
+            alone = [trainer.EOT] + ids[n_prefix:]
+            with torch.no_grad():
+                log_probs = torch.log_softmax(reference(torch.tensor([ids[:-1]])).logits[0], -1)
+                alone_log_probs = torch.log_softmax(reference(torch.tensor([alone[:-1]])).logits[0], -1)
+            after_prefix = np.mean([log_probs[i - 1, ids[i]].item() for i in range(n_prefix, len(ids))])
+            by_itself = np.mean([alone_log_probs[i - 1, alone[i]].item() for i in range(1, len(alone))])
+            candidates.setdefault(j // k, []).append((after_prefix, by_itself, ids))
+    return candidates
+
+
+def test_best_of_k_takes_the_sample_the_reference_scores_best_that_ends_after_a_sentence(monkeypatch):
+    model, prefixes = an_untrained_model()
+    monkeypatch.setattr(trainer, "EOT", 7)  # a token the untrained model samples now and then
+    monkeypatch.setattr(trainer, "BEST_OF_GENERIC", 1.0)  # where, for these samples, it changes which is best
+    reference = a_moved_copy(model)
+    batches = torch.Generator().manual_seed(1)
+    again = torch.Generator().set_state(batches.get_state())
+    seq, targets = trainer.best_sampled_continuations(model, reference, prefixes, 8, Text(" Done."), batches,
+                                                      bf16=False)
+    candidates = best_of_candidates(model, reference, prefixes, 8, again)
+    assert len(candidates) == len(seq) == 2  # (no 4-token phrase repeats in these short samples)
+    n_prefix, likeliest = prefixes.shape[1], []
+    for index, (row, chosen) in enumerate(zip(sorted(candidates), seq.tolist())):
+        _, best = max((after_prefix - by_itself, ids) for after_prefix, by_itself, ids in candidates[row])
+        likeliest.append(max(candidates[row])[2] == best)  # whether likelihood alone would take it too
+        end = len(best) - 1  # where its <|endoftext|> is
+        assert chosen[:end + 1] == best and set(chosen[end:]) == {trainer.EOT}  # then padding
+        assert targets[index].nonzero().flatten().tolist() == list(range(n_prefix - 1, end))  # and it is trained
+    assert not all(likeliest)
+    # a continuation that ends before completing a sentence is never taken
+    none, none_targets = trainer.best_sampled_continuations(model, reference, prefixes, 4, Text(" the version 3.3:"),
+                                                            torch.Generator().manual_seed(1), bf16=False)
+    assert len(none) == 0 and not none_targets.any()
+    loss = trainer.best_sample_loss(model, reference, prefixes, False, 4, Text(" the version 3.3:"),
+                                    torch.Generator().manual_seed(1))
+    assert loss.item() == 0 and loss.requires_grad
+
+
+def test_best_of_k_is_the_cross_entropy_of_the_chosen_samples_and_raises_them(monkeypatch):
+    model, prefixes = an_untrained_model()
+    monkeypatch.setattr(trainer, "EOT", 7)
+    reference = a_moved_copy(model)
+    seq, targets = trainer.best_sampled_continuations(model, reference, prefixes, 4, Text(" Done."),
+                                                      torch.Generator().manual_seed(1), bf16=False)
+    loss = trainer.best_sample_loss(model, reference, prefixes, False, 4, Text(" Done."),
+                                    torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(seq[:, :-1]).logits, -1)
+    by_hand = -np.mean([log_probs[row, i, seq[row, i + 1]].item() for row, i in targets.nonzero().tolist()])
+    torch.testing.assert_close(loss, torch.tensor(by_hand, dtype=torch.float32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(10):
+        optimizer.zero_grad()
+        trainer.best_sample_loss(model, reference, prefixes, False, 4, Text(" Done."),
+                                 torch.Generator().manual_seed(1)).backward()
+        optimizer.step()
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(seq[:, :-1]).logits, -1)
+    after = -np.mean([log_probs[row, i, seq[row, i + 1]].item() for row, i in targets.nonzero().tolist()])
+    assert after < by_hand - 0.5  # (each step samples afresh from the model it has become)
+
+
 def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_one():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 9, generator=generator)  # [batch, n, n_vocab]
@@ -461,6 +538,7 @@ def test_keeping_the_fewest_loops_names_the_first_evaluation_with_the_fewest():
     (["--unlikelihood-margin-among", "8"], "--unlikelihood-margin-among shapes unlikelihood steps"),
     (["--unlikelihood-nonsense", "1e-4"], "--unlikelihood-nonsense shapes unlikelihood steps"),
     (["--unlikelihood-early-end"], "--unlikelihood-early-end shapes unlikelihood steps"),
+    (["--unlikelihood-best-of", "4"], "--unlikelihood-best-of adds to unlikelihood steps"),
     (["--unlikelihood-reference", "x.dat"], "--unlikelihood-reference holds unlikelihood steps"),
     (["--unlikelihood-prefixes", "openings"], "--unlikelihood-prefixes chooses what unlikelihood steps continue"),
 ])
@@ -484,6 +562,7 @@ def test_an_unlikelihood_flag_without_unlikelihood_steps_is_one_line(flag, what)
      "--unlikelihood-early-end pushes <|endoftext|> down with the margin; give --unlikelihood-margin NATS as well"),
     (["--unlikelihood-margin", "1", "--unlikelihood-nonsense", "1"],
      "--unlikelihood-nonsense needs a probability P between 0 and 1 (1e-4 was tried)"),
+    (["--unlikelihood-best-of", "0"], "--unlikelihood-best-of needs K of 1 or more samples a prefix (4 was tried)"),
     (["--unlikelihood-margin", "1", "--unlikelihood-reference", "{tmp}/ref.dat"],
      "no model file {tmp}/ref.dat to hold unlikelihood steps to"),
 ])

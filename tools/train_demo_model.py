@@ -104,6 +104,10 @@ MAKE_RUN_TOKENS = 20  # what `make run` prints
 # PATIENCE evaluations (or at --max-steps): on training text, so the held-out openings still judge it.
 UL_LR, UL_PREFIX, UL_CONTINUATION, UL_EVERY, UL_PLATEAU, N_LOOP_OPENINGS = 1e-4, 32, 60, 2, 3, 96
 UL_OPENING = 6  # --unlikelihood-prefixes openings: prefixes of a document's first tokens, as short as a prompt
+# --unlikelihood-best-of: how its continuations are sampled (as the README's sampling example), and how much a
+# continuation's likelihood without the prefix counts against it (Li et al. 2016's MMI-bidi lambda): the
+# reference's likeliest continuation alone is boilerplate that fits any prefix ("New in version 3.3.").
+BEST_OF_TEMPERATURE, BEST_OF_TOP_K, BEST_OF_GENERIC = 0.8, 40, 0.5
 RARE_P = 1e-4  # --judge --reference: a token that model gives less than this is nonsense after the prompt
 STOP = r"[.!?][\"')\]]*"  # a full stop, ! or ?, and any closing quotes or brackets
 SENTENCE_END = re.compile(STOP + r"(?:\s|$)")  # ... then a space or the end of the text
@@ -514,6 +518,82 @@ def margin_unlikelihood_loss(model, prefixes, bf16, margin, reference=None, anch
     return loss + anchor * kl_divergence(reference_probs, logits)[others].mean()  # KL at [batch, n - 1]
 
 
+def token_log_probs(logits, seq):
+    """The log-probability logits [batch, n - 1, n_vocab] give each next token of seq [batch, n]: [batch, n - 1]."""
+    logits = logits.float()
+    return logits.gather(-1, seq[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+
+
+@torch.no_grad()
+def best_sampled_continuations(model, reference, prefixes, k, encoding, batches, bf16, nonsense=None):
+    """--unlikelihood-best-of K: sample K continuations of each prefix [batch, n_prefix] (temperature
+    BEST_OF_TEMPERATURE among the BEST_OF_TOP_K likeliest tokens, up to UL_CONTINUATION tokens, seeded from
+    `batches`), keep those that end at <|endoftext|> after completing a sentence, without repeating a
+    four-token phrase or (given `nonsense`) holding a token the reference gives p < nonsense, and of those
+    take the one that scores best: the reference's mean log-probability of its tokens, its <|endoftext|>
+    included, after the prefix, less BEST_OF_GENERIC times that after <|endoftext|> alone. Likelihood
+    alone picks what fits every prefix: trained on, it made every continuation "New in version 3.3.\n
+    Return value: New reference. Part of the Stable ABI.", with no loop and no early end.
+
+    Returns the chosen sequences [m, n] (m <= batch: a prefix may have none; padded with <|endoftext|>) and
+    which of their next-token targets [m, n - 1] are the continuation and its <|endoftext|>."""
+    n_prefix = prefixes.shape[1]
+    seed = int(torch.randint(2**31 - 1, (1,), generator=batches))  # so that a resumed run samples the same
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.eval()
+        samples = model.generate(prefixes.repeat_interleave(k, 0), do_sample=True,
+                                 attention_mask=torch.ones_like(prefixes).repeat_interleave(k, 0),
+                                 temperature=BEST_OF_TEMPERATURE, top_k=BEST_OF_TOP_K, max_new_tokens=UL_CONTINUATION,
+                                 eos_token_id=EOT, pad_token_id=EOT)
+        model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        reference_logits = reference(samples[:, :-1]).logits
+    log_probs = token_log_probs(reference_logits, samples)  # [batch * k, n - 1]
+    kept, ends = [], []  # the samples that qualify, and where each one's <|endoftext|> is
+    for j, ids in enumerate(samples.tolist()):
+        if EOT not in ids[n_prefix:]:
+            continue
+        end = ids.index(EOT, n_prefix)  # log_probs[j, i] is the reference's for token i + 1
+        continuation = log_probs[j, n_prefix - 1:end - 1]
+        if (repeating_positions(ids[:end], n_prefix) or not holds_a_sentence(encoding.decode(ids[n_prefix:end]))
+                or (nonsense is not None and bool((continuation < math.log(nonsense)).any()))):
+            continue
+        kept.append(j)
+        ends.append(end)
+    if not kept:
+        return samples[:0, :n_prefix + 1], torch.zeros(0, n_prefix, dtype=torch.bool)
+    # the same continuations after <|endoftext|> alone: [len(kept), longest + 1], padded after their end
+    alone = torch.full((len(kept), max(ends) - n_prefix + 2), EOT)
+    for row, (j, end) in enumerate(zip(kept, ends)):
+        alone[row, 1:end - n_prefix + 2] = samples[j, n_prefix:end + 1]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        alone_log_probs = token_log_probs(reference(alone[:, :-1]).logits, alone)
+    best = {}  # prefix row -> (score, sample, end)
+    for row, (j, end) in enumerate(zip(kept, ends)):
+        score = (log_probs[j, n_prefix - 1:end].mean()
+                 - BEST_OF_GENERIC * alone_log_probs[row, :end - n_prefix + 1].mean()).item()
+        best[j // k] = max(best.get(j // k, (-math.inf,)), (score, j, end))
+    chosen = [best[row][1] for row in sorted(best)]
+    ends = [best[row][2] for row in sorted(best)]
+    seq = samples[chosen, :max(ends) + 1]  # [m, n]
+    positions = torch.arange(seq.shape[1] - 1)  # target i is token i + 1
+    targets = (positions >= n_prefix - 1) & (positions < torch.tensor(ends)[:, None])  # [m, n - 1]
+    return seq, targets
+
+
+def best_sample_loss(model, reference, prefixes, bf16, k, encoding, batches, nonsense=None):
+    """Cross-entropy of the model on best_sampled_continuations' continuations and their <|endoftext|>,
+    averaged over those tokens (0 when no prefix has one): a push towards text the reference finds likely
+    that ends after a sentence, where the hinge only pushes away from what greedy wrote."""
+    seq, targets = best_sampled_continuations(model, reference, prefixes, k, encoding, batches, bf16, nonsense)
+    if not targets.any():
+        return torch.zeros((), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(seq[:, :-1]).logits  # [m, n - 1, n_vocab]
+    return F.cross_entropy(logits.float()[targets], seq[:, 1:][targets])
+
+
 def anchored_unlikelihood_loss(model, reference, prefixes, bf16, anchor):
     """Sequence-level unlikelihood held to a reference model (--unlikelihood-anchor): continue each prefix
     greedily, then train the model towards the reference's next-token distribution with the repeating
@@ -688,20 +768,23 @@ def repeated_phrase(ids, n=4):
 def greedy_loops(model_path, prompts, encoding, reference=None):
     """How many greedy continuations of the prompts repeat a four-token phrase within SAMPLE_TOKENS tokens,
     how many within the MAKE_RUN_TOKENS that `make run` prints, how many end (at <|endoftext|>) before
-    SAMPLE_TOKENS, and how many of those before they complete a sentence (empty ones too): the issue's test of
-    the demo model ("at least one complete sentence", "no phrase repeated within 30 tokens"), counted over
-    every held-out docstring opening rather than read on a dozen. A model that says little loops little, and
-    one that ends after "The following functions are:" writes no sentence.
+    SAMPLE_TOKENS, how many of those before they complete a sentence (empty ones too), and how many of the
+    continuations are distinct: the issue's test of the demo model ("at least one complete sentence", "no
+    phrase repeated within 30 tokens"), counted over every held-out docstring opening rather than read on a
+    dozen. A model that says little loops little, one that ends after "The following functions are:" writes
+    no sentence, and one that ends every prompt with "New in version 3.11." does neither
+    (--unlikelihood-best-of's trials).
 
     With a reference model (picogpt's), also how many continuations hold a token that it gives p < RARE_P,
     and its mean negative log-likelihood of their tokens (nats per token): a model can stop looping by
     writing nonsense ("tolerated tolerated toleratedEss"), which a loop count does not see."""
     model = picogpt.load(model_path, quiet=True)
     within_sample = within_make_run = ended_early = unfinished = rare = 0
-    nll, n_tokens = 0.0, 0
+    nll, n_tokens, continuations = 0.0, 0, set()
     for prompt in prompts:
         ids = encoding.encode(prompt)
         new = list(generate(model, ids, SAMPLE_TOKENS))
+        continuations.add(tuple(new))
         within_sample += repeated_phrase(new) is not None
         within_make_run += repeated_phrase(new[:MAKE_RUN_TOKENS]) is not None
         ended_early += len(new) < SAMPLE_TOKENS
@@ -711,18 +794,18 @@ def greedy_loops(model_path, prompts, encoding, reference=None):
             rare += bool((log_probs < math.log(RARE_P)).any())
             nll -= log_probs.sum()
             n_tokens += len(new)
-    if reference is None:
-        return within_sample, within_make_run, ended_early, unfinished
-    return within_sample, within_make_run, ended_early, unfinished, rare, nll / max(1, n_tokens)
+    counts = within_sample, within_make_run, ended_early, unfinished, len(continuations)
+    return counts if reference is None else (*counts, rare, nll / max(1, n_tokens))
 
 
 def greedy_loops_line(model_path, prompts, encoding, reference_path=None):
     reference = picogpt.load(reference_path, quiet=True) if reference_path else None
-    within_sample, within_make_run, ended_early, unfinished, *rare = greedy_loops(model_path, prompts, encoding,
-                                                                                reference)
+    within_sample, within_make_run, ended_early, unfinished, distinct, *rare = greedy_loops(model_path, prompts,
+                                                                                          encoding, reference)
     return (f"greedy loops: {within_sample} of {len(prompts)} held-out docstring openings repeat a four-token phrase "
             f"within {SAMPLE_TOKENS} tokens, {within_make_run} within {MAKE_RUN_TOKENS}; {ended_early} end before "
-            f"{SAMPLE_TOKENS} tokens, {unfinished} of them before completing a sentence; for {model_path}"
+            f"{SAMPLE_TOKENS} tokens, {unfinished} of them before completing a sentence; {distinct} are distinct; "
+            f"for {model_path}"
             + (f"; {rare[0]} hold a token that {reference_path} gives p < {RARE_P:g}, and its mean negative "
                f"log-likelihood of their tokens is {rare[1]:.3f} nats" if rare else ""))
 
@@ -770,9 +853,17 @@ def main():
                    help="with --unlikelihood-margin: also push down an <|endoftext|> that ends a continuation "
                         "holding no complete sentence (empty, or only \"The following functions are:\"), as a "
                         "repeating token is, even where the document does end there")
+    p.add_argument("--unlikelihood-best-of", metavar="K", type=int,
+                   help="with --unlikelihood-from: also sample K continuations of each prefix (temperature "
+                        f"{BEST_OF_TEMPERATURE}, top-k {BEST_OF_TOP_K}) and train on the best by the reference among "
+                        "those that end after a complete sentence without repeating a phrase (or, with "
+                        "--unlikelihood-nonsense, holding nonsense): its mean log-probability after the prefix less "
+                        f"{BEST_OF_GENERIC} times that without; raise good text, not only push down bad (4 was "
+                        "tried: every continuation collapsed onto \"New in version 3.11.\")")
     p.add_argument("--unlikelihood-reference", metavar="MODEL_DAT",
-                   help="the model that --unlikelihood-margin-among, --unlikelihood-nonsense and --unlikelihood-anchor "
-                        "hold the steps to (default: the starting model, --unlikelihood-from)")
+                   help="the model that --unlikelihood-margin-among, --unlikelihood-nonsense, --unlikelihood-anchor "
+                        "and --unlikelihood-best-of hold the steps to (default: the starting model, "
+                        "--unlikelihood-from)")
     p.add_argument("--unlikelihood-prefixes", choices=["windows", "openings", "sentences"], default="windows",
                    help=f"with --unlikelihood-from, what the sequence-level steps continue: windows, random "
                         f"{UL_PREFIX}-token training windows (the default); openings, the first {UL_OPENING} tokens of "
@@ -817,6 +908,7 @@ def main():
         (args.unlikelihood_margin_among is not None, "--unlikelihood-margin-among shapes unlikelihood steps"),
         (args.unlikelihood_nonsense is not None, "--unlikelihood-nonsense shapes unlikelihood steps"),
         (args.unlikelihood_early_end, "--unlikelihood-early-end shapes unlikelihood steps"),
+        (args.unlikelihood_best_of is not None, "--unlikelihood-best-of adds to unlikelihood steps"),
         (args.unlikelihood_reference is not None, "--unlikelihood-reference holds unlikelihood steps"),
         (args.unlikelihood_anchor is not None, "--unlikelihood-anchor weighs unlikelihood steps")]
     for given, what in unlikelihood_only:
@@ -836,6 +928,8 @@ def main():
     if args.unlikelihood_margin_among is not None and not 2 <= args.unlikelihood_margin_among <= N_VOCAB:
         sys.exit(f"error: --unlikelihood-margin-among needs K from 2 (the repeating token may be one of them) to "
                  f"{N_VOCAB} (the vocabulary)")
+    if args.unlikelihood_best_of is not None and args.unlikelihood_best_of < 1:
+        sys.exit("error: --unlikelihood-best-of needs K of 1 or more samples a prefix (4 was tried)")
     if args.unlikelihood_from and not Path(args.unlikelihood_from).is_file():
         sys.exit(f"error: no model file {args.unlikelihood_from} to train on with unlikelihood steps")
     if not Path(args.docs, "index.html").is_file():
@@ -880,6 +974,9 @@ def main():
             settings["unlikelihood"]["nonsense"] = args.unlikelihood_nonsense
         if args.unlikelihood_early_end:
             settings["unlikelihood"]["early_end"] = True
+        if args.unlikelihood_best_of is not None:
+            settings["unlikelihood"]["best_of"] = [args.unlikelihood_best_of, BEST_OF_TEMPERATURE, BEST_OF_TOP_K,
+                                                   BEST_OF_GENERIC]
         if args.unlikelihood_reference is not None:
             settings["unlikelihood"]["reference"] = hashlib.sha256(
                 Path(args.unlikelihood_reference).read_bytes()).hexdigest()[:16]
@@ -929,7 +1026,7 @@ def main():
         if trained.hparams != HPARAMS:
             sys.exit(f"error: {args.unlikelihood_from} is not this script's model ({trained.hparams})")
         held = (args.unlikelihood_anchor is not None or args.unlikelihood_margin_among is not None
-                or args.unlikelihood_nonsense is not None)
+                or args.unlikelihood_nonsense is not None or args.unlikelihood_best_of is not None)
         if not resume:  # where the model starts, with a fresh AdamW (a resumed run's weights are the checkpoint's)
             model.transformer.load_state_dict(hf_model(trained.hparams, trained.tensors).transformer.state_dict())
         if held:  # and what it is held to, frozen: the starting model or --unlikelihood-reference
@@ -973,6 +1070,13 @@ def main():
         else:
             anchor_text = (f", handing it to {held_to}'s other choices and holding the rest of the "
                            f"continuation to that model's distributions with weight {args.unlikelihood_anchor}")
+        if args.unlikelihood_best_of is not None:
+            anchor_text += (f"; and it samples {args.unlikelihood_best_of} continuations of each (temperature "
+                            f"{BEST_OF_TEMPERATURE}, top-k {BEST_OF_TOP_K}) and trains on the best of those that end "
+                            f"after a complete sentence without repeating a phrase"
+                            + (" or holding nonsense" if args.unlikelihood_nonsense is not None else "")
+                            + f": the highest mean log-probability {held_to} gives it after the prefix, less "
+                            f"{BEST_OF_GENERIC} times that after <|endoftext|> alone")
         log(f"unlikelihood: {' '.join([Path(sys.executable).name] + sys.argv)}")
         log(environment)
         log(f"corpus: {docs_version(args.docs)}; tokens sha256 {digest}")  # the next-token steps' and openings'
@@ -1019,7 +1123,7 @@ def main():
         if not resume:  # (sentences come with --unlikelihood-from, checked above)
             log(f"first sentences: {sum(map(len, train_sentences.values()))} of the {len(train_docs)} training "
                 f"documents have one within {UL_PREFIX} tokens")
-    losses, unlikelihood_losses, t_sitting = [], [], time.perf_counter()
+    losses, unlikelihood_losses, best_of_losses, t_sitting = [], [], [], time.perf_counter()
     while schedule.end is None or step < schedule.end:
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(step)
@@ -1040,6 +1144,11 @@ def main():
             else:
                 loss = anchored_unlikelihood_loss(model, reference, prefixes, bf16, args.unlikelihood_anchor)
             unlikelihood_losses.append(loss.item())
+            if args.unlikelihood_best_of is not None:
+                best_of = best_sample_loss(model, reference, prefixes, bf16, args.unlikelihood_best_of, encoding,
+                                           batches, args.unlikelihood_nonsense)
+                best_of_losses.append(best_of.item())
+                loss = loss + best_of
         else:
             loss = lm_loss(model, random_windows(train, BLOCK_SIZE, batches, with_next=True), bf16,
                            args.token_unlikelihood or 0.0)
@@ -1057,10 +1166,12 @@ def main():
             if args.unlikelihood_from:
                 loops, unfinished = looping_openings(model, loop_openings, encoding)
                 log(f"step {step:5d} | lr {schedule.lr(step - 1):.2e} | batch loss {np.mean(losses):.4f} "
-                    f"| unlikelihood loss {np.mean(unlikelihood_losses):.4f} | train loss {train_loss:.4f} "
+                    f"| unlikelihood loss {np.mean(unlikelihood_losses):.4f} "
+                    + (f"| best-of loss {np.mean(best_of_losses):.4f} " if best_of_losses else "")
+                    + f"| train loss {train_loss:.4f} "
                     f"| val loss {val_loss:.4f} | loops {loops}/{len(loop_openings)} "
                     f"| unfinished {unfinished}/{len(loop_openings)} | {elapsed:6.0f} s")
-                losses, unlikelihood_losses = [], []
+                losses, unlikelihood_losses, best_of_losses = [], [], []
                 why = schedule.evaluated(step, loops)
                 state.update(loop_counts=schedule.loop_counts, stopped_at=schedule.stopped_at)
                 if why:
