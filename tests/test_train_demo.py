@@ -450,6 +450,26 @@ def test_best_of_k_is_the_cross_entropy_of_the_chosen_samples_and_raises_them(mo
     assert after < by_hand - 0.5  # (each step samples afresh from the model it has become)
 
 
+def test_best_of_k_can_sample_from_the_reference_and_leaves_each_models_mode_as_it_was(monkeypatch):
+    model, prefixes = an_untrained_model()
+    monkeypatch.setattr(trainer, "EOT", 7)
+    reference = a_moved_copy(model)
+    model.train()
+    from_reference = trainer.best_sampled_continuations(reference, reference, prefixes, 8, Text(" Done."),
+                                                        torch.Generator().manual_seed(1), bf16=False)
+    from_model = trainer.best_sampled_continuations(model, reference, prefixes, 8, Text(" Done."),
+                                                    torch.Generator().manual_seed(1), bf16=False)
+    assert not torch.equal(from_reference[0], from_model[0])  # other samples, so other continuations
+    assert model.training and not reference.training  # each model back in the mode it was in
+    seq, targets = from_reference
+    loss = trainer.best_sample_loss(model, reference, prefixes, False, 8, Text(" Done."),
+                                    torch.Generator().manual_seed(1), sampler=reference)
+    with torch.no_grad():  # the model's cross-entropy on the reference's samples
+        log_probs = torch.log_softmax(model(seq[:, :-1]).logits, -1)
+    by_hand = -np.mean([log_probs[row, i, seq[row, i + 1]].item() for row, i in targets.nonzero().tolist()])
+    torch.testing.assert_close(loss, torch.tensor(by_hand, dtype=torch.float32))
+
+
 def test_token_unlikelihood_lowers_the_windows_earlier_tokens_but_not_the_next_one():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 9, generator=generator)  # [batch, n, n_vocab]
@@ -563,6 +583,9 @@ def test_an_unlikelihood_flag_without_unlikelihood_steps_is_one_line(flag, what)
     (["--unlikelihood-margin", "1", "--unlikelihood-nonsense", "1"],
      "--unlikelihood-nonsense needs a probability P between 0 and 1 (1e-4 was tried)"),
     (["--unlikelihood-best-of", "0"], "--unlikelihood-best-of needs K of 1 or more samples a prefix (4 was tried)"),
+    (["--unlikelihood-best-of-sampler", "reference"],
+     "--unlikelihood-best-of-sampler chooses where --unlikelihood-best-of samples; "
+     "give --unlikelihood-best-of K as well"),
     (["--unlikelihood-margin", "1", "--unlikelihood-reference", "{tmp}/ref.dat"],
      "no model file {tmp}/ref.dat to hold unlikelihood steps to"),
 ])

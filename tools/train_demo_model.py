@@ -525,8 +525,9 @@ def token_log_probs(logits, seq):
 
 
 @torch.no_grad()
-def best_sampled_continuations(model, reference, prefixes, k, encoding, batches, bf16, nonsense=None):
-    """--unlikelihood-best-of K: sample K continuations of each prefix [batch, n_prefix] (temperature
+def best_sampled_continuations(sampler, reference, prefixes, k, encoding, batches, bf16, nonsense=None):
+    """--unlikelihood-best-of K: sample K continuations of each prefix [batch, n_prefix] from `sampler` (the
+    model in training, or with --unlikelihood-best-of-sampler reference the reference itself; temperature
     BEST_OF_TEMPERATURE among the BEST_OF_TOP_K likeliest tokens, up to UL_CONTINUATION tokens, seeded from
     `batches`), keep those that end at <|endoftext|> after completing a sentence, without repeating a
     four-token phrase or (given `nonsense`) holding a token the reference gives p < nonsense, and of those
@@ -539,14 +540,15 @@ def best_sampled_continuations(model, reference, prefixes, k, encoding, batches,
     which of their next-token targets [m, n - 1] are the continuation and its <|endoftext|>."""
     n_prefix = prefixes.shape[1]
     seed = int(torch.randint(2**31 - 1, (1,), generator=batches))  # so that a resumed run samples the same
+    training = sampler.training
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.eval()
-        samples = model.generate(prefixes.repeat_interleave(k, 0), do_sample=True,
+        sampler.eval()
+        samples = sampler.generate(prefixes.repeat_interleave(k, 0), do_sample=True,
                                  attention_mask=torch.ones_like(prefixes).repeat_interleave(k, 0),
                                  temperature=BEST_OF_TEMPERATURE, top_k=BEST_OF_TOP_K, max_new_tokens=UL_CONTINUATION,
                                  eos_token_id=EOT, pad_token_id=EOT)
-        model.train()
+        sampler.train(training)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         reference_logits = reference(samples[:, :-1]).logits
     log_probs = token_log_probs(reference_logits, samples)  # [batch * k, n - 1]
@@ -582,11 +584,13 @@ def best_sampled_continuations(model, reference, prefixes, k, encoding, batches,
     return seq, targets
 
 
-def best_sample_loss(model, reference, prefixes, bf16, k, encoding, batches, nonsense=None):
+def best_sample_loss(model, reference, prefixes, bf16, k, encoding, batches, nonsense=None, sampler=None):
     """Cross-entropy of the model on best_sampled_continuations' continuations and their <|endoftext|>,
     averaged over those tokens (0 when no prefix has one): a push towards text the reference finds likely
-    that ends after a sentence, where the hinge only pushes away from what greedy wrote."""
-    seq, targets = best_sampled_continuations(model, reference, prefixes, k, encoding, batches, bf16, nonsense)
+    that ends after a sentence, where the hinge only pushes away from what greedy wrote. The samples come
+    from the model itself unless `sampler` is given."""
+    seq, targets = best_sampled_continuations(model if sampler is None else sampler, reference, prefixes, k, encoding,
+                                              batches, bf16, nonsense)
     if not targets.any():
         return torch.zeros((), requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -860,6 +864,9 @@ def main():
                         "--unlikelihood-nonsense, holding nonsense): its mean log-probability after the prefix less "
                         f"{BEST_OF_GENERIC} times that without; raise good text, not only push down bad (4 was "
                         "tried: every continuation collapsed onto \"New in version 3.11.\")")
+    p.add_argument("--unlikelihood-best-of-sampler", choices=["model", "reference"], default="model",
+                   help="with --unlikelihood-best-of: sample from the model in training (the default), whose best "
+                        "samples feed back into what it samples next, or from the reference, which does not change")
     p.add_argument("--unlikelihood-reference", metavar="MODEL_DAT",
                    help="the model that --unlikelihood-margin-among, --unlikelihood-nonsense, --unlikelihood-anchor "
                         "and --unlikelihood-best-of hold the steps to (default: the starting model, "
@@ -921,6 +928,9 @@ def main():
     for given, what in margin_only:
         if given and args.unlikelihood_margin is None:
             sys.exit(f"error: {what}; give --unlikelihood-margin NATS as well")
+    if args.unlikelihood_best_of_sampler != "model" and args.unlikelihood_best_of is None:
+        sys.exit("error: --unlikelihood-best-of-sampler chooses where --unlikelihood-best-of samples; give "
+                 "--unlikelihood-best-of K as well")
     if args.unlikelihood_nonsense is not None and not 0 < args.unlikelihood_nonsense < 1:
         sys.exit("error: --unlikelihood-nonsense needs a probability P between 0 and 1 (1e-4 was tried)")
     if args.unlikelihood_reference is not None and not Path(args.unlikelihood_reference).is_file():
@@ -977,6 +987,8 @@ def main():
         if args.unlikelihood_best_of is not None:
             settings["unlikelihood"]["best_of"] = [args.unlikelihood_best_of, BEST_OF_TEMPERATURE, BEST_OF_TOP_K,
                                                    BEST_OF_GENERIC]
+            if args.unlikelihood_best_of_sampler != "model":
+                settings["unlikelihood"]["best_of"].append(args.unlikelihood_best_of_sampler)
         if args.unlikelihood_reference is not None:
             settings["unlikelihood"]["reference"] = hashlib.sha256(
                 Path(args.unlikelihood_reference).read_bytes()).hexdigest()[:16]
@@ -1071,9 +1083,10 @@ def main():
             anchor_text = (f", handing it to {held_to}'s other choices and holding the rest of the "
                            f"continuation to that model's distributions with weight {args.unlikelihood_anchor}")
         if args.unlikelihood_best_of is not None:
-            anchor_text += (f"; and it samples {args.unlikelihood_best_of} continuations of each (temperature "
-                            f"{BEST_OF_TEMPERATURE}, top-k {BEST_OF_TOP_K}) and trains on the best of those that end "
-                            f"after a complete sentence without repeating a phrase"
+            sampled_by = "" if args.unlikelihood_best_of_sampler == "model" else f" from {held_to}"
+            anchor_text += (f"; and it samples {args.unlikelihood_best_of} continuations of each{sampled_by} "
+                            f"(temperature {BEST_OF_TEMPERATURE}, top-k {BEST_OF_TOP_K}) and trains on the best of "
+                            f"those that end after a complete sentence without repeating a phrase"
                             + (" or holding nonsense" if args.unlikelihood_nonsense is not None else "")
                             + f": the highest mean log-probability {held_to} gives it after the prefix, less "
                             f"{BEST_OF_GENERIC} times that after <|endoftext|> alone")
@@ -1146,7 +1159,8 @@ def main():
             unlikelihood_losses.append(loss.item())
             if args.unlikelihood_best_of is not None:
                 best_of = best_sample_loss(model, reference, prefixes, bf16, args.unlikelihood_best_of, encoding,
-                                           batches, args.unlikelihood_nonsense)
+                                           batches, args.unlikelihood_nonsense,
+                                           reference if args.unlikelihood_best_of_sampler == "reference" else None)
                 best_of_losses.append(best_of.item())
                 loss = loss + best_of
         else:
