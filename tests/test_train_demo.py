@@ -452,13 +452,14 @@ def test_best_of_k_is_the_cross_entropy_of_the_chosen_samples_and_raises_them(mo
 
 def test_best_of_k_can_sample_from_the_reference_and_leaves_each_models_mode_as_it_was(monkeypatch):
     model, prefixes = an_untrained_model()
-    monkeypatch.setattr(trainer, "EOT", 7)
+    monkeypatch.setattr(trainer, "EOT", 3)  # a token both models sample now and then
     reference = a_moved_copy(model)
     model.train()
     from_reference = trainer.best_sampled_continuations(reference, reference, prefixes, 8, Text(" Done."),
                                                         torch.Generator().manual_seed(1), bf16=False)
     from_model = trainer.best_sampled_continuations(model, reference, prefixes, 8, Text(" Done."),
                                                     torch.Generator().manual_seed(1), bf16=False)
+    assert len(from_reference[0]) == len(from_model[0]) == 2
     assert not torch.equal(from_reference[0], from_model[0])  # other samples, so other continuations
     assert model.training and not reference.training  # each model back in the mode it was in
     seq, targets = from_reference
