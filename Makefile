@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # pip says nothing but errors (-qq): a fresh `make run` prints only picogpt's notice and its text
 PIP_INSTALL := $(PY) -m pip install --quiet --quiet
-PROMPT ?= Test if the address
+PROMPT ?= The optional argument
 N ?= 20
 MODEL ?=
 MODELS_DIR ?=

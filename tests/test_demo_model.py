@@ -27,9 +27,9 @@ LOGITS_TOLERANCE = 1e-4
 # Docstring-like text, then words the corpus hardly has, so rarely trained embeddings are exercised too.
 PARITY_PROMPT = ("Return a list of the lines in the string, breaking at line boundaries. "
                  "Alan Turing theorized that computers would one day become very powerful")
-GOLDEN_PROMPT = "Test if the address"  # the prompt of `make run` (see the model card for why this one)
+GOLDEN_PROMPT = "The optional argument"  # the prompt of `make run` (see the model card for why this one)
 # The shipped model's greedy 20 tokens (the same as Hugging Face's).
-GOLDEN_TEXT = " is not given.\nThe following methods are used to create a code object."  # then <|endoftext|>
+GOLDEN_TEXT = " is the same as for the first argument."  # then <|endoftext|>
 
 
 @pytest.fixture(scope="module")

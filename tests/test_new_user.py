@@ -710,7 +710,7 @@ def test_a_fresh_clones_make_run_prints_only_the_notice_and_the_text(tmp_path):
     from picogpt.generate import complete
     from picogpt.store import demo_model_path
     assert done.returncode == 0, done.stderr
-    assert done.stdout == complete(load(demo_model_path()), "Test if the address", 20) + "\n"  # make run's PROMPT
+    assert done.stdout == complete(load(demo_model_path()), "The optional argument", 20) + "\n"  # make run's PROMPT
     models = tmp_path / "data-home" / "picogpt" / "models"
     assert done.stderr == (f"picogpt: GPT-2 124M is not in {models}/, so this is the small demo model trained on "
                            f"Python's documentation; fetch 124M with: make fetch MODEL=124M\n")

@@ -110,15 +110,15 @@ def test_a_checkpoint_resumes_exactly(tmp_path):
 
 
 def test_greedy_loops_counts_a_repeated_phrase_within_30_tokens_and_within_make_runs_20_early_ends_and_distinct():
-    # The shipped model: "Get a random number, or an integer, or an integer, or an integer, in the first one."
-    # repeats within 20 tokens and ends at <|endoftext|>; "Return formatted information about the message’s
-    # message.\nThe message is an object which contains only the attributes of the message’s headers, and the
-    # returned value" after 20; "Remove an element. If the element is already in the list, then the first
-    # element is returned." ends after a sentence; "Deprecated, use `source'." ends at once, with no sentence.
-    # The first prompt given twice: 5 continuations, 4 of them distinct.
-    prompts = ["Get a random number", "Return formatted information about", "Remove an element. If",
-               "Deprecated, use `source'.", "Get a random number"]
-    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (3, 2, 4, 1, 4)
+    # The shipped model: "Run the examples in the Python source.\nThe first line is a single line. The second line
+    # is a single line." repeats within 20 tokens and ends at <|endoftext|>; "Format function arguments and return a
+    # list of strings.\nThe format is used for format strings, which are used for format strings." after 20;
+    # "Remove an element. If the element is empty, the element will be returned." ends after a sentence;
+    # "Deprecated, use `source'." ends at once, with no sentence. The first prompt given twice: 5
+    # continuations, 4 of them distinct.
+    prompts = ["Run the examples in", "Format function arguments and", "Remove an element. If",
+               "Deprecated, use `source'.", "Run the examples in"]
+    assert trainer.greedy_loops(DEMO_MODEL, prompts, trainer.load_tokenizer()) == (3, 2, 5, 1, 4)
 
 
 class UniformReference:
@@ -131,7 +131,7 @@ class UniformReference:
 
 def test_judging_against_a_reference_counts_its_unlikely_tokens():
     import picogpt
-    prompts = ["Get a random number", "Remove an element. If"]  # loops and ends early; ends early
+    prompts = ["Run the examples in", "Remove an element. If"]  # loops and ends early; ends early
     encoding = trainer.load_tokenizer()
     *loops, rare, nll = trainer.greedy_loops(DEMO_MODEL, prompts, encoding, UniformReference())
     assert loops == [1, 1, 2, 0, 2] and rare == 2 and nll == pytest.approx(math.log(50257))
