@@ -534,7 +534,9 @@ def best_sampled_continuations(sampler, reference, prefixes, k, encoding, batche
     take the one that scores best: the reference's mean log-probability of its tokens, its <|endoftext|>
     included, after the prefix, less BEST_OF_GENERIC times that after <|endoftext|> alone. Likelihood
     alone picks what fits every prefix: trained on, it made every continuation "New in version 3.3.\n
-    Return value: New reference. Part of the Stable ABI.", with no loop and no early end.
+    Return value: New reference. Part of the Stable ABI.", with no loop and no early end. The second term
+    did not stop that while the samples came from the model in training, each step's choice feeding the
+    next step's samples; from the reference, which does not change, it made the shipped model.
 
     Returns the chosen sequences [m, n] (m <= batch: a prefix may have none; padded with <|endoftext|>) and
     which of their next-token targets [m, n - 1] are the continuation and its <|endoftext|>."""
@@ -545,9 +547,9 @@ def best_sampled_continuations(sampler, reference, prefixes, k, encoding, batche
         torch.manual_seed(seed)
         sampler.eval()
         samples = sampler.generate(prefixes.repeat_interleave(k, 0), do_sample=True,
-                                 attention_mask=torch.ones_like(prefixes).repeat_interleave(k, 0),
-                                 temperature=BEST_OF_TEMPERATURE, top_k=BEST_OF_TOP_K, max_new_tokens=UL_CONTINUATION,
-                                 eos_token_id=EOT, pad_token_id=EOT)
+                                   attention_mask=torch.ones_like(prefixes).repeat_interleave(k, 0),
+                                   temperature=BEST_OF_TEMPERATURE, top_k=BEST_OF_TOP_K,
+                                   max_new_tokens=UL_CONTINUATION, eos_token_id=EOT, pad_token_id=EOT)
         sampler.train(training)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         reference_logits = reference(samples[:, :-1]).logits
@@ -863,10 +865,12 @@ def main():
                         "those that end after a complete sentence without repeating a phrase (or, with "
                         "--unlikelihood-nonsense, holding nonsense): its mean log-probability after the prefix less "
                         f"{BEST_OF_GENERIC} times that without; raise good text, not only push down bad (4 was "
-                        "tried: every continuation collapsed onto \"New in version 3.11.\")")
+                        "tried: sampled from the model itself, every continuation collapsed onto \"New in version "
+                        "3.11.\"; see --unlikelihood-best-of-sampler)")
     p.add_argument("--unlikelihood-best-of-sampler", choices=["model", "reference"], default="model",
                    help="with --unlikelihood-best-of: sample from the model in training (the default), whose best "
-                        "samples feed back into what it samples next, or from the reference, which does not change")
+                        "samples feed back into what it samples next, or from the reference, which does not change "
+                        "(the shipped model's last run)")
     p.add_argument("--unlikelihood-reference", metavar="MODEL_DAT",
                    help="the model that --unlikelihood-margin-among, --unlikelihood-nonsense, --unlikelihood-anchor "
                         "and --unlikelihood-best-of hold the steps to (default: the starting model, "
