@@ -379,11 +379,13 @@ def best_of_candidates(model, reference, prefixes, k, batches):
     mean log-probability of each one's continuation and <|endoftext|>, by hand, after the prefix and after
     <|endoftext|> alone: {row: [(after the prefix, alone, ids)]} over the samples that end."""
     seed = int(torch.randint(2**31 - 1, (1,), generator=batches))
-    torch.manual_seed(seed)
-    samples = model.eval().generate(prefixes.repeat_interleave(k, 0), do_sample=True, top_k=trainer.BEST_OF_TOP_K,
-                                    temperature=trainer.BEST_OF_TEMPERATURE, max_new_tokens=trainer.UL_CONTINUATION,
-                                    eos_token_id=trainer.EOT, pad_token_id=trainer.EOT,
-                                    attention_mask=torch.ones_like(prefixes).repeat_interleave(k, 0))
+    with torch.random.fork_rng(devices=[]):  # (and leave the global generator as it was for other tests)
+        torch.manual_seed(seed)
+        samples = model.eval().generate(prefixes.repeat_interleave(k, 0), do_sample=True, top_k=trainer.BEST_OF_TOP_K,
+                                        temperature=trainer.BEST_OF_TEMPERATURE,
+                                        max_new_tokens=trainer.UL_CONTINUATION, eos_token_id=trainer.EOT,
+                                        pad_token_id=trainer.EOT,
+                                        attention_mask=torch.ones_like(prefixes).repeat_interleave(k, 0))
     n_prefix, candidates = prefixes.shape[1], {}
     for j, ids in enumerate(samples.tolist()):
         if trainer.EOT in ids[n_prefix:]:
@@ -424,6 +426,12 @@ def test_best_of_k_takes_the_sample_the_reference_scores_best_that_ends_after_a_
     loss = trainer.best_sample_loss(model, reference, prefixes, False, 4, Text(" the version 3.3:"),
                                     torch.Generator().manual_seed(1))
     assert loss.item() == 0 and loss.requires_grad
+    # nor is one that holds a token the reference gives less than `nonsense`: all do under 1.0, none under 1e-30
+    everything_rare = trainer.best_sampled_continuations(model, reference, prefixes, 8, Text(" Done."),
+                                                         torch.Generator().manual_seed(1), bf16=False, nonsense=1.0)
+    nothing_rare = trainer.best_sampled_continuations(model, reference, prefixes, 8, Text(" Done."),
+                                                      torch.Generator().manual_seed(1), bf16=False, nonsense=1e-30)
+    assert len(everything_rare[0]) == 0 and torch.equal(nothing_rare[0], seq)
 
 
 def test_best_of_k_is_the_cross_entropy_of_the_chosen_samples_and_raises_them(monkeypatch):

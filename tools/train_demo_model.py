@@ -546,11 +546,13 @@ def best_sampled_continuations(sampler, reference, prefixes, k, encoding, batche
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sampler.eval()
-        samples = sampler.generate(prefixes.repeat_interleave(k, 0), do_sample=True,
-                                   attention_mask=torch.ones_like(prefixes).repeat_interleave(k, 0),
-                                   temperature=BEST_OF_TEMPERATURE, top_k=BEST_OF_TOP_K,
-                                   max_new_tokens=UL_CONTINUATION, eos_token_id=EOT, pad_token_id=EOT)
-        sampler.train(training)
+        try:
+            samples = sampler.generate(prefixes.repeat_interleave(k, 0), do_sample=True,
+                                       attention_mask=torch.ones_like(prefixes).repeat_interleave(k, 0),
+                                       temperature=BEST_OF_TEMPERATURE, top_k=BEST_OF_TOP_K,
+                                       max_new_tokens=UL_CONTINUATION, eos_token_id=EOT, pad_token_id=EOT)
+        finally:
+            sampler.train(training)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         reference_logits = reference(samples[:, :-1]).logits
     log_probs = token_log_probs(reference_logits, samples)  # [batch * k, n - 1]
@@ -867,7 +869,7 @@ def main():
                         f"{BEST_OF_GENERIC} times that without; raise good text, not only push down bad (4 was "
                         "tried: sampled from the model itself, every continuation collapsed onto \"New in version "
                         "3.11.\"; see --unlikelihood-best-of-sampler)")
-    p.add_argument("--unlikelihood-best-of-sampler", choices=["model", "reference"], default="model",
+    p.add_argument("--unlikelihood-best-of-sampler", choices=["model", "reference"],
                    help="with --unlikelihood-best-of: sample from the model in training (the default), whose best "
                         "samples feed back into what it samples next, or from the reference, which does not change "
                         "(the shipped model's last run)")
@@ -932,7 +934,7 @@ def main():
     for given, what in margin_only:
         if given and args.unlikelihood_margin is None:
             sys.exit(f"error: {what}; give --unlikelihood-margin NATS as well")
-    if args.unlikelihood_best_of_sampler != "model" and args.unlikelihood_best_of is None:
+    if args.unlikelihood_best_of_sampler is not None and args.unlikelihood_best_of is None:
         sys.exit("error: --unlikelihood-best-of-sampler chooses where --unlikelihood-best-of samples; give "
                  "--unlikelihood-best-of K as well")
     if args.unlikelihood_nonsense is not None and not 0 < args.unlikelihood_nonsense < 1:
@@ -991,8 +993,8 @@ def main():
         if args.unlikelihood_best_of is not None:
             settings["unlikelihood"]["best_of"] = [args.unlikelihood_best_of, BEST_OF_TEMPERATURE, BEST_OF_TOP_K,
                                                    BEST_OF_GENERIC]
-            if args.unlikelihood_best_of_sampler != "model":
-                settings["unlikelihood"]["best_of"].append(args.unlikelihood_best_of_sampler)
+            if args.unlikelihood_best_of_sampler == "reference":
+                settings["unlikelihood"]["best_of"].append("reference")
         if args.unlikelihood_reference is not None:
             settings["unlikelihood"]["reference"] = hashlib.sha256(
                 Path(args.unlikelihood_reference).read_bytes()).hexdigest()[:16]
@@ -1087,7 +1089,7 @@ def main():
             anchor_text = (f", handing it to {held_to}'s other choices and holding the rest of the "
                            f"continuation to that model's distributions with weight {args.unlikelihood_anchor}")
         if args.unlikelihood_best_of is not None:
-            sampled_by = "" if args.unlikelihood_best_of_sampler == "model" else f" from {held_to}"
+            sampled_by = f" from {held_to}" if args.unlikelihood_best_of_sampler == "reference" else ""
             anchor_text += (f"; and it samples {args.unlikelihood_best_of} continuations of each{sampled_by} "
                             f"(temperature {BEST_OF_TEMPERATURE}, top-k {BEST_OF_TOP_K}) and trains on the best of "
                             f"those that end after a complete sentence without repeating a phrase"
