@@ -1088,9 +1088,10 @@ def main():
         else:
             anchor_text = (f", handing it to {held_to}'s other choices and holding the rest of the "
                            f"continuation to that model's distributions with weight {args.unlikelihood_anchor}")
+        best_of_text = ""
         if args.unlikelihood_best_of is not None:
             sampled_by = f" from {held_to}" if args.unlikelihood_best_of_sampler == "reference" else ""
-            anchor_text += (f"; and it samples {args.unlikelihood_best_of} continuations of each{sampled_by} "
+            best_of_text = (f"; and it samples {args.unlikelihood_best_of} continuations of each{sampled_by} "
                             f"(temperature {BEST_OF_TEMPERATURE}, top-k {BEST_OF_TOP_K}) and trains on the best of "
                             f"those that end after a complete sentence without repeating a phrase"
                             + (" or holding nonsense" if args.unlikelihood_nonsense is not None else "")
@@ -1106,7 +1107,7 @@ def main():
                "sentences": f"training documents' first {UL_OPENING} tokens, or every other time their first "
                             f"sentence (up to {UL_PREFIX} tokens, one length in a batch),"}[args.unlikelihood_prefixes]
             + " greedily for "
-            f"{UL_CONTINUATION} tokens and " + on_repeats + anchor_text +
+            f"{UL_CONTINUATION} tokens and " + on_repeats + anchor_text + best_of_text +
             "; the others are next-token steps" + (" with" + token_level if token_level else "") +
             f"; until the greedy continuations of {N_LOOP_OPENINGS} training "
             f"docstring openings that loop fall by fewer than {UL_PLATEAU} over {PATIENCE} evaluations, "
