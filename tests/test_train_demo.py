@@ -400,6 +400,14 @@ def best_of_candidates(model, reference, prefixes, k, batches):
     return candidates
 
 
+def cross_entropy_by_hand(model, seq, targets):
+    """The model's mean negative log-probability of the next tokens of seq [m, n] that targets [m, n - 1]
+    marks, one position at a time."""
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(seq[:, :-1]).logits, -1)
+    return -np.mean([log_probs[row, i, seq[row, i + 1]].item() for row, i in targets.nonzero().tolist()])
+
+
 def test_best_of_k_takes_the_sample_the_reference_scores_best_that_ends_after_a_sentence(monkeypatch):
     model, prefixes = an_untrained_model()
     monkeypatch.setattr(trainer, "EOT", 7)  # a token the untrained model samples now and then
@@ -442,9 +450,7 @@ def test_best_of_k_is_the_cross_entropy_of_the_chosen_samples_and_raises_them(mo
                                                       torch.Generator().manual_seed(1), bf16=False)
     loss = trainer.best_sample_loss(model, reference, prefixes, False, 4, Text(" Done."),
                                     torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        log_probs = torch.log_softmax(model(seq[:, :-1]).logits, -1)
-    by_hand = -np.mean([log_probs[row, i, seq[row, i + 1]].item() for row, i in targets.nonzero().tolist()])
+    by_hand = cross_entropy_by_hand(model, seq, targets)
     torch.testing.assert_close(loss, torch.tensor(by_hand, dtype=torch.float32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(10):
@@ -452,9 +458,7 @@ def test_best_of_k_is_the_cross_entropy_of_the_chosen_samples_and_raises_them(mo
         trainer.best_sample_loss(model, reference, prefixes, False, 4, Text(" Done."),
                                  torch.Generator().manual_seed(1)).backward()
         optimizer.step()
-    with torch.no_grad():
-        log_probs = torch.log_softmax(model(seq[:, :-1]).logits, -1)
-    after = -np.mean([log_probs[row, i, seq[row, i + 1]].item() for row, i in targets.nonzero().tolist()])
+    after = cross_entropy_by_hand(model, seq, targets)
     assert after < by_hand - 0.5  # (each step samples afresh from the model it has become)
 
 
@@ -473,9 +477,7 @@ def test_best_of_k_can_sample_from_the_reference_and_leaves_each_models_mode_as_
     seq, targets = from_reference
     loss = trainer.best_sample_loss(model, reference, prefixes, False, 8, Text(" Done."),
                                     torch.Generator().manual_seed(1), sampler=reference)
-    with torch.no_grad():  # the model's cross-entropy on the reference's samples
-        log_probs = torch.log_softmax(model(seq[:, :-1]).logits, -1)
-    by_hand = -np.mean([log_probs[row, i, seq[row, i + 1]].item() for row, i in targets.nonzero().tolist()])
+    by_hand = cross_entropy_by_hand(model, seq, targets)  # the model's cross-entropy on the reference's samples
     torch.testing.assert_close(loss, torch.tensor(by_hand, dtype=torch.float32))
 
 
