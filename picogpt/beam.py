@@ -11,8 +11,10 @@ Each prompt itself runs once, its keys and values then copied to its beams' rows
 The rules are Hugging Face transformers' `_beam_search` (its vectorised form, transformers 4.50 to 5.x;
 written against 5.24): the same candidate count, the same -1e9 masks for finished or impossible beams,
 the same early-stopping heuristic (`early_stopping` False, True or "never"), the same length penalty
-on the generated length, and the same processors (repetition penalty, no-repeat n-grams, a minimum of
-new tokens) applied to the log-probabilities, so the same weights give the same sequences.
+on the generated length, and the same processors (picogpt.sampling's: repetition penalty, no-repeat
+n-grams, a minimum of new tokens) applied to the log-probabilities, so the same weights give the same
+sequences. Each step's logits come as picogpt.generate's loop takes them (`next_token_logits`, checked),
+and the batch's memory is checked before any work, as there.
 """
 
 from typing import NamedTuple
@@ -20,7 +22,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import PicogptError
-from .generate import apply_repetition_penalty, check_fits, left_pad
+from .generate import check_fits, left_pad, next_token_logits
+from .memory import check_memory
+from .sampling import Text, logits_processors
 from .scoring import log_softmax
 
 NEG = -1.0e9  # Hugging Face's "impossible" score
@@ -31,40 +35,7 @@ class Beams(NamedTuple):
 
     sequences: list  # per prompt: lists of new token ids (ending with the EOS that finished it, if any)
     scores: np.ndarray  # [n_prompts, num_return_sequences]: sum of log-probs / generated length ** length_penalty
-    step_scores: list  # per step: the processed log-probabilities [n_prompts * num_beams, n_vocab]
-
-
-def banned_ngram_tokens(sequences, n):
-    """For each row of token lists, the tokens that would repeat one of its n-grams (no_repeat_ngram_size)."""
-    banned = []
-    for seq in sequences:
-        if len(seq) + 1 < n:
-            banned.append([])
-            continue
-        prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
-        banned.append([seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix])
-    return banned
-
-
-def process(log_probs, tokens, n_pad, n_new, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
-            eos_token_id=None):
-    """Hugging Face's logits processors for these options, on log_probs [n_rows, n_vocab] of rows whose
-    tokens so far are tokens [n_rows, length] (left padding and prompt included), the first n_pad[row]
-    of them padding and the last n_new generated. As there, the repetition penalty skips the padding and
-    the n-gram ban does not."""
-    if repetition_penalty != 1.0:
-        rows, cols = np.nonzero(np.arange(tokens.shape[1])[None, :] >= np.asarray(n_pad)[:, None])
-        seen = np.zeros(log_probs.shape, dtype=bool)
-        seen[rows, tokens[rows, cols]] = True
-        log_probs = apply_repetition_penalty(log_probs, seen, np.float32(repetition_penalty))
-    if no_repeat_ngram_size > 0:
-        log_probs = log_probs.copy()
-        for row, banned in enumerate(banned_ngram_tokens(tokens.tolist(), no_repeat_ngram_size)):
-            log_probs[row, banned] = -np.inf
-    if min_new_tokens > 0 and n_new < min_new_tokens and eos_token_id is not None:
-        log_probs = log_probs.copy()
-        log_probs[:, eos_token_id] = -np.inf
-    return log_probs
+    step_scores: list  # per step: the processed log-probabilities [n_prompts * num_beams, n_vocab] (output_scores)
 
 
 def top_k_desc(values, k):
@@ -81,18 +52,23 @@ def top_k_desc(values, k):
 
 def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_stopping=False,
                 num_return_sequences=1, eos_token_id=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                min_new_tokens=0, pad_token_id=0):
+                min_new_tokens=0, pad_token_id=0, ngrams_count_padding=False, output_scores=False):
     """Beam search after each prompt (lists of token ids) for at most n_tokens new tokens: Beams.
 
     eos_token_id: the token that ends a sequence (picogpt's CLI passes <|endoftext|>), or None.
-    pad_token_id: what fills the left of shorter prompts (attention never sees it; the no-repeat n-gram
-    rule does, as in Hugging Face, where it is the caller's padding).
+    pad_token_id: what fills the left of shorter prompts (attention never sees it). The rules
+    (repetition_penalty, no_repeat_ngram_size, min_new_tokens) are picogpt.sampling's, as in decoding;
+    ngrams_count_padding: the no-repeat rule sees the padding, as Hugging Face's does (the drop-in's
+    choice). output_scores keeps every step's processed log-probabilities (Beams.step_scores).
     """
     if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
         raise PicogptError(f"num_return_sequences must be from 1 to num_beams ({num_beams}), "
                            f"not {num_return_sequences}")
     if early_stopping not in (True, False, "never"):
         raise PicogptError(f"early_stopping must be True, False or 'never', not {early_stopping!r}")
+    processors = logits_processors(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                   min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
+                                   ngrams_count_padding=ngrams_count_padding)
     prompts = [[int(i) for i in p] for p in prompts]
     if not prompts or not all(prompts):
         raise ValueError("every prompt needs at least one token id")
@@ -101,6 +77,8 @@ def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_s
     batch, prompt_len = tokens.shape
     tokens[np.arange(prompt_len)[None, :] < n_pad[:, None]] = pad_token_id
     check_fits(model, prompt_len, n_tokens, remedy="shorten the prompt or ask for fewer tokens")
+    check_memory(model.hparams, batch * num_beams, prompt_len, n_tokens, kept_scores=n_tokens if output_scores else 0,
+                 remedy="use fewer beams or prompts at once, or fewer tokens")
     max_length = prompt_len + n_tokens
     keep = max(2, 1 + (eos_token_id is not None)) * num_beams  # candidates per prompt each step
     top_beams = np.arange(keep) < num_beams
@@ -117,7 +95,7 @@ def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_s
     rows_pad = np.repeat(n_pad, num_beams)
     # The prompts run once each (all beams of a prompt start the same), then every beam row gets a copy.
     prompt_cache = model.new_cache(batch, prompt_len)
-    first_logits = model(tokens, cache=prompt_cache, n_pad=n_pad)[:, -1]  # [batch, n_vocab]
+    first_logits = next_token_logits(model, tokens, n_pad, prompt_cache)  # [batch, n_vocab]
     cache = model.new_cache(batch * num_beams, max_length)
     cache.keys[:, :, :, :prompt_len] = np.repeat(prompt_cache.keys, num_beams, axis=1)
     cache.values[:, :, :, :prompt_len] = np.repeat(prompt_cache.values, num_beams, axis=1)
@@ -129,11 +107,11 @@ def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_s
         if cur_len == prompt_len:
             logits = np.repeat(first_logits, num_beams, axis=0)  # [rows, n_vocab]
         else:
-            logits = model(flat[:, cache.length:], cache=cache, n_pad=rows_pad)[:, -1]  # [rows, n_vocab]
+            logits = next_token_logits(model, flat[:, cache.length:], rows_pad, cache, n_text=cur_len)  # [rows, n_vocab]
         log_probs = log_softmax(logits.astype(np.float32))
-        log_probs = process(log_probs, flat, rows_pad, cur_len - prompt_len, repetition_penalty,
-                            no_repeat_ngram_size, min_new_tokens, eos_token_id).astype(np.float32)
-        step_scores.append(log_probs)
+        log_probs = processors(log_probs, Text(flat, rows_pad, cur_len - prompt_len)).astype(np.float32)
+        if output_scores:
+            step_scores.append(log_probs)
         total = (log_probs.reshape(batch, num_beams, n_vocab) + running_scores[:, :, None]).reshape(batch, -1)
         top = top_k_desc(total, keep)  # [batch, keep] over beams x vocab
         top_scores = np.take_along_axis(total, top, axis=1)

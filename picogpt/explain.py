@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, generate
+from . import __version__
 from . import model as _model
-from . import tokenizer
+from . import sampling, tokenizer
 from .attention_plot import token_labels
 from .errors import BadArgument, PicogptError
 from .trace import tracing
@@ -33,16 +33,16 @@ MAX_TOKENS = 128  # the page holds n_layer x n_head x n_seq² / 2 attention weig
 TOP = 5  # next-token candidates per layer and position in the logit lens
 N_CANDIDATES = 50  # next-token candidates the page can list (filters are applied to all n_vocab logits)
 
-# Where the math of each view lives: (module, function, a piece of its code that must be there). The page
-# shows each function's file, line and first docstring line (its equation) and the matching line of code,
+# Where the math of each view lives: (module, function or class, a piece of its code that must be there). The
+# page shows each one's file, line and first docstring line (its equation) and the matching line of code,
 # all read from the source when the data is gathered, so they cannot drift from what ran.
 SOURCES = {
     "tokens": [(tokenizer, "encode", "load_tokenizer().encode("), (_model, "gpt2", "wte[ids] + wpe[positions]")],
     "attention": [(_model, "attention", "softmax(scores + mask)"), (_model, "softmax", "np.exp(")],
     "lens": [(_model, "layer_norm", "g * centered"), (_model, "gpt2", "matmul(x, wte.T)")],
-    "next": [(_model, "gpt2", "matmul(x, wte.T)"), (generate, "apply_repetition_penalty", "np.where(logits > 0"),
-             (generate, "choose_next", "logits / np.float32(temperature)"), (generate, "top_k_filter", "kth_largest ="),
-             (generate, "top_p_filter", "mass_before < p"), (generate, "softmax64", "np.exp(")],
+    "next": [(_model, "gpt2", "matmul(x, wte.T)"), (sampling, "RepetitionPenalty", "np.where(scores > 0"),
+             (sampling, "Temperature", "scores / np.float32"), (sampling, "TopK", "kth_largest ="),
+             (sampling, "TopP", "mass_before < self.p"), (sampling, "softmax64", "np.exp(")],
     "ablation": [(_model, "mha", "merge_heads(heads)")],
 }
 
@@ -172,7 +172,8 @@ def source_refs(view):
         if not matches:
             raise RuntimeError(f"{module.__name__}.{name} no longer contains {needle!r}: update SOURCES in {__name__}")
         path = Path(inspect.getsourcefile(function))
-        refs.append({"function": f"{name}()", "file": f"picogpt/{path.name}", "line": first + matches[0],
+        label = name if inspect.isclass(function) else f"{name}()"  # a class is one of sampling's processors
+        refs.append({"function": label, "file": f"picogpt/{path.name}", "line": first + matches[0],
                      "equation": inspect.getdoc(function).split("\n")[0], "code": lines[matches[0]].strip()})
     return refs
 

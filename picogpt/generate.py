@@ -1,104 +1,45 @@
 """Decoding: turning next-token logits into new tokens, and tokens into text.
 
-One loop serves every case: a batch of token sequences (one sequence is a batch of one) runs through
-the model together, each step picks every sequence's next token (greedy, or sampled from the
-distribution that temperature, top-k, top-p and a repetition penalty leave), and the tokens are yielded
-as they are chosen. On top of it: `generate` (one sequence, token ids), `generate_batch` (lists of
-ids), `stream_text` and `complete` (text in, text out, with stop strings). How probable a text is
-under the model is picogpt.scoring's business.
+One loop serves greedy search and sampling alike: a batch of token sequences (one sequence is a batch
+of one) runs through the model together, each step's logits go through the next-token pipeline that
+the options build once (picogpt.sampling: repetition penalty, no-repeat n-grams, a minimum of new
+tokens, then temperature, top-k and top-p when sampling) and every row's next token is chosen from
+them, and the tokens are yielded as they are chosen. On top of it: `generate` (one sequence, token
+ids), `generate_batch` (lists of ids), `stream_text` and `complete` (text in, text out, with stop
+strings). Beam search (picogpt.beam) has a loop of its own but takes each step the same way
+(`next_token_logits`) through the same pipeline. How probable a text is under the model is
+picogpt.scoring's business.
 """
 
-import math
-import numbers
-import os
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import PicogptError, plural
 from .hints import picogpt_command
+from .memory import check_memory
+from .sampling import Text, choose_next, logits_processors, random_stream
 from .tokenizer import EOT, StreamDecoder, encode
 
 PAD = 0  # the filler in front of shorter prompts in a batch (any id: attention never looks at it)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Choosing the next token
+# One step, as every decoding loop takes it
 
-def apply_repetition_penalty(logits, seen, penalty):
-    """Make tokens already in the text less likely (CTRL's penalty, with Hugging Face's semantics).
+def next_token_logits(model, new_tokens, n_pad, cache=None, n_text=None):
+    """The model's logits for the token after each row: [n_rows, n_vocab], after running new_tokens
+    [n_rows, n_seq] (left-padded by n_pad [n_rows]) on top of the cache, or alone without one.
 
-    logits [n_batch, n_vocab]; seen [n_batch, n_vocab] bool, True for tokens in the prompt or output.
-    A seen token's logit is divided by `penalty` when positive and multiplied by it when negative, so
-    penalty > 1 always lowers it. penalty 1 changes nothing.
+    Logits that are NaN or infinite mean damaged weights: one sentence that says how to check them,
+    rather than decoding garbage. n_text, for that sentence: the tokens run so far.
     """
-    penalised = np.where(logits > 0, logits / penalty, logits * penalty)
-    return np.where(seen, penalised, logits)
-
-
-def top_k_filter(logits, k):
-    """Keep each row's k largest logits (and any tied with the k-th), set the rest to -inf."""
-    if k >= logits.shape[-1]:
-        return logits
-    kth_largest = -np.partition(-logits, k - 1, axis=-1)[:, k - 1:k]  # [n_batch, 1]
-    return np.where(logits >= kth_largest, logits, -np.inf)
-
-
-def top_p_filter(logits, p):
-    """Nucleus filtering: keep each row's smallest set of most likely tokens whose probability reaches p.
-
-    A token is kept when the tokens more likely than it hold less than p between them, so the most
-    likely token is always kept and the kept set's mass is >= p.
-    """
-    order = np.argsort(-logits, axis=-1, kind="stable")  # most likely first
-    probs = softmax64(np.take_along_axis(logits, order, axis=-1))
-    mass_before = np.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < p
-    keep = np.empty_like(keep_sorted)
-    np.put_along_axis(keep, order, keep_sorted, axis=-1)
-    return np.where(keep, logits, -np.inf)
-
-
-def softmax64(logits):
-    """Softmax over the last axis in float64, so that cumulative sums over 50257 tokens stay exact."""
-    x = logits.astype(np.float64)
-    exp_x = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    return exp_x / np.sum(exp_x, axis=-1, keepdims=True)
-
-
-def choose_next(logits, rng, temperature=0.0, top_k=None, top_p=None):
-    """The next token of every row of logits [n_batch, n_vocab]: ids [n_batch].
-
-    temperature 0 is greedy (the most likely token; ties go to the lowest id). Otherwise the logits
-    are divided by the temperature, filtered by top-k then top-p, and one token is drawn per row from
-    their softmax by inverting its cumulative distribution with one uniform number from `rng`.
-    """
-    if temperature == 0:
-        return np.argmax(logits, axis=-1)
-    logits = logits / np.float32(temperature)
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1:
-        logits = top_p_filter(logits, top_p)
-    cumulative = np.cumsum(softmax64(logits), axis=-1)  # [n_batch, n_vocab]
-    u = rng.random(len(logits))  # [n_batch], uniform in [0, 1)
-    # The first token whose cumulative probability exceeds u: tokens of probability 0 are never chosen.
-    return np.array([np.searchsorted(row, ui * row[-1], side="right") for row, ui in zip(cumulative, u)])
-
-
-def check_options(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0):
-    """Refuse sampling settings that mean nothing, in one sentence, before any work."""
-    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
-        raise PicogptError(f"temperature must be a number >= 0 (0 is greedy), not {temperature}")
-    if top_k is not None and (not isinstance(top_k, numbers.Integral) or top_k < 1):
-        raise PicogptError(f"top-k must be a whole number >= 1, not {top_k}")
-    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-        raise PicogptError(f"top-p must be in (0, 1], not {top_p}")
-    if not (isinstance(repetition_penalty, numbers.Real) and math.isfinite(repetition_penalty)
-            and repetition_penalty > 0):
-        raise PicogptError(f"the repetition penalty must be a number > 0 (1 is none), not {repetition_penalty}")
-    if temperature == 0 and (top_k is not None or (top_p is not None and top_p < 1)):  # silently ignored otherwise
-        raise PicogptError("top-k and top-p choose what is sampled, but temperature 0 is greedy and samples "
-                           "nothing; give a temperature > 0 (1 samples from the model's own distribution)")
+    logits = model(new_tokens, cache=cache, n_pad=n_pad)[:, -1]  # [n_rows, n_vocab]
+    if not np.isfinite(logits).all():
+        n_text = new_tokens.shape[1] if n_text is None else n_text
+        raise PicogptError(f"the model produced NaN or infinite logits after {plural(n_text, 'token')}; its "
+                           f"weights are damaged: check them with: {picogpt_command('verify', model.path or 'MODEL')}")
+    return logits
 
 
 def check_fits(model, n_prompt, n_tokens, remedy=None):
@@ -112,169 +53,126 @@ def check_fits(model, n_prompt, n_tokens, remedy=None):
                            f"the model's context of {n_ctx} tokens; {remedy}")
 
 
-def memory_needed(hparams, n_batch, n_prompt, n_positions, use_cache=True):
-    """Bytes a batch needs at its peak beyond the weights (which are mapped from the file), by part.
-
-    n_batch rows, prompts padded to n_prompt tokens, up to n_positions tokens in all. The parts: the KV
-    cache (keys and values of every layer, float32), the largest activations of one forward pass (the
-    MLP's [n_batch, n_seq, 4 n_embd] and the attention weights [n_batch, n_head, n_seq, n_positions],
-    each with the copy its next step makes), and each step's logits with the float64 softmaxes, sums and
-    sort order that sampling with top-p keeps alive at once (8 copies). An estimate to refuse
-    what cannot fit, on the generous side; not an exact count.
-    """
-    n_embd, n_head, n_vocab = hparams["n_embd"], hparams["n_head"], hparams["n_vocab"]
-    n_seq = n_prompt if use_cache else n_positions  # the longest pass: prefill, or the last full recompute
-    cache = 2 * hparams["n_layer"] * n_batch * n_positions * n_embd * 4 if use_cache else 0
-    activations = 2 * 4 * n_batch * n_seq * max(4 * n_embd, n_head * n_positions)
-    logits = n_batch * n_vocab * (4 + 8 * 8 + 2)  # float32 logits, float64/int64 copies, boolean masks
-    return {"the KV cache": cache, "activations": activations, "logits": logits}
-
-
-def available_memory():
-    """Bytes of memory this process can still get: the system's (Linux's MemAvailable, else all of it),
-    or less where a container's limit (cgroup v2 memory.max less memory.current) says so; None where
-    nothing is known."""
-    known = []
-    try:
-        with open("/proc/meminfo") as f:
-            known += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        pass
-    if not known:
-        try:
-            known.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (AttributeError, ValueError, OSError):
-            pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
-            text = limit.read().strip()
-            if text != "max":
-                known.append(int(text) - int(used.read()))
-    except (OSError, ValueError):
-        pass
-    return min(known) if known else None
-
-
-def check_memory(hparams, n_batch, n_prompt, n_tokens, use_cache=True):
-    """Refuse, in one sentence and before any work, a batch that cannot fit in the memory available:
-    n_batch prompts padded to n_prompt tokens, n_tokens to generate (the model sees n_ctx at most)."""
-    n_positions = min(n_prompt + n_tokens, hparams["n_ctx"])
-    parts = memory_needed(hparams, n_batch, min(n_prompt, hparams["n_ctx"]), n_positions, use_cache)
-    needed, available = sum(parts.values()), available_memory()
-    if available is not None and needed > available:
-        largest = max(parts, key=parts.get)
-        raise PicogptError(f"{plural(n_batch, 'row')} of up to {plural(n_positions, 'token')} need about "
-                           f"{needed / 1e9:.1f} GB of memory ({largest} {parts[largest] / 1e9:.1f} GB) but "
-                           f"{available / 1e9:.1f} GB is available; ask for fewer samples or prompts at once, "
-                           f"or fewer tokens")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The decoding loop
-
-def left_pad(prompts):
-    """Prompts of different lengths -> one matrix [n_batch, longest] with PAD in front, and n_pad [n_batch]."""
+def left_pad(prompts, pad_token_id=PAD):
+    """Prompts of different lengths -> one matrix [n_batch, longest] with pad_token_id in front, and n_pad [n_batch]."""
     longest = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), longest), PAD, dtype=np.int64)
+    tokens = np.full((len(prompts), longest), pad_token_id, dtype=np.int64)
     for row, prompt in zip(tokens, prompts):
         row[longest - len(prompt):] = prompt
     return tokens, np.array([longest - len(p) for p in prompts])
 
 
-def decode_steps(model, prompts, n_tokens, use_cache=True, temperature=0.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, seed=None, sliding_window=False):
-    """Yield the next token of every prompt, n_tokens times: ids [n_batch] per step.
+# ---------------------------------------------------------------------------------------------------
+# The decoding loop
 
-    Every row keeps going until the last step; callers decide when a row is finished (at
-    <|endoftext|>, a stop string) and may stop iterating early. With the cache, the prompts run through
-    the model once ("prefill"), then each step runs only the new tokens ("decode"); without it, every
-    step recomputes all positions. With sliding_window, a text longer than the model's context keeps its
-    last n_ctx tokens (once the window is full, every step recomputes it, since GPT-2's positions are
-    absolute); without it, prompt plus new tokens must fit.
+class Step(NamedTuple):
+    """One step of every row: what decode_steps yields."""
+
+    ids: np.ndarray  # [n_batch]: each row's next token (pad_token_id for a row that has ended)
+    scores: np.ndarray  # [n_batch, n_vocab]: what it was chosen from (the logits after the processors)
+
+
+def decode_steps(model, prompts, n_tokens, **settings):
+    """Yield the next token of every prompt (lists of token ids, of any lengths), step by step: Step.
+
+    The prompts are padded on the left into one batch; the settings are decode_padded's. Checked here,
+    before the first step is asked for.
+    """
+    prompts = [[int(i) for i in p] for p in prompts]
+    if not prompts or not all(prompts):
+        raise ValueError("every prompt needs at least one token id (GPT-2 starts an empty text with <|endoftext|>)")
+    tokens, n_pad = left_pad(prompts)
+    return decode_padded(model, tokens, n_pad, n_tokens, **settings)
+
+
+def decode_padded(model, tokens, n_pad, n_tokens, eos_token_id=None, pad_token_id=None, use_cache=True,
+                  sliding_window=False, seed=None, memory_remedy=None, **options):
+    """Yield the next token of every row of tokens [n_batch, longest], whose first n_pad[row] tokens are
+    padding, up to n_tokens times: Step(ids [n_batch], scores [n_batch, n_vocab]).
+
+    options are the next-token pipeline's (temperature, top_k, top_p, repetition_penalty,
+    no_repeat_ngram_size, min_new_tokens; see picogpt.sampling.logits_processors), built once here.
+    eos_token_id: the token that ends a row (None: nothing does, and every row runs n_tokens steps).
+    A row that has produced it gets pad_token_id (default: eos_token_id) from then on, which runs
+    through the model like any token and is for the caller to ignore; the loop ends once every row has
+    ended. With the cache, the prompts run through the model once ("prefill"), then each step runs only
+    the new tokens ("decode"); without it, every step recomputes all positions. With sliding_window, a
+    text longer than the model's context keeps its last n_ctx tokens (once the window is full, every step
+    recomputes it, since GPT-2's positions are absolute); without it, prompt plus new tokens must fit.
 
     seed: an int (or None) for NumPy's generator, or an object whose .random(n) gives one uniform number
     per row (picogpt.corpus gives each document a stream of its own, so that its sample does not depend
     on the batch it ran in).
 
-    The prompts and settings are checked when decode_steps is called, before the first step is asked for.
+    Everything is checked when decode_padded is called, before the first step is asked for: the
+    options, the context and the memory the batch needs (memory_remedy: what the refusal tells the
+    user to lower).
     """
-    prompts = [[int(i) for i in p] for p in prompts]
-    if not prompts or not all(prompts):
-        raise ValueError("every prompt needs at least one token id (GPT-2 starts an empty text with <|endoftext|>)")
-    check_options(temperature, top_k, top_p, repetition_penalty)
-    n_prompt = max(len(p) for p in prompts)
+    processors = logits_processors(eos_token_id=eos_token_id, **options)
     if not sliding_window:
-        check_fits(model, n_prompt, n_tokens)
-    check_memory(model.hparams, len(prompts), n_prompt, n_tokens, use_cache)
-    tokens, n_pad = left_pad(prompts)
-    return _steps(model, prompts, tokens, n_pad, n_tokens, use_cache, temperature, top_k, top_p,
-                  repetition_penalty, seed)
+        check_fits(model, tokens.shape[1], n_tokens)
+    check_memory(model.hparams, len(tokens), tokens.shape[1], n_tokens, use_cache,
+                 **({"remedy": memory_remedy} if memory_remedy else {}))
+    pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+    rng = random_stream(seed) if processors.sample else None
+    return _steps(model, np.asarray(tokens, dtype=np.int64), np.asarray(n_pad), n_tokens, processors, rng,
+                  eos_token_id, pad_token_id, use_cache)
 
 
-def _steps(model, prompts, tokens, n_pad, n_tokens, use_cache, temperature, top_k, top_p, repetition_penalty,
-           seed):
-    """decode_steps' loop, over checked prompts: tokens [n_batch, longest] left-padded by n_pad [n_batch]."""
-    n_ctx = model.hparams["n_ctx"]
-    rng = seed if hasattr(seed, "random") else np.random.default_rng(seed)
-    seen = np.zeros((len(prompts), model.hparams["n_vocab"]), dtype=bool)  # for the repetition penalty
-    for row, prompt in enumerate(prompts):
-        seen[row, prompt] = True
+def _steps(model, tokens, n_pad, n_tokens, processors, rng, eos_token_id, pad_token_id, use_cache):
+    """decode_padded's loop, over checked settings."""
+    n_ctx, n_prompt = model.hparams["n_ctx"], tokens.shape[1]
+    ended = np.zeros(len(tokens), dtype=bool)
     cache, cache_start, n_cached = None, 0, 0  # the cache holds the keys and values of tokens[:, cache_start:n_cached]
     for step in range(n_tokens):
         window_start = max(0, tokens.shape[1] - n_ctx)  # the model sees tokens[:, window_start:]
         window_pad = np.maximum(n_pad - window_start, 0)
         if not use_cache:
-            logits = model(tokens[:, window_start:], n_pad=window_pad)
+            logits = next_token_logits(model, tokens[:, window_start:], window_pad, n_text=tokens.shape[1])
         else:
             if cache is None or cache_start != window_start:  # first step, or the window slid: refill
                 n_positions = tokens.shape[1] - window_start + n_tokens - step  # the most this cache will hold
-                cache = model.new_cache(len(prompts), n_positions)
+                cache = model.new_cache(len(tokens), n_positions)
                 cache_start, n_cached = window_start, window_start
-            logits = model(tokens[:, n_cached:], cache=cache, n_pad=window_pad)
+            logits = next_token_logits(model, tokens[:, n_cached:], window_pad, cache, n_text=tokens.shape[1])
             n_cached = tokens.shape[1]
-        logits = logits[:, -1]  # [n_batch, n_vocab]
-        if not np.isfinite(logits).all():  # damaged weights: stop rather than decode garbage
-            raise PicogptError(f"the model produced NaN or infinite logits after {plural(tokens.shape[1], 'token')}; "
-                               f"its weights are damaged: check them with: "
-                               f"{picogpt_command('verify', model.path or 'MODEL')}")
-        if repetition_penalty != 1:
-            logits = apply_repetition_penalty(logits, seen, np.float32(repetition_penalty))
-        next_ids = choose_next(logits, rng, temperature, top_k, top_p)
-        seen[np.arange(len(prompts)), next_ids] = True
-        tokens = np.concatenate([tokens, next_ids[:, None]], axis=1)
-        yield next_ids
+        scores = processors(logits, Text(tokens, n_pad, tokens.shape[1] - n_prompt))
+        ids = choose_next(scores, rng)
+        if eos_token_id is not None:
+            ids = np.where(ended, pad_token_id, ids)
+            ended |= ids == eos_token_id
+        tokens = np.concatenate([tokens, ids[:, None]], axis=1)
+        yield Step(ids, scores)
+        if ended.all():
+            return
 
 
 def generate(model, ids, n_tokens, stop_at_eot=True, **options):
     """Yield up to n_tokens new token ids after `ids`, each as soon as it is chosen.
 
-    Greedy unless `options` ask for sampling (temperature, top_k, top_p, repetition_penalty, seed; see
-    choose_next and decode_steps, which also take use_cache and sliding_window). Stops after
-    <|endoftext|>, which is not yielded, unless stop_at_eot is False.
+    Greedy unless `options` ask for sampling (temperature, top_k, top_p, seed), with the rules
+    repetition_penalty, no_repeat_ngram_size and min_new_tokens (picogpt.sampling), and use_cache and
+    sliding_window (decode_padded). Stops after <|endoftext|>, which is not yielded, unless stop_at_eot
+    is False.
     """
-    for (next_id,) in decode_steps(model, [ids], n_tokens, **options):
+    for step in decode_steps(model, [ids], n_tokens, eos_token_id=EOT if stop_at_eot else None, **options):
+        (next_id,) = step.ids.tolist()
         if stop_at_eot and next_id == EOT:
             return
-        yield int(next_id)
+        yield next_id
 
 
 def generate_batch(model, prompts, n_tokens, stop_at_eot=True, **options):
     """New token ids for several prompts run as one batch: a list per prompt, as generate gives it.
 
-    Each row's greedy result is the same as running it alone; the batch stops early once every row
-    has ended at <|endoftext|>.
+    Each row's result is the same as running it alone; the batch stops early once every row has ended
+    at <|endoftext|> (after which the loop gives an ended row <|endoftext|> again, skipped here).
     """
-    results, finished = [[] for _ in prompts], [False] * len(prompts)
-    for next_ids in decode_steps(model, prompts, n_tokens, **options):
-        for row, next_id in enumerate(next_ids.tolist()):
-            if finished[row]:
-                continue
-            if stop_at_eot and next_id == EOT:
-                finished[row] = True
-            else:
+    results = [[] for _ in prompts]
+    for step in decode_steps(model, prompts, n_tokens, eos_token_id=EOT if stop_at_eot else None, **options):
+        for row, next_id in enumerate(step.ids.tolist()):
+            if not (stop_at_eot and next_id == EOT):
                 results[row].append(next_id)
-        if all(finished):
-            break
     return results
 
 
@@ -367,13 +265,14 @@ class TextBatch:
             check_memory(model.hparams, len(distinct) * num_samples, max(map(len, distinct)), n_tokens,
                          options.get("use_cache", True))
         self.prompt_ids = [ids for ids in distinct for _ in range(num_samples)]
-        self._steps = decode_steps(model, self.prompt_ids, n_tokens, **options)
+        self._steps = decode_steps(model, self.prompt_ids, n_tokens, eos_token_id=EOT if stop_at_eot else None,
+                                   **options)
         self.streams = [TextStream(stop, stop_at_eot) for _ in self.prompt_ids]
         self.texts = [""] * len(self.prompt_ids)
 
     def __iter__(self):
-        for next_ids in self._steps:
-            pieces = [stream.push(token) for stream, token in zip(self.streams, next_ids.tolist())]
+        for step in self._steps:
+            pieces = [stream.push(token) for stream, token in zip(self.streams, step.ids.tolist())]
             self.texts = [text + piece for text, piece in zip(self.texts, pieces)]
             yield pieces
             if all(stream.finished for stream in self.streams):

@@ -10,7 +10,8 @@ GenerationMixin.generate (GenerationConfig's defaults: max_length 20, top_k 50, 
 arguments listed in `generate`; any other is refused in one sentence, never ignored. Inputs may be
 lists, NumPy arrays or torch tensors; outputs are NumPy arrays, or torch tensors when a torch tensor
 came in (torch is imported only then). Padding is on the left, as Hugging Face wants for generation.
-Beam search is picogpt.beam's; greedy search and sampling run the same logits processors.
+Greedy search and sampling are picogpt.generate's decoding loop, beam search is picogpt.beam's, and
+both take picogpt.sampling's processors with these options: no decoding of its own here.
 """
 
 import json
@@ -22,9 +23,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import store
-from .beam import beam_search, process
+from .beam import beam_search
 from .errors import PicogptError
-from .generate import choose_next, top_k_filter, top_p_filter
+from .generate import check_fits, decode_padded
+from .memory import check_memory
 from .tokenizer import EOT
 from .trace import collect
 
@@ -213,16 +215,31 @@ class GPT2LMHeadModel:
             prompts = [row[p:].tolist() for row, p in zip(ids, n_pad)]
             beams = beam_search(self.model, prompts, max_new_tokens, num_beams, length_penalty, early_stopping,
                                 num_return_sequences, eos, repetition_penalty, no_repeat_ngram_size, min_new_tokens,
-                                pad_token_id=pad)
+                                pad_token_id=pad, ngrams_count_padding=True, output_scores=output_scores)
             new = [seq for per_prompt in beams.sequences for seq in per_prompt]
             rows = np.repeat(ids, num_return_sequences, axis=0)
             scores, sequences_scores = beams.step_scores, beams.scores.reshape(-1)
         else:
-            fill = pad
-            rows, new, scores = self._sample(ids, n_pad, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                             repetition_penalty, no_repeat_ngram_size, min_new_tokens, eos, pad,
-                                             num_return_sequences, seed)
-            sequences_scores = None
+            if num_return_sequences > 1 and not do_sample:
+                raise PicogptError("num_return_sequences > 1 needs do_sample=True or num_beams >= "
+                                   "num_return_sequences")
+            fill, sequences_scores = pad, None
+            rows, n_pad = np.repeat(ids, num_return_sequences, axis=0), np.repeat(n_pad, num_return_sequences)
+            check_fits(self.model, prompt_len, max_new_tokens, remedy="shorten the prompt or lower max_new_tokens")
+            if output_scores:  # every step's scores kept to the end: more than the loop itself checks for
+                check_memory(self.model.hparams, len(rows), prompt_len, max_new_tokens, kept_scores=max_new_tokens)
+            # Hugging Face's `_sample`: its processors, then (sampling) its warpers, in picogpt's one loop; its
+            # n-gram ban sees the caller's padding. A row that produced EOS gets `pad` after it.
+            sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p) if do_sample else {}
+            new, scores = [[] for _ in rows], []
+            for step in decode_padded(self.model, rows, n_pad, max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                      seed=seed, repetition_penalty=repetition_penalty,
+                                      no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
+                                      ngrams_count_padding=True, **sampling):
+                for row, token in zip(new, step.ids.tolist()):
+                    row.append(token)
+                if output_scores:
+                    scores.append(step.scores)
         width = max(len(seq) for seq in new)
         sequences = np.concatenate([rows, np.array([seq + [fill] * (width - len(seq)) for seq in new],
                                                    dtype=np.int64).reshape(len(new), width)], axis=1)
@@ -231,40 +248,6 @@ class GPT2LMHeadModel:
         return ModelOutput(sequences=_out(sequences, as_torch),
                            scores=tuple(_out(s, as_torch) for s in scores) if output_scores else None,
                            sequences_scores=_out(sequences_scores, as_torch) if output_scores else None)
-
-    def _sample(self, ids, n_pad, n_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                no_repeat_ngram_size, min_new_tokens, eos, pad, num_return_sequences, seed):
-        """Greedy search or sampling, as Hugging Face's `_sample`: the processors on the logits, then (when
-        sampling) temperature, top-k and top-p; a row that produced EOS gets padding after it."""
-        if num_return_sequences > 1 and not do_sample:
-            raise PicogptError("num_return_sequences > 1 needs do_sample=True or num_beams >= num_return_sequences")
-        ids, n_pad = np.repeat(ids, num_return_sequences, axis=0), np.repeat(n_pad, num_return_sequences)
-        model, rng = self.model, np.random.default_rng(seed)
-        cache = model.new_cache(len(ids), ids.shape[1] + n_tokens)
-        tokens, new, scores = ids, [[] for _ in ids], []
-        unfinished = np.ones(len(ids), bool)
-        for step in range(n_tokens):
-            logits = model(tokens[:, cache.length:], cache=cache, n_pad=n_pad)[:, -1].astype(np.float32)
-            logits = process(logits, tokens, n_pad, step, repetition_penalty, no_repeat_ngram_size,
-                             min_new_tokens, eos).astype(np.float32)
-            if do_sample:  # Hugging Face's warpers, in its order; the scores are what is sampled from
-                logits = logits / np.float32(temperature)
-                if top_k:
-                    logits = top_k_filter(logits, min(top_k, logits.shape[-1]))
-                if top_p < 1.0:
-                    logits = top_p_filter(logits, top_p)
-                chosen = choose_next(logits, rng, 1.0)
-            else:
-                chosen = np.argmax(logits, axis=-1)
-            scores.append(logits)
-            for row in np.flatnonzero(unfinished):
-                new[row].append(int(chosen[row]))
-            chosen = np.where(unfinished, chosen, pad)
-            tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
-            unfinished &= chosen != eos
-            if not unfinished.any():
-                break
-        return ids, new, scores
 
 
 GENERATE_ARGUMENTS = ("input_ids", "attention_mask", "max_new_tokens", "max_length", "min_new_tokens", "do_sample",

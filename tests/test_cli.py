@@ -10,7 +10,7 @@ import pytest
 
 from hf_reference import random_tensors, write_model_dat
 from picogpt import cli
-from picogpt.generate import generate
+from picogpt.generate import Step, generate
 from picogpt.store import default_models_dir, load
 from picogpt.tokenizer import EOT, decode, encode
 
@@ -110,7 +110,7 @@ def test_multibyte_characters_split_across_tokens_print_whole(model_path, capsys
     text = "🦄 日本語"
     tokens = encode(text)
     assert len(tokens) > 3  # the characters span several byte-level tokens
-    steps = (np.array([token]) for token in tokens)  # decode_steps yields [n_batch] ids per step
+    steps = (Step(np.array([token]), None) for token in tokens)  # decode_steps yields a Step of [n_batch] ids
     monkeypatch.setattr(sys.modules["picogpt.generate"], "decode_steps", lambda *a, **k: steps)
     pieces = []
     real_write = sys.stdout.write

@@ -19,7 +19,7 @@ import pytest
 
 from picogpt.explain import explain
 from picogpt.explain_page import write_page
-from picogpt.generate import apply_repetition_penalty, softmax64, top_k_filter, top_p_filter
+from picogpt.sampling import distribution, softmax64
 from picogpt.store import load
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
@@ -115,21 +115,6 @@ def test_changing_layer_head_and_query_redraws_the_attention(browser, page):
     assert console_errors(browser) == []
 
 
-def picogpt_probabilities(logits, prompt_ids, temperature, top_k, top_p, penalty):
-    """The next token's distribution as picogpt samples it (generate._steps, then choose_next)."""
-    logits = logits[None].astype(np.float32)
-    seen = np.zeros_like(logits, dtype=bool)
-    seen[0, prompt_ids] = True
-    if penalty != 1:
-        logits = apply_repetition_penalty(logits, seen, np.float32(penalty))
-    logits = logits / np.float32(temperature)
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1:
-        logits = top_p_filter(logits, top_p)
-    return softmax64(logits)[0]
-
-
 @pytest.mark.parametrize("temperature, top_k, top_p, penalty", [
     (1.0, None, 1.0, 1.0), (0.7, 10, 1.0, 1.0), (1.3, None, 0.9, 1.0), (0.8, 40, 0.75, 1.3), (2.0, 3, 1.0, 0.7)])
 def test_sampling_controls_show_picogpts_own_filtered_probabilities(browser, page, temperature, top_k, top_p, penalty):
@@ -140,7 +125,9 @@ def test_sampling_controls_show_picogpts_own_filtered_probabilities(browser, pag
         box.clear()
         if value is not None:
             box.send_keys(str(value))
-    expected = picogpt_probabilities(seen.next_logits, seen.ids, temperature, top_k, top_p, penalty)
+    # the distribution picogpt samples from (picogpt.sampling's processors, as every decoding path applies them)
+    expected = distribution(seen.next_logits, seen.ids, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=penalty)
     survivors = int((expected > 0).sum())
     assert browser.find_element(By.ID, "next-summary").text.startswith(f"{survivors:,} of 50,257 tokens can be drawn")
     rows = browser.find_elements(By.CSS_SELECTOR, "#next-table tr[data-id]")

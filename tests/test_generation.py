@@ -7,14 +7,16 @@ against Hugging Face's logits processors, frequencies of many draws against the 
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor, NoRepeatNGramLogitsProcessor,
+                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
 
 from hf_reference import hf_model, random_tensors, write_model_dat
 from picogpt import blas, cli
 from picogpt.errors import PicogptError
-from picogpt.generate import (apply_repetition_penalty, choose_next, complete, generate,
-                              generate_batch, softmax64, stream_text, top_k_filter, top_p_filter)
+from picogpt.generate import complete, decode_steps, generate, generate_batch, stream_text
+from picogpt.sampling import (MinNewTokens, NoRepeatNGram, RepetitionPenalty, Temperature, Text, TopK, TopP,
+                              banned_ngram_tokens, choose_next, distribution, logits_processors, softmax64)
 from picogpt.scoring import score
 from picogpt.model import GPT2
 from picogpt.store import load
@@ -67,9 +69,9 @@ def test_top_k_never_emits_a_token_outside_the_k_best(k):
     best = np.argsort(-logits, axis=-1)[:, :k]
     rng = np.random.default_rng(0)
     for _ in range(300):
-        chosen = choose_next(logits, rng, temperature=1.5, top_k=k)
+        chosen = choose_next(TopK(k)(Temperature(1.5)(logits)), rng)
         assert all(token in row for token, row in zip(chosen, best))
-    kept = np.isfinite(top_k_filter(logits, k))
+    kept = np.isfinite(TopK(k)(logits))
     assert (kept.sum(axis=-1) == k).all()
 
 
@@ -77,7 +79,7 @@ def test_top_k_never_emits_a_token_outside_the_k_best(k):
 def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p(p):
     logits = random_logits(int(p * 100))
     probs = softmax64(logits)
-    kept = np.isfinite(top_p_filter(logits, p))
+    kept = np.isfinite(TopP(p)(logits))
     for row_probs, row_kept in zip(probs, kept):
         kept_probs = row_probs[row_kept]
         assert kept_probs.min() >= row_probs[~row_kept].max(initial=0)  # the most likely tokens
@@ -88,14 +90,12 @@ def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p(p):
 def test_filters_and_penalty_agree_with_hugging_face_processors():
     logits = random_logits(7)
     history = torch.tensor([[3, 5, 5, 190], [0, 1, 2, 3], [199, 7, 8, 9]])
-    seen = np.zeros(logits.shape, dtype=bool)
-    for row, ids in enumerate(history.tolist()):
-        seen[row, ids] = True
+    text = Text(history.numpy(), np.zeros(3, np.int64), 0)
     theirs = RepetitionPenaltyLogitsProcessor(1.3)(history, torch.from_numpy(logits.copy())).numpy()
-    np.testing.assert_allclose(apply_repetition_penalty(logits, seen, np.float32(1.3)), theirs, rtol=1e-6)
+    np.testing.assert_allclose(RepetitionPenalty(1.3)(logits, text), theirs, rtol=1e-6)
     scores = torch.from_numpy(logits.copy())
-    assert (np.isfinite(top_k_filter(logits, 10)) == np.isfinite(TopKLogitsWarper(10)(None, scores).numpy())).all()
-    assert (np.isfinite(top_p_filter(logits, 0.8)) == np.isfinite(TopPLogitsWarper(0.8)(None, scores).numpy())).all()
+    assert (np.isfinite(TopK(10)(logits)) == np.isfinite(TopKLogitsWarper(10)(None, scores).numpy())).all()
+    assert (np.isfinite(TopP(0.8)(logits)) == np.isfinite(TopPLogitsWarper(0.8)(None, scores).numpy())).all()
 
 
 def test_sampled_frequencies_match_the_softmax():
@@ -106,12 +106,12 @@ def test_sampled_frequencies_match_the_softmax():
     probs = softmax64(logits)[0]
     rng = np.random.default_rng(1234)
     n = 200_000
-    draws = np.concatenate([choose_next(np.repeat(logits, 1000, axis=0), rng, temperature=1.0) for _ in range(n // 1000)])
+    draws = np.concatenate([choose_next(np.repeat(logits, 1000, axis=0), rng) for _ in range(n // 1000)])
     freq = np.bincount(draws, minlength=len(probs)) / n
     assert (np.abs(freq - probs) <= 4.5 * np.sqrt(probs * (1 - probs) / n)).all()
     assert 0.5 * np.abs(freq - probs).sum() < 0.01
     # Temperature 2 flattens the same distribution to softmax(logits / 2).
-    draws = np.concatenate([choose_next(np.repeat(logits, 1000, axis=0), rng, temperature=2.0) for _ in range(50)])
+    draws = np.concatenate([choose_next(Temperature(2.0)(np.repeat(logits, 1000, axis=0)), rng) for _ in range(50)])
     flat = softmax64(logits / 2)[0]
     assert 0.5 * np.abs(np.bincount(draws, minlength=len(probs)) / len(draws) - flat).sum() < 0.01
 

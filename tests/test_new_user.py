@@ -273,7 +273,7 @@ def test_requests_too_large_for_memory_are_refused_before_any_work(model_path, t
 
 
 def test_memory_estimate_grows_with_every_dimension():
-    from picogpt.generate import memory_needed
+    from picogpt.memory import memory_needed
     base = sum(memory_needed(HPARAMS, 4, 8, 16).values())
     for changed in (dict(n_batch=8), dict(n_prompt=12), dict(n_positions=32)):
         args = dict(dict(n_batch=4, n_prompt=8, n_positions=16), **changed)
@@ -285,7 +285,8 @@ def test_memory_estimate_grows_with_every_dimension():
 RSS_PROBE = """
 import sys
 from picogpt import load
-from picogpt.generate import complete, memory_needed
+from picogpt.generate import complete
+from picogpt.memory import memory_needed
 from picogpt.tokenizer import encode
 
 def peak_rss():  # VmHWM: this process's peak since exec (ru_maxrss would include the parent's at fork)
@@ -310,16 +311,16 @@ def test_memory_estimate_covers_what_a_sampled_batch_really_takes():
 
 
 def test_memory_check_against_what_is_available(model_path, monkeypatch):
-    from picogpt import generate
+    from picogpt import generate, memory
     model = load(model_path)
     n_prompt = len(encode("Hi there"))
-    needed = sum(generate.memory_needed(model.hparams, 3, n_prompt, n_prompt + 5).values())
-    monkeypatch.setattr(generate, "available_memory", lambda: needed - 1)
+    needed = sum(memory.memory_needed(model.hparams, 3, n_prompt, n_prompt + 5).values())
+    monkeypatch.setattr(memory, "available_memory", lambda: needed - 1)
     with pytest.raises(generate.PicogptError, match=f"3 rows of up to {n_prompt + 5} tokens need about"):
         generate.complete(model, "Hi there", 5, num_samples=3)
     with pytest.raises(generate.PicogptError, match="3 rows"):  # the token-level API checks the same
         generate.generate_batch(model, [encode("Hi there")] * 3, 5)
-    monkeypatch.setattr(generate, "available_memory", lambda: needed)
+    monkeypatch.setattr(memory, "available_memory", lambda: needed)
     assert len(generate.complete(model, "Hi there", 5, num_samples=3)) == 3
 
 
