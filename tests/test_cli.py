@@ -162,7 +162,8 @@ def test_golden_tokens_of_the_real_gpt2_124m(prompt, golden):
 
 
 def test_the_readme_python_example_runs(model_path, capsys, monkeypatch):
-    """The README's API example, run as written except that "124M" is a small random model here."""
+    """The README's API example, then docs/python-api.md's, which goes on from it, run as written except
+    that "124M" is a small random model here."""
     import picogpt
     readme = (REPO / "README.md").read_text()
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
@@ -173,8 +174,9 @@ def test_the_readme_python_example_runs(model_path, capsys, monkeypatch):
     assert capsys.readouterr().out == expected_text(model_path, "San Francisco is", 8)
     assert namespace["logits"].shape == (1, 50257) and namespace["cache"].length == len(namespace["ids"]) + 1
 
-    # The second example continues in the same namespace: text streams, batches, scores, model outputs.
-    exec(readme.split("```python\n", 2)[2].split("```", 1)[0], namespace)
+    # docs/python-api.md's example goes on in the same namespace: text streams, batches, scores, outputs.
+    page = (REPO / "docs" / "python-api.md").read_text()
+    exec(page.split("```python\n", 1)[1].split("```", 1)[0], namespace)
     model, ids, out = namespace["model"], namespace["ids"], namespace["out"]
     assert capsys.readouterr().out == "".join(namespace["stream_text"](model, "Hello", 20, stop=["\n"]))
     assert len(namespace["texts"]) == 2 and len(namespace["samples"]) == 4 and len(namespace["id_lists"]) == 2

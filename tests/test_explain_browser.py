@@ -4,7 +4,7 @@ file:// as a user opens it.
 The page loads with no console errors, shows the tokens and the greedy next token, redraws when the layer,
 head or a sampling setting changes, and computes the same candidates and probabilities as picogpt's own
 sampling filters; a prompt made of HTML and script runs nothing. The last test takes the screenshot the
-README shows, from the shipped demo model; PICOGPT_SCREENSHOT=docs/explain.png keeps it there.
+docs/explain.md shows, from the shipped demo model; PICOGPT_SCREENSHOT=docs/explain.png keeps it there.
 
 Needs Debian's chromium and chromium-driver packages (make test installs them where it can); without them
 these tests skip, saying so.

@@ -1,6 +1,6 @@
 """Bad input and faults: every failure is one line naming the problem and the fix, with a non-zero exit
-and no traceback, and nothing half-written is left looking valid. The README's "When things go wrong"
-table lists these cases; each row names the test here that checks it."""
+and no traceback, and nothing half-written is left looking valid. The "When things go wrong" table of
+docs/faults.md lists these cases; each row names the test here that checks it."""
 
 import errno
 import json

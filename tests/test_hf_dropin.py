@@ -189,16 +189,16 @@ def test_unsupported_arguments_are_refused(pair):
 
 
 def test_the_readmes_script_prints_the_same_with_either_import(tmp_path):
-    """The README's transformers script, run as written and with its import changed, on a Hugging Face
-    copy of the demo model: the same lines, and the ones the README shows."""
+    """The transformers script of docs/huggingface.md (once the README's), run as written and with its
+    import changed, on a Hugging Face copy of the demo model: the same lines, and the ones the page shows."""
     import re
     import subprocess
     import sys
     from pathlib import Path
     from picogpt.modelfile import open_model_file
     repo = Path(__file__).resolve().parent.parent
-    readme = (repo / "README.md").read_text()
-    section = readme.split("## A drop-in for transformers' GPT2LMHeadModel", 1)[1].split("\n## ", 1)[0]
+    page = (repo / "docs" / "huggingface.md").read_text()
+    section = page.split("## A transformers script, changed by one import", 1)[1].split("\n## ", 1)[0]
     script = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     shown = re.findall(r"```\n('.*?)```", section, re.S)[0]
     demo = open_model_file(repo / "data" / "demo" / "model.dat")

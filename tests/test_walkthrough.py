@@ -213,8 +213,13 @@ def test_the_attention_commands_run(mini_model_path, tmp_path, monkeypatch, caps
 def test_the_readme_leads_to_the_walkthrough_with_its_commands():
     readme = (DOC.parent.parent / "README.md").read_text(encoding="utf-8")
     assert "docs/walkthrough.md" in readme
+    explain = (DOC.parent / "explain.md").read_text(encoding="utf-8")  # the README's tracer commands moved there
+    assert "(walkthrough.md)" in explain
+    pages = [readme] + [p.read_text(encoding="utf-8") for p in sorted(DOC.parent.glob("*.md")) if p != DOC]
     commands, _ = code_lines()
-    shown = [line.strip() for block in re.findall(r"^```[^\n]*\n(.*?)^```", readme, flags=re.M | re.S)
+    shown = [line.strip() for text in pages
+             for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.M | re.S)
              for line in block.splitlines() if "--trace" in line or line.startswith("picogpt attention")]
-    assert shown, "the README shows no tracer or attention command"
-    assert all(line in commands for line in shown), "README commands differ from the walkthrough's (tested) ones"
+    shown_in_explain = [line for line in shown if line in explain]
+    assert shown_in_explain, "docs/explain.md shows no tracer or attention command"
+    assert all(line in commands for line in shown), "commands of README.md or docs/ differ from the walkthrough's"
