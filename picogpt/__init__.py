@@ -10,23 +10,28 @@
 
 The modules, bottom to top (each imports only modules above it in this list):
 
-    errors, files       the one exception type; shipped data and atomic writes
+    errors, hints       the one exception type; commands quoted in messages, spelled to work as printed
+    shipped, outputs    where the shipped data lies (vocabulary, demo model); outputs written atomically
     bfloat16            bfloat16 weights as uint16 bit patterns: rounding, widening, BFloat16Matrix
-    hints               commands quoted in messages, spelled to work as printed here
     tensors             GPT-2's hyper-parameters and tensor names (model.dat's, OpenAI's, Hugging Face's)
     modelfile           the model.dat format: write, map, validate
-    blas, tokenizer     BLAS backends; GPT-2's BPE tokenizer and its vocabulary files
+    blas, precision     BLAS backends; bfloat16 weights multiplied natively or widened, chosen at load
+    tokenizer           GPT-2's BPE tokenizer and its vocabulary files
     model               the math: layer_norm, gelu, softmax, attention, mha, mlp, block, gpt2; KV cache
     trace               a tracer of the model's steps; collects hidden states and attention weights
-    generate, scoring   decoding (greedy, sampling, stop strings, batches); log-probabilities of a text
+    memory, sampling    the memory a batch needs; the next-token pipeline (logits processors, the choice)
+    generate, scoring   the decode loop (greedy, sampling, stop strings, batches); log-probabilities of a text
     beam                beam search with Hugging Face's rules
     download            OpenAI's release (sizes, URL, files) and the resumable download
     convert_tf, convert_hf    checkpoints -> model.dat
     store               model names -> files; load, fetch (download + convert)
     attention_plot      pictures of attention weights
     hf                  a drop-in for Hugging Face's GPT2LMHeadModel (from_pretrained, forward, generate)
-    reference, parity, bench    the PyTorch reference; the layer-by-layer check and the benchmark against it
-    cli                 every `picogpt` subcommand (__main__ runs it)
+    corpus, corpus_ray  whole corpora, in process or on Ray
+    explain, explain_page     the data of a forward pass for a learner, and its web page
+    reference, parity, bench  the PyTorch reference; the layer-by-layer check and the benchmark against it
+    cli, commands/      `picogpt` and its subcommands (__main__ runs cli; cli imports a subcommand's module
+                        only when it runs)
 
 __version__ (the installed package's version too: setup.cfg reads it from here) is the only name
 defined up front. The names below are imported on first use, so that `import picogpt` itself costs

@@ -1,6 +1,7 @@
 """`python -m picogpt` and the `picogpt` console script: the command line of picogpt.cli.
 
-Importing the command line loads NumPy and the rest, a noticeable fraction of a second: a Ctrl-C in
+Importing the command line and the subcommand's module loads NumPy and the rest, a noticeable fraction
+of a second: a Ctrl-C in
 that time, or while the arguments are read, ends quietly, as it does later (picogpt.cli.run), instead
 of with a traceback.
 A Ctrl-C can reach an extension module inside its C initialisation, which may report it as an
@@ -19,14 +20,16 @@ def _note_ctrl_c(signum, frame):
     raise KeyboardInterrupt
 
 
-def _import_cli():
-    """picogpt.cli.main, imported with Ctrl-C noted (in the main thread; elsewhere signals are not ours)."""
+def _import_cli(argv):
+    """picogpt.cli.main, imported with the module of the subcommand argv names, with Ctrl-C noted (in the
+    main thread; elsewhere signals are not ours)."""
     try:
         previous = signal.signal(signal.SIGINT, _note_ctrl_c)
     except ValueError:
         previous = None
     try:
-        from picogpt.cli import main
+        from picogpt.cli import main, split_subcommand, subcommand
+        subcommand(split_subcommand(sys.argv[1:] if argv is None else list(argv))[0])
         return main
     finally:
         if previous is not None:
@@ -35,7 +38,7 @@ def _import_cli():
 
 def main(argv=None, prog=None):
     try:
-        cli_main = _import_cli()
+        cli_main = _import_cli(argv)
     except BaseException as e:
         from picogpt.errors import interrupted
         if _ctrl_c_while_importing or interrupted(e):

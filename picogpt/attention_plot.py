@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import PicogptError, plural
-from .files import atomic_output, output_file
+from .outputs import atomic_output, output_file
 from .hints import install_command
 from .generate import prompt_ids
 from .tokenizer import load_tokenizer

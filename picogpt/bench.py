@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import blas
+from . import blas, precision
 from .bfloat16 import BFloat16Matrix
 from .errors import PicogptError
 from .explain import explain
@@ -39,8 +39,8 @@ from .modelfile import ModelFileWriter, convert_dtype, open_model_file
 from .parity import PROMPT  # the 19-token Alan Turing prompt
 from .reference import hf_greedy
 from .reference import hf_model as reference_model
-from .files import output_file, write_atomically
-from .store import load, models_dir, weights_for_backend
+from .outputs import output_file, write_atomically
+from .store import load, models_dir
 from .tensors import gpt2_tensor_specs
 from .tokenizer import EOT, decode, encode
 
@@ -232,7 +232,7 @@ def bf16_contestants(hf, path, bf16_path, args, n):
     rows, notes = [], []
     try:
         blas.use("mkl")
-        native, why = blas.bf16_support()
+        native, why = precision.bf16_support()
     except PicogptError as e:
         native, why = False, str(e)
     if native:
@@ -258,7 +258,7 @@ def bf16_contestants(hf, path, bf16_path, args, n):
         notes.append(f"picogpt mkl bf16: skipped, {why}")
     blas.use("numpy")
     _, flags = blas.cpu_features()
-    if {"avx512_bf16", "amx_bf16"} & flags or os.environ.get(blas.BF16_ENV) == "native":
+    if {"avx512_bf16", "amx_bf16"} & flags or os.environ.get(precision.BF16_ENV) == "native":
         hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
         rows += [contestant("PyTorch bf16, cache", t, partial(torch.set_num_threads, t),
                             partial(hf_generate, hf_bf16, PROMPT_IDS, n, True), args.repeats, system="PyTorch bf16",
@@ -597,7 +597,7 @@ def run(**options):
             section_started = time.perf_counter()
             path, source = find_model(size, args, tmp)
             mf = open_model_file(path)
-            tensors, _ = weights_for_backend(mf, "widen")  # the float32 rows: a bfloat16 file's weights widened
+            tensors, _ = precision.weights_for_backend(mf, "widen")  # float32 rows: bfloat16 weights widened
             mf = SimpleNamespace(hparams=mf.hparams, tensors=tensors, path=mf.path)
             model, hf = GPT2(mf.hparams, mf.tensors, path=mf.path), hf_model(mf)
             if args.corpus_docs and "corpus" not in results:  # the first size's model scores the corpus

@@ -12,7 +12,7 @@ Backends (`BACKENDS`; `use(lib=PATH)` adds a fourth, "cblas"):
 - accelerate: Apple's Accelerate framework (macOS only), through the same CBLAS code.
 - mkl: Intel's oneMKL (libmkl_rt from the `mkl` wheel, x86-64), through the same CBLAS code. It also
   multiplies bfloat16 weights (`cblas_gemm_bf16bf16f32`: activations rounded to bfloat16 per product,
-  sums in float32), the one library here that does; see bf16_support() for when that is worth it.
+  sums in float32), the one library here that does; picogpt.precision decides when that is worth it.
 - cblas: `use(lib=PATH)` loads any CBLAS library, e.g. BLIS or a system OpenBLAS.
 
 Why ctypes: a CBLAS library is a plain C shared library, so ctypes calls `cblas_sgemm` directly and
@@ -49,7 +49,6 @@ from .bfloat16 import BFloat16Matrix, round_to_bfloat16
 from .hints import install_command
 
 BACKENDS = ("numpy", "openblas", "accelerate", "mkl")
-BF16_ENV = "PICOGPT_BF16"  # "native" or "widen": overrides bf16_support()'s choice (tests, or a user who measured)
 ACCELERATE = "/System/Library/Frameworks/Accelerate.framework/Accelerate"
 _ROW, _NOTRANS, _TRANS = 101, 111, 112  # CblasRowMajor, CblasNoTrans, CblasTrans
 _ONE, _ZERO = c_float(1.0), c_float(0.0)
@@ -229,36 +228,6 @@ def cpu_features():
     fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     return fields.get("vendor_id"), set(fields.get("flags", "").split())
-
-
-def bf16_support(forced=None):
-    """(True, how) if the selected backend multiplies bfloat16 weights natively and fast on this CPU,
-    else (False, why): then bfloat16 weights are widened to float32 at load (see store.load).
-
-    Native needs the library's bfloat16 product (MKL's), a CPU with bfloat16 instructions (avx512_bf16
-    or amx_bf16), and an Intel CPU: MKL picks its bfloat16 kernels by Intel's CPU identification. On an
-    AMD Zen 4 with avx512_bf16, a 1x768 by 768x3072 bfloat16 product took 5.2 ms against 0.12 ms in
-    float32 (MKL 2026.2), and without the instructions Intel's own CPUs are 10-22x slower in bfloat16
-    (the shared performance notes). forced="native" or "widen" (else $PICOGPT_BF16) overrides the choice;
-    native still needs the library's bfloat16 product.
-    """
-    backend = current()
-    source = "asked for" if forced else f"${BF16_ENV}"
-    forced = (forced or os.environ.get(BF16_ENV, "")).lower()
-    if backend._gemm_bf16 is None:
-        return False, f"the {backend.name} backend has no bfloat16 product (--backend mkl has)"
-    if forced in ("native", "widen"):
-        return forced == "native", f"{source}: {forced}"
-    vendor, flags = cpu_features()
-    if not flags:
-        return False, "this system does not say whether its CPU has bfloat16 instructions (no /proc/cpuinfo)"
-    found = sorted({"avx512_bf16", "amx_bf16"} & flags)
-    if not found:
-        return False, "this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16)"
-    if vendor != "GenuineIntel":
-        return False, (f"MKL runs its bfloat16 kernels on Intel CPUs only, and this one is {vendor} (measured on "
-                       f"an AMD CPU with avx512_bf16: bfloat16 products 40x slower than float32)")
-    return True, f"{backend.name}'s cblas_gemm_bf16bf16f32 on a CPU with {' and '.join(found)}"
 
 
 def openblas_sources():

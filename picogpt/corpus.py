@@ -35,7 +35,7 @@ import numpy as np
 
 from . import __version__
 from .errors import BadArgument, PicogptError, plural
-from .files import write_atomically
+from .outputs import write_atomically
 from .generate import generate_batch, left_pad
 from .sampling import check_options
 from .scoring import score, token_log_probs

@@ -22,7 +22,7 @@ from .errors import PicogptError
 from .hints import install_command
 from .model import GPT2
 from .modelfile import open_model_file
-from .store import weights_for_backend
+from .precision import weights_for_backend
 
 
 def require_ray():

@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from .files import write_atomically
+from .outputs import write_atomically
 
 PAGE_DIR = Path(__file__).resolve().parent / "page"
 _SLOTS = re.compile(r"@(STYLE|SCRIPT|DATA|STYLE_HASH|SCRIPT_HASH)@")

@@ -232,7 +232,7 @@ class GPT2:
         raw = [name for name, t in tensors.items() if t.dtype == np.uint16 and type(t) is np.ndarray]
         if raw:  # bfloat16 bit patterns would be multiplied as integers
             raise TypeError(f"tensor {raw[0]} holds bfloat16 bit patterns (uint16); load the model with "
-                            f"picogpt.load, or see picogpt.store.weights_for_backend")
+                            f"picogpt.load, or see picogpt.precision.weights_for_backend")
         self.params = nest_params(tensors, hparams["n_layer"])
         self.n_params = sum(t.size for t in tensors.values())
 

@@ -52,7 +52,7 @@ import numpy as np
 
 from . import bfloat16
 from .errors import PicogptError, plural
-from .files import temp_file_beside
+from .outputs import temp_file_beside
 from .hints import picogpt_command
 from .tensors import check_hparams, gpt2_tensor_specs, is_matrix
 

@@ -11,26 +11,23 @@ variable) must exist when models are looked up in it: a typo is an error, not th
 """
 
 import os
-import shlex
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
-
-from . import bfloat16, blas, files, hints
-from .convert_tf import convert_checkpoint, require_tensorflow
+from . import hints
 from .download import MODEL_SIZES, check_model_size, download_checkpoint
 from .errors import PicogptError
 from .model import GPT2
 from .modelfile import open_model_file
+from .outputs import remove_stale_partials
+from .precision import weights_for_backend
+from .shipped import DEMO, demo_model_path, demo_remake_hint
 
 MODELS_DIR_ENV = "PICOGPT_MODELS_DIR"
 
 
 class NotFetched(PicogptError):
     """A model of a known size that has not been fetched (downloaded and converted) yet."""
-DEMO = "demo"  # the small model trained on Python's documentation that ships in data/demo (see its README)
 
 
 def default_models_dir():
@@ -55,20 +52,6 @@ def models_dir(named=None):
         raise PicogptError(f"the models folder {path} ({source}) {problem}; check the name, or fetch a model "
                            f"into it with: {hints.fetch_command('124M', named)}")
     return path
-
-
-def demo_model_path():
-    """data/demo/model.dat: in the source checkout, or where setup.cfg's data_files install it."""
-    path = files.find_file(f"{DEMO}/model.dat", files.data_dirs())
-    if path is None:
-        raise PicogptError(f"the demo model (data/demo/model.dat) is missing; {demo_remake_hint()}")
-    return path
-
-
-def demo_remake_hint():
-    if (hints.CHECKOUT / ".git").exists() and (hints.CHECKOUT / "data" / DEMO).is_dir():
-        return f"restore it with: git -C {shlex.quote(str(hints.CHECKOUT))} checkout -- data/{DEMO}/model.dat"
-    return "reinstall picogpt"
 
 
 def default_model(named_models_dir=None):
@@ -104,6 +87,7 @@ def fetch(size, models_dir=None, base_url=None, progress=True, out=None, weight_
     models_dir/size/model.dat), and return that path. The layout is OpenAI's download script's, so a
     folder it filled is converted without downloading anything. weight_dtype "bf16" stores the weight
     matrices in bfloat16 (half the file; see picogpt.bfloat16)."""
+    from .convert_tf import convert_checkpoint, require_tensorflow  # the converter, only when a fetch runs
     size = check_model_size(size)
     require_tensorflow()  # before a download of hundreds of megabytes that could not be converted
     models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
@@ -116,7 +100,7 @@ def fetch(size, models_dir=None, base_url=None, progress=True, out=None, weight_
 def model_file(model, named_models_dir=None):
     """Open (map and check) the model file a name or path stands for, with the hint its damage calls for."""
     path = model_path(model, named_models_dir)
-    files.remove_stale_partials(path)  # what killed conversions of this file left beside it
+    remove_stale_partials(path)  # what killed conversions of this file left beside it
     if model in MODEL_SIZES and not path.exists():
         raise NotFetched(f"model {model} is not in {path.parent.parent}/; fetch it with: "
                          f"{hints.fetch_command(model, named_models_dir)}")
@@ -164,33 +148,3 @@ def widening_worth_saying(loaded):
         return True
 
 
-class Precision(NamedTuple):
-    """How a loaded model's weights are stored and multiplied (-v shows it)."""
-
-    file: str  # the weight matrices' type in the file: "f32" or "bf16"
-    native: bool  # bf16 files: multiplied as bfloat16 by the BLAS (else widened to float32 at load)
-    note: str  # one line saying so, and why
-
-    @property
-    def widened(self):
-        return self.file == "bf16" and not self.native
-
-
-def weights_for_backend(opened, bf16=None):
-    """The tensors to compute with, and how: a bfloat16 file's matrices stay bfloat16 (BFloat16Matrix,
-    half the memory) where the selected BLAS multiplies bfloat16 natively on this CPU
-    (blas.bf16_support), and are widened to float32 once, here, otherwise: exact, never failing, at the
-    cost of float32's memory (the file's mapping is then let go: every tensor is copied). The model's code
-    is the same either way. bf16="widen" or "native" overrides the choice (see blas.bf16_support)."""
-    if opened.weight_dtype != "bf16":
-        return opened.tensors, Precision("f32", False, "float32 weights")
-    native, why = blas.bf16_support(bf16)
-    matrices = [name for name in opened.tensors if opened.tensors[name].dtype == np.uint16]
-    if native:
-        tensors = {name: bfloat16.BFloat16Matrix.of(t) if name in matrices else t
-                   for name, t in opened.tensors.items()}
-        return tensors, Precision("bf16", True, f"bfloat16 weights, multiplied as bfloat16: {why}")
-    tensors = {name: bfloat16.widen(t) if name in matrices else np.array(t) for name, t in opened.tensors.items()}
-    extra = sum(opened.tensors[name].size for name in matrices) * 4
-    return tensors, Precision("bf16", False, f"{opened.path}: bfloat16 weights widened to float32 at load "
-                                             f"({extra / 1e6:.0f} MB of memory): {why}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from . import files
+from . import shipped
 from .errors import PicogptError
 from .hints import CHECKOUT, python_command
 
@@ -47,7 +47,7 @@ def _remake_hint(name):
 
 def data_dirs() -> list[Path]:
     """Folders that may hold the vocabulary files, in the order they are tried (tests monkeypatch this)."""
-    return [d / "gpt2" for d in files.data_dirs()]
+    return [d / "gpt2" for d in shipped.data_dirs()]
 
 
 def check_vocabulary_file(path: Path, contents: bytes) -> bytes:
@@ -64,7 +64,7 @@ def vocabulary_file(name: str) -> bytes:
     """The bytes of a shipped vocabulary file (a key of VOCABULARY_SHA256), found in data_dirs() and
     checked against its SHA-256; a missing, unreadable or damaged file is one PicogptError sentence."""
     dirs = data_dirs()
-    path = files.find_file(name, dirs)
+    path = shipped.find_file(name, dirs)
     if path is None:
         raise PicogptError(f"GPT-2 vocabulary file {name} not found in {' or '.join(map(str, dirs))}; "
                            f"{_remake_hint(name)}")

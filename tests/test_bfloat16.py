@@ -19,7 +19,7 @@ import torch
 
 from conftest import convert_hf_main, convert_tf_main
 from hf_reference import random_tensors
-from picogpt import blas, cli, store
+from picogpt import blas, cli, precision, store
 from picogpt.bfloat16 import BFloat16Matrix, isfinite, round_to_bfloat16, widen
 from picogpt.errors import PicogptError
 from picogpt.modelfile import PREAMBLE, ModelFileWriter, convert_dtype, open_model_file
@@ -190,18 +190,18 @@ def test_widened_bf16_is_exactly_the_float32_model_of_the_rounded_weights(files,
 ])
 @needs_mkl
 def test_the_choice_follows_the_cpu(monkeypatch, vendor, flags, native, why):
-    monkeypatch.delenv(blas.BF16_ENV, raising=False)
+    monkeypatch.delenv(precision.BF16_ENV, raising=False)
     monkeypatch.setattr(blas, "cpu_features", lambda: (vendor, flags))
     blas.use("mkl")
-    assert blas.bf16_support()[0] is native and why in blas.bf16_support()[1]
+    assert precision.bf16_support()[0] is native and why in precision.bf16_support()[1]
     blas.use("numpy")
-    assert blas.bf16_support() == (False, "the numpy backend has no bfloat16 product (--backend mkl has)")
+    assert precision.bf16_support() == (False, "the numpy backend has no bfloat16 product (--backend mkl has)")
 
 
 @needs_mkl
 @pytest.mark.parametrize("n_embd, n_head", [(768, 12), (1024, 16), (1280, 20), (1600, 25)])
 def test_native_bf16_logits_against_hugging_face_float32(tmp_path, monkeypatch, n_embd, n_head):
-    monkeypatch.setenv(blas.BF16_ENV, "native")  # MKL computes bfloat16 on any x86 CPU, if slowly
+    monkeypatch.setenv(precision.BF16_ENV, "native")  # MKL computes bfloat16 on any x86 CPU, if slowly
     hparams = dict(n_vocab=50257, n_ctx=32, n_embd=n_embd, n_head=n_head, n_layer=2)
     path = write(tmp_path / "model.dat", hparams, random_tensors(hparams, seed=n_head), "bf16")
     blas.use("mkl")
@@ -216,7 +216,7 @@ def test_native_bf16_logits_against_hugging_face_float32(tmp_path, monkeypatch, 
 
 @needs_mkl
 def test_native_bf16_demo_model_keeps_the_greedy_tokens(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(blas.BF16_ENV, "native")
+    monkeypatch.setenv(precision.BF16_ENV, "native")
     assert cli.main(["convert-dtype", "demo", "--to", "bf16", "--out", str(tmp_path / "demo.dat")]) == 0
     capsys.readouterr()
     assert cli.main(["The optional argument", "--model", "demo", "--ignore-eot"]) == 0

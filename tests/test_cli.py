@@ -186,7 +186,7 @@ def test_the_readme_python_example_runs(model_path, capsys, monkeypatch):
 
 
 def test_without_model_it_uses_124m_if_fetched_else_the_demo_with_a_notice(model_path, tmp_path, capsys):
-    from picogpt.store import demo_model_path
+    from picogpt.shipped import demo_model_path
     assert cli.main(["Hello", "-n", "3", "--models-dir", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert out == expected_text(demo_model_path(), "Hello", 3) + "\n"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hf_reference import hf_model, random_tensors
-from picogpt import explain_page, files
+from picogpt import explain_page, outputs
 from picogpt.cli import main
 from picogpt.explain import MAX_TOKENS, TOP, explain, parse_heads
 from picogpt.model import GPT2
@@ -193,7 +193,7 @@ def test_ctrl_c_while_writing_leaves_no_page(tmp_path, capsys, monkeypatch):
     (tmp_path / "explain.html").write_text("the page from before")
 
     def half_then_ctrl_c(path, data):  # the real atomic writer, interrupted halfway through the page
-        with files.atomic_output(path) as f:
+        with outputs.atomic_output(path) as f:
             f.write(data[:len(data) // 2])
             raise KeyboardInterrupt
     monkeypatch.setattr(explain_page, "write_atomically", half_then_ctrl_c)

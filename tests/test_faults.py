@@ -252,13 +252,15 @@ def test_argument_parser_fails_only_with_usage_errors(argv):
     """Whatever the arguments, parsing ends in a namespace or a one-line usage error with status 2."""
     import contextlib
     import io
+    from picogpt.commands.generate import generate_parser
+    from picogpt.commands.models import verify_parser
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
             if argv[:1] == ["verify"]:
-                cli.verify_parser("picogpt verify").parse_args(argv[1:])
+                verify_parser("picogpt verify").parse_args(argv[1:])
             else:
-                cli.generate_parser().parse_args(argv[1:] if argv[:1] == ["generate"] else argv)
+                generate_parser().parse_args(argv[1:] if argv[:1] == ["generate"] else argv)
         except SystemExit as e:
             assert e.code in (0, 2)  # 0 for --help
             if e.code == 2:

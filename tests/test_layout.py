@@ -16,21 +16,27 @@ from picogpt import cli
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "picogpt"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+COMMANDS = sorted(f"commands.{p.stem}" for p in (PACKAGE / "commands").glob("*.py") if p.stem != "__init__")
 
 
 def imported_modules(path):
-    """The package's modules that a file imports, anywhere in it (functions included)."""
+    """The package's modules that a file imports, anywhere in it (functions included): "model" for
+    picogpt/model.py, "commands.arguments" for picogpt/commands/arguments.py."""
     found = set()
+    inside = path.parent.relative_to(PACKAGE).parts  # () for the package, ("commands",) below it
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
             if node.level == 0 and node.module and node.module.split(".")[0] == "picogpt":
                 parts = node.module.split(".")[1:]
-            elif node.level == 1:
-                parts = node.module.split(".") if node.module else []
+            elif node.level >= 1:
+                base = list(inside[:len(inside) - (node.level - 1)])
+                parts = base + (node.module.split(".") if node.module else [])
             else:
                 continue
-            if parts:
-                found.add(parts[0])
+            if parts and parts[0] == "commands" and len(parts) == 1:  # from .commands import x / from . import x
+                found.update(f"commands.{alias.name}" for alias in node.names)
+            elif parts:
+                found.add(".".join(parts[:2]) if parts[0] == "commands" else parts[0])
             else:  # from . import a, b
                 found.update(alias.name for alias in node.names if alias.name in MODULES)
         elif isinstance(node, ast.Import):
@@ -41,9 +47,12 @@ def imported_modules(path):
 
 def import_graph():
     graph = {name: imported_modules(PACKAGE / f"{name}.py") - {name} for name in MODULES}
-    # __init__ imports its public names' homes on first use (picogpt.__getattr__), and __main__ runs cli.
+    graph.update({name: imported_modules(PACKAGE / f"{name.replace('.', '/')}.py") - {name} for name in COMMANDS})
+    # __init__ imports its public names' homes on first use (picogpt.__getattr__), and __main__ runs cli;
+    # cli imports each subcommand's module (importlib) when it runs.
     graph["__init__"] = set(picogpt._HOMES.values())
     graph["__main__"] = imported_modules(PACKAGE / "__main__.py")
+    graph["cli"] |= {f"commands.{module}" for module, _ in cli.SUBCOMMANDS.values()}
     return graph
 
 
@@ -72,9 +81,47 @@ def find_cycle(graph):
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
     assert graph["store"] >= {"convert_tf", "download", "model"}  # the graph is really read
+    assert graph["commands.generate"] >= {"commands.arguments", "generate", "beam"}
+    for name, imported in graph.items():  # every import names a module that exists (a function-level one too)
+        assert imported <= set(MODULES) | set(COMMANDS), f"{name} imports {sorted(imported - set(MODULES) - set(COMMANDS))}"
     assert graph["download"] & {"store", "convert_tf"} == set()
     assert find_cycle(graph) is None, f"modules import each other in a circle: {' -> '.join(find_cycle(graph))}"
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check itself works
+
+
+def test_the_command_line_sits_on_top():
+    """Nothing in the package imports the command line: it is the top floor, over the Python API."""
+    graph = import_graph()
+    for name in set(MODULES) - {"cli"}:
+        assert not graph[name] & ({"cli"} | set(COMMANDS)), f"picogpt/{name}.py imports the command line"
+    for name in COMMANDS:
+        assert "cli" not in graph[name], f"picogpt/{name.replace('.', '/')}.py imports picogpt.cli"
+
+
+RUN_GENERATE = """
+import runpy, sys
+sys.argv = ["picogpt", "Hello", "-n", "2", "--model", "demo"]
+try:
+    runpy.run_module("picogpt", run_name="__main__")
+except SystemExit as done:
+    assert not done.code, done.code
+print(" ".join(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def test_continuing_a_prompt_imports_only_what_it_uses():
+    """`picogpt "Hello" -n 2` loads neither the converters, the benchmark, the parity check, the
+    PyTorch reference, corpus jobs, Ray, the explain page nor TensorFlow or PyTorch."""
+    done = subprocess.run([sys.executable, "-c", RUN_GENERATE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stderr.split())
+    assert "picogpt.commands.generate" in loaded and "picogpt.generate" in loaded  # the list is really read
+    unwanted = {f"picogpt.{m}" for m in ("bench", "bench_corpus", "parity", "reference", "corpus", "corpus_ray",
+                                          "explain", "explain_page", "attention_plot", "convert_tf", "convert_hf",
+                                          "hf", "commands.compare", "commands.corpus", "commands.explain",
+                                          "commands.models")}
+    unwanted |= {"tensorflow", "torch", "transformers", "ray", "matplotlib", "safetensors", "requests"}
+    assert not loaded & unwanted, f"imported for nothing: {sorted(loaded & unwanted)}"
 
 
 def test_the_model_needs_only_the_math_below_it():
@@ -83,6 +130,8 @@ def test_the_model_needs_only_the_math_below_it():
 
 
 def test_every_module_imports_under_its_own_name_and_no_name_hides_one():
+    for name in COMMANDS:
+        assert importlib.import_module(f"picogpt.{name}").__name__ == f"picogpt.{name}"
     for name in MODULES:
         module = importlib.import_module(f"picogpt.{name}")
         assert isinstance(module, types.ModuleType) and module.__name__ == f"picogpt.{name}"

@@ -20,6 +20,7 @@ import torch
 
 from hf_reference import hf_model, random_tensors, write_model_dat
 from picogpt import cli
+from picogpt.commands import arguments
 from picogpt.errors import BadArgument
 from picogpt.scoring import score
 from picogpt.store import load
@@ -57,12 +58,12 @@ def usage_error(capsys, argv):
 
 # kind: (values it accepts, values it refuses)
 KINDS = {
-    cli.non_negative_int: (["0", "7", "+3"], ["-1", "1.5", "x", "", "1e3"]),
-    cli.positive_int: (["1", "40"], ["0", "-3", "2.0", "many"]),
-    cli.positive_float: (["0.5", "1e-9", "3"], ["0", "-1", "nan", "inf", "x"]),
-    cli.non_negative_float: (["0", "2.5"], ["-0.1", "nan", "inf", "-inf"]),
-    cli.probability: (["1", "0.5", "1e-3"], ["0", "1.01", "nan", "-0.5"]),
-    cli.finite_float: (["-1", "0", "2.5"], ["nan", "inf", "x"]),
+    arguments.non_negative_int: (["0", "7", "+3"], ["-1", "1.5", "x", "", "1e3"]),
+    arguments.positive_int: (["1", "40"], ["0", "-3", "2.0", "many"]),
+    arguments.positive_float: (["0.5", "1e-9", "3"], ["0", "-1", "nan", "inf", "x"]),
+    arguments.non_negative_float: (["0", "2.5"], ["-0.1", "nan", "inf", "-inf"]),
+    arguments.probability: (["1", "0.5", "1e-3"], ["0", "1.01", "nan", "-0.5"]),
+    arguments.finite_float: (["-1", "0", "2.5"], ["nan", "inf", "x"]),
 }
 # a command line each subcommand parses (it is never run: a bad number stops the parser first)
 BASE_ARGV = {"generate": ["generate", "Hi"], "score": ["score", "t.txt"],
@@ -75,7 +76,8 @@ BASE_ARGV = {"generate": ["generate", "Hi"], "score": ["score", "t.txt"],
 
 def numeric_options():
     """(subcommand, option, kind) for every option of every subcommand that takes a number."""
-    for name, (make_parser, _, _) in cli.SUBCOMMANDS.items():
+    for name in cli.SUBCOMMANDS:
+        make_parser, _ = cli.subcommand(name)
         for action in make_parser(f"picogpt {name}")._actions:
             assert action.type not in (int, float), f"picogpt {name} {action.option_strings}: use a kind of number"
             if action.type in KINDS:
@@ -85,7 +87,8 @@ def numeric_options():
 def test_every_number_option_has_a_kind():
     found = {(name, option) for name, option, _ in numeric_options()}
     assert {("generate", "--top-k"), ("generate", "--repetition-penalty"), ("score", "--stride"),
-            ("generate", "--threads"), ("parity", "--atol"), ("bench", "--repeats")} <= found
+            ("generate", "--threads"), ("parity", "--atol"), ("bench", "--repeats"),
+            ("generate", "--no-repeat-ngram-size"), ("complete-corpus", "--min-new-tokens")} <= found
 
 
 @pytest.mark.parametrize("name, option, kind", list(numeric_options()))
@@ -475,18 +478,18 @@ def test_partial_files_of_killed_writers_are_removed_by_the_next_writer_and_by_v
 
 
 def test_partial_files_of_live_writers_other_machines_and_unknown_origin_are_kept(tmp_path):
-    from picogpt import files
+    from picogpt import outputs
     path = tmp_path / "model.dat"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        keep = [tmp_path / f".model.dat.{files._host()}.{sleeper.pid}.abc123.partial",  # a live writer
-                tmp_path / f".model.dat.{files._host()}x.999999999.abc123.partial",  # another machine's
+        keep = [tmp_path / f".model.dat.{outputs._host()}.{sleeper.pid}.abc123.partial",  # a live writer
+                tmp_path / f".model.dat.{outputs._host()}x.999999999.abc123.partial",  # another machine's
                 tmp_path / ".model.dat.k2j4h5g6.partial",  # an older picogpt's: whose, unknown
                 tmp_path / "model.ckpt.data-00000-of-00001.partial"]  # a download to resume
-        gone = tmp_path / f".model.dat.{files._host()}.999999999.abc123.partial"  # no such process
+        gone = tmp_path / f".model.dat.{outputs._host()}.999999999.abc123.partial"  # no such process
         for p in keep + [gone]:
             p.write_bytes(b"x")
-        assert files.remove_stale_partials(path) == [gone]
+        assert outputs.remove_stale_partials(path) == [gone]
         assert all(p.exists() for p in keep) and not gone.exists()
     finally:
         sleeper.kill()
@@ -532,11 +535,11 @@ def test_model_paths_that_are_not_files(tmp_path, capsys):
 
 
 def test_a_damaged_demo_model_says_how_to_restore_it(tmp_path, capsys, monkeypatch):
-    from picogpt import files, store
+    from picogpt import shipped
     data = tmp_path / "data"
     (data / "demo").mkdir(parents=True)
-    (data / "demo" / "model.dat").write_bytes(store.demo_model_path().read_bytes()[:-10])
-    monkeypatch.setattr(files, "data_dirs", lambda: [data])
+    (data / "demo" / "model.dat").write_bytes(shipped.demo_model_path().read_bytes()[:-10])
+    monkeypatch.setattr(shipped, "data_dirs", lambda: [data])
     assert cli.main(["Hi", "--model", "demo"]) == 1
     err = capsys.readouterr().err
     assert "truncated" in err and "convert" not in err
@@ -610,7 +613,7 @@ def test_a_byte_order_mark_is_not_scored(model_path, tmp_path):
 @pytest.mark.parametrize("given, meant", [("\\n", "\n"), ("\\n\\n", "\n\n"), ("\\t", "\t"), (".", "."),
                                           ("\\\\n", "\\n"), ("\\u2615", "\u2615"), ("caf\u00e9", "caf\u00e9")])
 def test_stop_strings_read_escapes(given, meant):
-    assert cli.stop_text(given) == meant
+    assert arguments.stop_text(given) == meant
 
 
 def test_stop_newline_stops_at_a_line_break(capsys):
@@ -709,7 +712,7 @@ def test_a_fresh_clones_make_run_prints_only_the_notice_and_the_text(tmp_path):
     done = subprocess.run(["make", "run"], cwd=clone, capture_output=True, text=True, env=user_env(tmp_path),
                           timeout=900)
     from picogpt.generate import complete
-    from picogpt.store import demo_model_path
+    from picogpt.shipped import demo_model_path
     assert done.returncode == 0, done.stderr
     assert done.stdout == complete(load(demo_model_path()), "The optional argument", 20) + "\n"  # make run's PROMPT
     models = tmp_path / "data-home" / "picogpt" / "models"
@@ -812,7 +815,7 @@ def test_make_run_passes_a_prompt_that_looks_like_an_option(tmp_path):
             "-o", f"{venv}/bin/python", "run", "MODEL=demo", "N=3"]
     done = subprocess.run(make + ["PROMPT=-v"], capture_output=True, text=True, env=user_env(tmp_path), timeout=120)
     from picogpt.generate import complete
-    from picogpt.store import demo_model_path
+    from picogpt.shipped import demo_model_path
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert done.stdout == complete(load(demo_model_path()), "-v", 3) + "\n"
 
@@ -821,7 +824,7 @@ def test_ctrl_c_while_the_arguments_are_read_is_one_line(monkeypatch, capsys):
     def interrupted_parse(self, *args, **kwargs):
         raise KeyboardInterrupt
     from picogpt.__main__ import main
-    monkeypatch.setattr(cli.ArgumentParser, "parse_args", interrupted_parse)
+    monkeypatch.setattr(arguments.ArgumentParser, "parse_args", interrupted_parse)
     assert main(["Hello"]) == 130
     assert capsys.readouterr().err == "picogpt: interrupted\n"
     with pytest.raises(KeyboardInterrupt):  # --debug shows it, as everywhere

@@ -1,7 +1,5 @@
-"""Files: where picogpt's shipped data lies, and writing a file so that it appears complete or not at all.
-
-Shipped data (GPT-2's vocabulary in data/gpt2, the demo model in data/demo) is found in the source
-checkout's data/ folder (an editable install runs from it), else where setup.cfg's data_files install it.
+"""Writing outputs: where an output file may go (checked before the work that makes it), and writing a
+file so that it appears complete or not at all.
 
 Writing: into a hidden temporary file beside the final name, renamed onto it (os.replace) only once
 complete, deleted on any failure. A process killed outright (SIGKILL, a power cut) cannot delete it, so
@@ -13,21 +11,10 @@ import contextlib
 import os
 import re
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
 from .errors import PicogptError
-
-
-def data_dirs():
-    """The folders that may hold picogpt's shipped data, in the order they are tried."""
-    return [Path(__file__).resolve().parent.parent / "data", Path(sys.prefix) / "share" / "picogpt"]
-
-
-def find_file(name, dirs):
-    """The first of dirs that holds a file `name`, joined with it; None if none does."""
-    return next((Path(d) / name for d in dirs if (Path(d) / name).is_file()), None)
 
 
 def _host():
