@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import PicogptError
+from .errors import BadArgument, PicogptError
 
 
 class Text(NamedTuple):
@@ -197,17 +197,20 @@ def logits_processors(temperature=0.0, top_k=None, top_p=None, repetition_penalt
     """The LogitsProcessors these options ask for, checked (check_options), in Hugging Face's order.
 
     temperature 0 is greedy: no warpers, and the likeliest token is taken. eos_token_id is the token
-    min_new_tokens holds off (None: there is none, and the rule does nothing). ngrams_count_padding:
+    min_new_tokens holds off (None: there is none, and min_new_tokens is refused). ngrams_count_padding:
     n-grams that reach into a row's left padding count, as Hugging Face's processor counts them (the
     drop-in's choice); picogpt's own batches leave padding out, so that a row's text is what it is alone.
     """
     check_options(temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens)
+    if min_new_tokens > 0 and eos_token_id is None:
+        raise BadArgument("min-new-tokens holds off the end token, but this decoding has none (it does not stop at "
+                          "<|endoftext|>); drop one of the two")
     processors = []
     if repetition_penalty != 1:
         processors.append(RepetitionPenalty(repetition_penalty))
     if no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGram(no_repeat_ngram_size, ngrams_count_padding))
-    if min_new_tokens > 0 and eos_token_id is not None:
+    if min_new_tokens > 0:
         processors.append(MinNewTokens(min_new_tokens, eos_token_id))
     if temperature > 0:
         if temperature != 1:

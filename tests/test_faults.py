@@ -217,8 +217,14 @@ def with_nan_weight(good_model, tmp_path):
 def test_nan_weights_are_reported_not_decoded(good_model, tmp_path, capsys):
     path = with_nan_weight(good_model, tmp_path)
     assert "ln_f/g contains NaN" in error_line(capsys, cli.main(["verify", str(path)]))
-    err = error_line(capsys, cli.main(["Hello", "-n", "3", "--model", str(path)]))
-    assert "NaN or infinite logits" in err and "picogpt verify" in err
+    for options in ([], ["--num-beams", "2"], ["--temperature", "1"]):  # every decoding path checks each step
+        err = error_line(capsys, cli.main(["Hello", "-n", "3", "--model", str(path), *options]))
+        assert "NaN or infinite logits" in err and "picogpt verify" in err
+    from picogpt.hf import GPT2LMHeadModel
+    dropin = GPT2LMHeadModel.from_pretrained(path)
+    for options in (dict(), dict(num_beams=2), dict(do_sample=True, seed=1)):
+        with pytest.raises(PicogptError, match="NaN or infinite logits"):
+            dropin.generate([[15496]], max_new_tokens=3, **options)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor, NoRepeatNGramLogitsProcessor,
-                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+                                                    RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
 from hf_reference import hf_model, random_tensors, write_model_dat
 from picogpt import blas, cli
-from picogpt.errors import PicogptError
+from picogpt.errors import BadArgument, PicogptError
 from picogpt.generate import complete, decode_steps, generate, generate_batch, stream_text
 from picogpt.sampling import (MinNewTokens, NoRepeatNGram, RepetitionPenalty, Temperature, Text, TopK, TopP,
                               banned_ngram_tokens, choose_next, distribution, logits_processors, softmax64)
@@ -164,6 +164,134 @@ def test_repetition_penalty_discourages_repeats(model):
 def test_meaningless_sampling_settings_are_refused(model, options, message):
     with pytest.raises(PicogptError, match=message):
         next(generate(model, [1, 2], 3, **options))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rules of what may come next, as Hugging Face's processors define them
+
+def test_banned_ngrams_follow_the_definition():
+    def banned(row, n):
+        rows, tokens = banned_ngram_tokens(np.array([row]), n)
+        return sorted(tokens.tolist())
+    assert banned([1, 2, 3, 1, 2], 3) == [3]  # "1 2" came before, followed by 3
+    assert banned([1, 2, 1, 2, 1], 2) == [2, 2]  # "1" came twice, followed by 2 each time
+    assert banned([5, 6], 3) == [] and banned([5], 3) == []  # no n-gram yet
+    assert banned([4, 7, 4], 1) == [4, 4, 7]  # n = 1: every token already there
+    rows, tokens = banned_ngram_tokens(np.array([[1, 2, 1], [3, 1, 3]]), 2)
+    assert sorted(zip(rows.tolist(), tokens.tolist())) == [(0, 2), (1, 1)]
+
+
+def padded_history():
+    """Three rows of tokens left-padded with token 0 by 0, 2 and 4 positions, whose last tokens came before,
+    and whose padding, read as text, would add n-grams of its own."""
+    tokens = np.array([[1, 2, 3, 1, 2, 4, 1, 2, 3, 1],
+                       [0, 0, 5, 0, 4, 5, 0, 4, 5, 0],
+                       [0, 0, 0, 0, 3, 3, 0, 3, 3, 0]])
+    return tokens, np.array([0, 2, 4])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_equals_hugging_faces_and_leaves_padding_out_unless_asked(n):
+    logits = random_logits(n)
+    tokens, n_pad = padded_history()
+    theirs = NoRepeatNGramLogitsProcessor(n)(torch.from_numpy(tokens), torch.from_numpy(logits.copy())).numpy()
+    ours = NoRepeatNGram(n, padding_counts=True)(logits, Text(tokens, n_pad, 0))
+    assert np.isneginf(ours).all(axis=-1).sum() == 0 and np.isneginf(ours).any(axis=-1).all()  # each row bans some
+    assert np.array_equal(np.isneginf(ours), np.isneginf(theirs))
+    np.testing.assert_array_equal(ours[np.isfinite(ours)], theirs[np.isfinite(theirs)])
+    # By default a padded row is banned what the same row alone is banned: the padding is not text.
+    counting_padding = ours
+    ours = NoRepeatNGram(n)(logits, Text(tokens, n_pad, 0))
+    if n == 2:
+        assert not np.array_equal(np.isneginf(ours), np.isneginf(counting_padding))  # the two ways differ here
+    for row, pad in enumerate(n_pad):
+        alone = NoRepeatNGramLogitsProcessor(n)(torch.from_numpy(tokens[row:row + 1, pad:]),
+                                                torch.from_numpy(logits[row:row + 1].copy())).numpy()
+        assert np.array_equal(np.isneginf(ours[row:row + 1]), np.isneginf(alone))
+    assert np.array_equal(logits, random_logits(n))  # the input is left alone
+
+
+def test_min_new_tokens_and_the_repetition_penalty_equal_hugging_faces():
+    logits = random_logits(5)
+    tokens, n_pad = padded_history()
+    for n_new in (2, 4, 5):  # the rule holds for new tokens 0 to 4
+        theirs = MinNewTokensLengthLogitsProcessor(tokens.shape[1] - n_new, 5, 7)(
+            torch.from_numpy(tokens), torch.from_numpy(logits.copy())).numpy()
+        ours = MinNewTokens(5, 7)(logits, Text(tokens, n_pad, n_new))
+        assert np.array_equal(ours, theirs) and np.isneginf(ours[:, 7]).all() == (n_new < 5)
+    theirs = RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.from_numpy(n_pad))(
+        torch.from_numpy(tokens), torch.from_numpy(logits.copy())).numpy()
+    np.testing.assert_allclose(RepetitionPenalty(1.5)(logits, Text(tokens, n_pad, 0)), theirs, rtol=1e-6)
+
+
+def hf_new_tokens(reference, prompt, n_tokens, **options):
+    """Hugging Face's greedy generate on one prompt: its new tokens, EOS included, padding after it dropped."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens, do_sample=False,
+                                 pad_token_id=options["eos_token_id"], **options)
+    new = out[0, len(prompt):].tolist()
+    return new[:new.index(options["eos_token_id"]) + 1] if options["eos_token_id"] in new else new
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    from picogpt.modelfile import open_model_file
+    return hf_model(HPARAMS, open_model_file(model_path).tensors)
+
+
+@pytest.mark.parametrize("rules", [dict(no_repeat_ngram_size=1), dict(no_repeat_ngram_size=2),
+                                   dict(no_repeat_ngram_size=3), dict(min_new_tokens=9),
+                                   dict(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=5)])
+def test_greedy_decoding_with_the_rules_gives_hugging_faces_tokens(model, reference, rules):
+    prompt = encode(PROMPTS[1])  # this random model answers it with one token, over and over
+    # The end token: that one, where a minimum is tested (plain greedy search ends at once), else one never reached
+    eos = int(np.argmax(model(prompt)[-1])) if "min_new_tokens" in rules else EOT
+    expected = hf_new_tokens(reference, prompt, 16, eos_token_id=eos, **rules)
+    ours = [int(step.ids[0]) for step in decode_steps(model, [prompt], 16, eos_token_id=eos, **rules)]
+    assert ours == expected
+    plain = [int(step.ids[0]) for step in decode_steps(model, [prompt], 16, eos_token_id=eos)]
+    assert ours != plain  # the rules changed something
+    if "min_new_tokens" in rules:
+        assert plain == [eos] and eos not in ours[:rules["min_new_tokens"]]  # held off
+
+
+def test_the_rules_give_each_row_of_a_batch_what_it_gets_alone(model):
+    prompts = [encode(p) for p in PROMPTS]
+    rules = dict(no_repeat_ngram_size=2, repetition_penalty=1.2, min_new_tokens=4, stop_at_eot=False)
+    with pytest.raises(BadArgument, match="min-new-tokens holds off the end token"):  # no end token, no rule
+        generate_batch(model, prompts, 12, **rules)
+    del rules["min_new_tokens"]
+    alone = [list(generate(model, p, 12, **rules)) for p in prompts]
+    assert generate_batch(model, prompts, 12, **rules) == alone
+    assert all(len(set(zip(row, row[1:]))) == len(row) - 1 for row in alone)  # no bigram twice in what was new
+
+
+@pytest.mark.filterwarnings("ignore:Unfeasible length constraints")  # one step at a time, min_new_tokens counts on
+def test_sampling_draws_from_hugging_faces_distribution_with_every_rule(model, reference):
+    """Step by step along a sampled text, the distribution picogpt draws from (its processed scores'
+    softmax) against Hugging Face's generate's processed scores for the same text, within 1e-6."""
+    prompt = encode("the cat and the cat and the")  # "the" ends it, and "the cat" is there: "cat" is banned
+    options = dict(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.3, no_repeat_ngram_size=2,
+                   min_new_tokens=3)
+    eos = int(np.argmax(model(prompt)[-1]))  # the likeliest next token, held off for 3 tokens
+    steps = list(decode_steps(model, [prompt], 6, eos_token_id=eos, seed=4, **options))
+    text = prompt + [int(step.ids[0]) for step in steps]
+    cat = encode(" cat")[0]
+    assert np.isneginf(steps[0].scores[0, cat]) and np.isneginf(steps[0].scores[0, eos])
+    for k, step in enumerate(steps):
+        ids = torch.tensor([text[:len(prompt) + k]])
+        with torch.no_grad():
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=1,
+                                     eos_token_id=eos, pad_token_id=eos, output_scores=True,
+                                     return_dict_in_generate=True, **dict(options, min_new_tokens=max(0, 3 - k)))
+        theirs = softmax64(out.scores[0].numpy())[0]
+        ours = softmax64(step.scores)[0]
+        assert np.array_equal(ours > 0, theirs > 0)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    assert distribution(model(prompt)[-1], prompt, **dict(options, min_new_tokens=0)) == pytest.approx(
+        softmax64(logits_processors(**dict(options, min_new_tokens=0))(
+            model(prompt)[-1][None], Text(np.array([prompt]), np.zeros(1, np.int64), 0)))[0])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,3 +513,47 @@ def test_cli_score(model_path, tmp_path, capsys):
     assert f"tokens scored: {result.n_tokens}\n" in out and f"perplexity: {result.perplexity:.4f}\n" in out
     status, _, err = run_cli(capsys, "score", str(tmp_path / "missing.txt"), "--model", str(model_path))
     assert status == 1 and "cannot read the text file" in err
+
+
+@pytest.fixture(scope="module")
+def demo_pair():
+    """The shipped demo model (it ends its sentences with <|endoftext|>) and Hugging Face's on its weights."""
+    from picogpt.modelfile import open_model_file
+    from picogpt.shipped import demo_model_path
+    model_file = open_model_file(demo_model_path())
+    return load(demo_model_path(), bf16="widen", quiet=True), hf_model(model_file.hparams, model_file.tensors)
+
+
+def hf_text(reference, prompt, n_tokens, **options):
+    """Hugging Face's generate on one prompt, ending at <|endoftext|> as picogpt does: the text of its new tokens."""
+    new = hf_new_tokens(reference, encode(prompt), n_tokens, eos_token_id=EOT, **options)
+    return decode(new[:-1] if new[-1:] == [EOT] else new)
+
+
+@pytest.mark.parametrize("flags, options", [
+    (["--min-new-tokens", "15"], dict(min_new_tokens=15)),
+    (["--min-new-tokens", "12", "--no-repeat-ngram-size", "2"], dict(min_new_tokens=12, no_repeat_ngram_size=2)),
+    (["--no-repeat-ngram-size", "1", "--repetition-penalty", "1.3"], dict(no_repeat_ngram_size=1,
+                                                                         repetition_penalty=1.3)),
+    (["--num-beams", "3", "--min-new-tokens", "12", "--no-repeat-ngram-size", "2"],
+     dict(num_beams=3, min_new_tokens=12, no_repeat_ngram_size=2)),
+])
+def test_cli_rules_give_hugging_faces_text(demo_pair, capsys, flags, options):
+    model, reference = demo_pair
+    prompt = "The optional argument"
+    status, plain, _ = run_cli(capsys, prompt, "-n", "20", "--model", "demo")
+    status, out, err = run_cli(capsys, prompt, "-n", "20", "--model", "demo", *flags)
+    assert status == 0 and err == "" and out == hf_text(reference, prompt, 20, **options) + "\n"
+    assert out != plain  # (the plain text ends after 9 tokens: every case here changes it)
+    if "min_new_tokens" in options:
+        assert len(encode(out[:-1])) >= options["min_new_tokens"] > len(encode(plain[:-1]))
+    if options.get("num_beams", 1) == 1:  # the library's own call gives the same
+        assert complete(model, prompt, 20, **options) + "\n" == out
+
+
+def test_cli_min_new_tokens_needs_an_end_token(model_path, capsys):
+    status, out, err = run_cli(capsys, "Hi", "--model", str(model_path), "--min-new-tokens", "3", "--ignore-eot")
+    assert status == 2 and out == "" and "min-new-tokens holds off the end token" in err and err.count("\n") == 1
+    status, _, err = run_cli(capsys, "Hi", "--model", str(model_path), "--min-new-tokens", "3", "--ignore-eot",
+                             "--num-beams", "2")
+    assert status == 2 and "min-new-tokens holds off the end token" in err

@@ -273,6 +273,22 @@ def test_requests_too_large_for_memory_are_refused_before_any_work(model_path, t
     many.write_text("Hello there\n" * 2_000_000)
     status, _, err = picogpt("--prompts-file", many, "-n", "9", "--model", model_path)
     assert status == 1 and "2000000 rows of up to" in err and "GB of memory" in err
+    # Beam search is a batch of beams: the same check, naming the option to lower (it once grew to 24 GB)
+    started = time.perf_counter()
+    status, out, err = picogpt("Return a new list", "--num-beams", "100000", "-n", "2", "--model", model_path)
+    assert status == 1 and out == "" and err.count("\n") == 1, err
+    assert "100000 rows of up to" in err and "is available; use fewer beams" in err
+    assert time.perf_counter() - started < 30
+
+
+def test_the_drop_in_checks_memory_before_any_work(model_path):
+    from picogpt.errors import PicogptError
+    from picogpt.hf import GPT2LMHeadModel
+    model = GPT2LMHeadModel.from_pretrained(model_path)
+    ids = np.full((100_000, 3), 11)
+    for options in (dict(), dict(do_sample=True, num_return_sequences=10), dict(num_beams=50)):
+        with pytest.raises(PicogptError, match="GB of memory"):
+            model.generate(ids, max_new_tokens=2, **options)
 
 
 def test_memory_estimate_grows_with_every_dimension():

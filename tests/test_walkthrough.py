@@ -88,7 +88,7 @@ def test_every_function_it_names_exists():
     for required in ["picogpt.tokenizer.encode", "picogpt.model.layer_norm", "picogpt.model.positions_and_mask",
                      "picogpt.model.attention", "picogpt.model.split_heads", "picogpt.model.mha",
                      "picogpt.model.mlp", "picogpt.model.gelu", "picogpt.model.block", "picogpt.model.gpt2",
-                     "picogpt.generate.choose_next", "picogpt.model.KVCache", "picogpt.model.GPT2.new_cache",
+                     "picogpt.sampling.choose_next", "picogpt.model.KVCache", "picogpt.model.GPT2.new_cache",
                      "picogpt.generate.decode_steps", "picogpt.trace.trace", "picogpt.attention_plot.plot_attention"]:
         assert required in names
 
