@@ -13,7 +13,8 @@ done and finishes the rest; with --ray the chunks go to a Ray cluster instead (p
 The unit of work is a chunk: up to CHUNK_DOCS documents of one file, described by where they are (file,
 byte offset, line number), so that the plan of a whole corpus is small and a worker can read its chunk
 itself. Chunks are cut the same way every time, and a chunk's documents are batched the same way whoever
-runs it, so the same inputs give the same output file, byte for byte, in one process or on a cluster,
+runs it, so the same inputs give the same output file, byte for byte, in one process or on a cluster
+(at the same BLAS thread count: OpenBLAS may sum in another order at another),
 interrupted or not.
 
 Inputs: .jsonl files (one JSON object per line; the text in --text-field, an "id" carried over when
