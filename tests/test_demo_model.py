@@ -1,11 +1,14 @@
-"""The demo model shipped in data/demo/ (trained by tools/train_demo_model.py).
+"""The demo model shipped in data/demo/ (trained by tools/demo_model/, `python -m tools.demo_model`).
 
 Its real trained weights against Hugging Face's GPT2LMHeadModel (logits at every position within 1e-4,
 20 greedy tokens identical, with and without picogpt's cache), its greedy output pinned as text through
-the command line, and a model card whose numbers are the training log's.
+the command line, and a model card whose numbers are the training log's, whose commands the trainer
+takes, and whose links, like the history's, lead to files.
 """
 
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +23,10 @@ from picogpt.modelfile import open_model_file
 from picogpt.reference import hf_greedy
 from picogpt.tokenizer import decode, encode
 
-DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "data" / "demo"
 MODEL, LOG, CARD = DEMO / "model.dat", DEMO / "train_log.txt", DEMO / "README.md"
+HISTORY = REPO / "docs" / "demo-model-history.md"  # the runs tried and not shipped, and the models before
 HPARAMS = dict(n_vocab=50257, n_ctx=256, n_embd=192, n_head=6, n_layer=8, layer_norm_epsilon=1e-5)
 LOGITS_TOLERANCE = 1e-4
 # Docstring-like text, then words the corpus hardly has, so rarely trained embeddings are exercised too.
@@ -115,3 +120,43 @@ def test_model_card_quotes_the_held_out_perplexities_and_samples():
     assert len(samples) >= 13
     for prompt, continuation in samples:
         assert f"{prompt} -> {continuation}" in card
+
+
+def test_model_card_stages_are_the_training_logs():
+    """Each row of the loss table of stage 1 is an evaluation in the log, and each run of stage 2 its kept
+    evaluation: the final line, the perplexity of the file that line wrote, and the loops at that step."""
+    text, card = LOG.read_text(encoding="utf-8"), CARD.read_text(encoding="utf-8")
+    losses = re.findall(r"^\| (\d+) \| (\d\.\d{4}) \| (\d\.\d{4}) \|$", card, re.M)
+    assert len(losses) == 17
+    for step, train, val in losses:
+        assert re.search(rf"^step +{step} \|.*\| train loss {train} \| val loss {val} \|", text, re.M), step
+    runs = re.findall(r"^\| \d\. [^|]+ \| `[^|]+` \| (\d+) \((\d+)\) \| (\d+) s \| (\d\.\d{4}) \| (\d\.\d{4}) \| "
+                      r"([\d.]+) \| (\d+) \|$", card, re.M)
+    assert len(runs) == 6
+    for last, kept, seconds, train, val, perplexity, loops in runs:
+        assert re.search(rf"^step +{last} \|.*\| loops \d+/96 \|", text, re.M), last
+        evaluation = rf"^step +{kept} \|.*\| train loss {train} \| val loss {val} \| loops {loops}/96 \|"
+        assert re.search(evaluation, text, re.M), (kept, train)
+        final = (rf"^final: step {kept}, train loss {train}, val loss {val}, training {seconds} s; wrote (\S+) .*\n"
+                 rf"held-out perplexity \(picogpt, [^)]*\): {perplexity} for \1$")
+        assert re.search(final, text, re.M), (kept, train)
+
+
+def test_model_card_commands_are_the_trainers():
+    """The commands under "Reproducing" are accepted by the trainer as written (parsed, not run)."""
+    sys.path.insert(0, str(REPO))
+    from tools.demo_model.__main__ import parser
+
+    card = CARD.read_text(encoding="utf-8").replace("\\\n", " ")
+    commands = re.findall(r"^    \.venv/bin/python -m tools\.demo_model (.*)$", card, re.M)
+    assert len(commands) == 9  # stage 1 in two, the six runs of stage 2, the judge
+    for command in commands:
+        parser().parse_args(shlex.split(command))
+
+
+@pytest.mark.parametrize("page", [CARD, HISTORY])
+def test_the_card_and_the_historys_links_lead_to_files(page):
+    links = re.findall(r"\]\(([^)#:]+)\)", page.read_text(encoding="utf-8"))
+    assert links
+    for link in links:
+        assert (page.parent / link).exists(), link
