@@ -107,7 +107,7 @@ def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_s
         if cur_len == prompt_len:
             logits = np.repeat(first_logits, num_beams, axis=0)  # [rows, n_vocab]
         else:
-            logits = next_token_logits(model, flat[:, cache.length:], rows_pad, cache, n_text=cur_len)  # [rows, n_vocab]
+            logits = next_token_logits(model, flat[:, cache.length:], rows_pad, cache, cur_len)  # [rows, n_vocab]
         log_probs = log_softmax(logits.astype(np.float32))
         log_probs = processors(log_probs, Text(flat, rows_pad, cur_len - prompt_len)).astype(np.float32)
         if output_scores:

@@ -86,7 +86,7 @@ def decode_steps(model, prompts, n_tokens, **settings):
 
 
 def decode_padded(model, tokens, n_pad, n_tokens, eos_token_id=None, pad_token_id=None, use_cache=True,
-                  sliding_window=False, seed=None, memory_remedy=None, **options):
+                  sliding_window=False, seed=None, **options):
     """Yield the next token of every row of tokens [n_batch, longest], whose first n_pad[row] tokens are
     padding, up to n_tokens times: Step(ids [n_batch], scores [n_batch, n_vocab]).
 
@@ -105,14 +105,12 @@ def decode_padded(model, tokens, n_pad, n_tokens, eos_token_id=None, pad_token_i
     on the batch it ran in).
 
     Everything is checked when decode_padded is called, before the first step is asked for: the
-    options, the context and the memory the batch needs (memory_remedy: what the refusal tells the
-    user to lower).
+    options, the context and the memory the batch needs.
     """
     processors = logits_processors(eos_token_id=eos_token_id, **options)
     if not sliding_window:
         check_fits(model, tokens.shape[1], n_tokens)
-    check_memory(model.hparams, len(tokens), tokens.shape[1], n_tokens, use_cache,
-                 **({"remedy": memory_remedy} if memory_remedy else {}))
+    check_memory(model.hparams, len(tokens), tokens.shape[1], n_tokens, use_cache)
     pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
     rng = random_stream(seed) if processors.sample else None
     return _steps(model, np.asarray(tokens, dtype=np.int64), np.asarray(n_pad), n_tokens, processors, rng,

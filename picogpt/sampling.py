@@ -164,7 +164,10 @@ class LogitsProcessors(tuple):
     """The processors of one set of options, applied in order; `sample` says whether the next token is
     drawn from the scores (temperature > 0) or is the likeliest one."""
 
-    sample = False
+    def __new__(cls, processors, sample):
+        chain = super().__new__(cls, processors)
+        chain.sample = sample
+        return chain
 
     def __call__(self, scores, text):
         for processor in self:
@@ -219,9 +222,7 @@ def logits_processors(temperature=0.0, top_k=None, top_p=None, repetition_penalt
             processors.append(TopK(top_k))
         if top_p is not None and top_p < 1:
             processors.append(TopP(top_p))
-    chain = LogitsProcessors(processors)
-    chain.sample = temperature > 0
-    return chain
+    return LogitsProcessors(processors, sample=temperature > 0)
 
 
 # ---------------------------------------------------------------------------------------------------
