@@ -558,14 +558,8 @@ def test_an_unlikelihood_flag_without_unlikelihood_steps_is_one_line(flag, what)
      "--unlikelihood-early-end pushes <|endoftext|> down with the margin; give --unlikelihood-margin NATS as well"),
     (["--unlikelihood-margin", "1", "--unlikelihood-nonsense", "1"],
      "--unlikelihood-nonsense needs a probability P between 0 and 1 (the shipped model used 1e-4)"),
-    (["--unlikelihood-best-of", "0", "--unlikelihood-best-of-sampler", "reference"],
+    (["--unlikelihood-best-of", "0"],
      "--unlikelihood-best-of needs K of 1 or more samples a prefix (the shipped model used 4)"),
-    (["--unlikelihood-best-of-sampler", "reference"],
-     "--unlikelihood-best-of-sampler chooses where --unlikelihood-best-of samples; "
-     "give --unlikelihood-best-of K as well"),
-    (["--unlikelihood-best-of", "4"],
-     "--unlikelihood-best-of samples from the reference only; give --unlikelihood-best-of-sampler reference as well "
-     "(sampling from the model in training was tried: docs/demo-model-history.md)"),
     (["--unlikelihood-margin", "1", "--unlikelihood-reference", "{tmp}/ref.dat"],
      "no model file {tmp}/ref.dat to hold unlikelihood steps to"),
 ])

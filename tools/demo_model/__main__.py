@@ -13,8 +13,6 @@ from .run import train
 from .sequence_level import BEST_OF_GENERIC, BEST_OF_TEMPERATURE, BEST_OF_TOP_K, UL_CONTINUATION, UL_EVERY, UL_LR
 from .training import BATCH_SIZE
 
-HISTORY = "docs/demo-model-history.md"
-
 
 def parser():
     p = argparse.ArgumentParser(prog="python -m tools.demo_model",
@@ -81,9 +79,6 @@ def parser():
                             f"after a complete sentence without repeating a phrase (or, with --unlikelihood-nonsense, "
                             f"holding nonsense): the highest mean log-probability the reference gives it after the "
                             f"prefix, less {BEST_OF_GENERIC} times that without")
-    steps.add_argument("--unlikelihood-best-of-sampler", choices=["reference"],
-                       help=f"with --unlikelihood-best-of, and needed by it: where the samples come from, the "
-                            f"reference, the one sampler kept ({HISTORY} tells of the other)")
     steps.add_argument("--keep", choices=["last", "fewest-loops"], default="last",
                        help="write the weights of the last evaluation (the default) or of the one at which the fewest "
                             "training openings looped (kept as the run goes in the checkpoint's .best.safetensors; "
@@ -125,12 +120,6 @@ def check(args):
     for given, what in margin_only:
         if given and args.unlikelihood_margin is None:
             sys.exit(f"error: {what}; give --unlikelihood-margin NATS as well")
-    if args.unlikelihood_best_of_sampler is not None and args.unlikelihood_best_of is None:
-        sys.exit("error: --unlikelihood-best-of-sampler chooses where --unlikelihood-best-of samples; give "
-                 "--unlikelihood-best-of K as well")
-    if args.unlikelihood_best_of is not None and args.unlikelihood_best_of_sampler is None:
-        sys.exit(f"error: --unlikelihood-best-of samples from the reference only; give --unlikelihood-best-of-sampler "
-                 f"reference as well (sampling from the model in training was tried: {HISTORY})")
     if args.unlikelihood_nonsense is not None and not 0 < args.unlikelihood_nonsense < 1:
         sys.exit("error: --unlikelihood-nonsense needs a probability P between 0 and 1 (the shipped model used 1e-4)")
     if args.unlikelihood_reference is not None and not Path(args.unlikelihood_reference).is_file():

@@ -63,7 +63,7 @@ def run_settings(args, digest):
             margin=args.unlikelihood_margin, margin_among=args.unlikelihood_margin_among,
             nonsense=args.unlikelihood_nonsense, early_end=args.unlikelihood_early_end or None,
             best_of=args.unlikelihood_best_of and [args.unlikelihood_best_of, BEST_OF_TEMPERATURE, BEST_OF_TOP_K,
-                                                   BEST_OF_GENERIC, args.unlikelihood_best_of_sampler],
+                                                   BEST_OF_GENERIC, "reference"],  # sampled from, as recorded before
             reference=args.unlikelihood_reference and sha256_16(args.unlikelihood_reference),
             prefixes=[args.unlikelihood_prefixes, UL_OPENING] if args.unlikelihood_prefixes != "windows" else None)
         settings["unlikelihood"] = steps | {name: value for name, value in shaped_by.items() if value is not None}
