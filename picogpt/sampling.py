@@ -53,9 +53,11 @@ class RepetitionPenalty(NamedTuple):
     penalty: float  # > 1 lowers every seen token, whatever the sign of its score; 1 changes nothing
 
     def __call__(self, scores, text):
-        penalty = np.float32(self.penalty)
-        penalised = np.where(scores > 0, scores / penalty, scores * penalty)
-        return np.where(text.seen(scores.shape[-1]), penalised, scores)  # padding is not text (as in HF)
+        penalty = float32_within(self.penalty)
+        with np.errstate(over="ignore"):  # an overflow is dealt with below
+            penalised = np.where(scores > 0, scores / penalty, scores * penalty)
+        return limit_of_overflow(np.where(text.seen(scores.shape[-1]), penalised, scores), scores)  # (padding
+        # is not text, as in HF; a penalty near 0 favours the seen tokens beyond what float32 holds: see there)
 
 
 class NoRepeatNGram(NamedTuple):
@@ -114,7 +116,8 @@ class Temperature(NamedTuple):
     temperature: float
 
     def __call__(self, scores, text=None):
-        return scores / np.float32(self.temperature)
+        with np.errstate(over="ignore"):  # a T near 0: see limit_of_overflow
+            return limit_of_overflow(scores / float32_within(self.temperature), scores)
 
 
 class TopK(NamedTuple):
@@ -145,9 +148,37 @@ class TopP(NamedTuple):
         probs = softmax64(np.take_along_axis(scores, order, axis=-1))
         mass_before = np.cumsum(probs, axis=-1) - probs
         keep_sorted = mass_before < self.p
+        keep_sorted[:, 0] = True  # the likeliest token, whatever p (p = 0 included, as in HF)
         keep = np.empty_like(keep_sorted)
         np.put_along_axis(keep, order, keep_sorted, axis=-1)
         return np.where(keep, scores, -np.inf)
+
+
+FLOAT32_RANGE = (float(np.finfo(np.float32).smallest_subnormal), float(np.finfo(np.float32).max))
+
+
+def float32_within(value):
+    """A setting (> 0) as a float32 within float32's range: 1e300 would be infinity and 1e-300 zero, and a
+    score of 0 times infinity, or -inf times zero, NaN."""
+    return np.float32(min(max(float(value), FLOAT32_RANGE[0]), FLOAT32_RANGE[1]))
+
+
+def limit_of_overflow(new, old):
+    """new, a processor's scores from old, or, in the rows where float32 overflowed (a finite score that
+    became +inf, or a row of finite scores that all became -inf: a temperature near 0, a repetition
+    penalty near 0), the limit that the setting tends to: all the probability on the tokens whose score
+    grew fastest, those of the largest old score among the ones that overflowed upwards (among all, where
+    none did). So extreme settings give a defined next token, the greedy one in the limit of a
+    temperature towards 0, and never NaN."""
+    up = np.isposinf(new) & np.isfinite(old)
+    sunk = np.isneginf(new).all(axis=-1) & np.isfinite(old).any(axis=-1)
+    rows = up.any(axis=-1) | sunk
+    if not rows.any():
+        return new
+    candidates = np.where(up[rows] | (sunk[rows, None] & np.isfinite(old[rows])), old[rows], -np.inf)
+    new = new.copy()
+    new[rows] = np.where(candidates == candidates.max(axis=-1, keepdims=True), np.float32(0), -np.inf)
+    return new
 
 
 def softmax64(scores):
@@ -238,6 +269,9 @@ def choose_next(scores, rng=None):
     if rng is None:
         return np.argmax(scores, axis=-1)
     cumulative = np.cumsum(softmax64(scores), axis=-1)  # [n_rows, n_vocab]
+    if not (cumulative[:, -1] > 0).all():  # NaN, or nothing possible: never a token outside the vocabulary
+        raise PicogptError("no next token can be drawn: a row's scores give no probability to any token "
+                           "(a processor left NaN or only -inf); this is a bug in picogpt.sampling, please report it")
     u = rng.random(len(scores))  # [n_rows], uniform in [0, 1)
     return np.array([np.searchsorted(row, ui * row[-1], side="right") for row, ui in zip(cumulative, u)])
 

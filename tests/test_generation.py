@@ -121,6 +121,38 @@ def test_temperature_towards_zero_converges_to_greedy(model):
     greedy = list(generate(model, ids, 15, stop_at_eot=False))
     assert list(generate(model, ids, 15, stop_at_eot=False, temperature=1e-4, seed=3)) == greedy
     assert list(generate(model, ids, 15, stop_at_eot=False, temperature=0)) == greedy  # 0 is greedy, no division
+    # Temperatures so small that float32's logits / T overflow (or T itself is below float32's range): their
+    # limit, greedy, not NaN and a token outside the vocabulary
+    for temperature in (1e-40, 1e-300, 5e-324):
+        assert list(generate(model, ids, 15, stop_at_eot=False, temperature=temperature, seed=3)) == greedy
+        assert list(generate(model, ids, 15, stop_at_eot=False, temperature=temperature, top_k=5, top_p=1e-300,
+                              seed=3)) == greedy
+
+
+@pytest.mark.parametrize("options", [dict(repetition_penalty=1e-40), dict(repetition_penalty=1e-40, temperature=1.0),
+                                     dict(repetition_penalty=1e300, temperature=1e300), dict(temperature=1.0, top_p=1e-300),
+                                     dict(temperature=1e-40, repetition_penalty=1e300)])
+def test_extreme_settings_give_a_defined_token_inside_the_vocabulary(model, options):
+    ids = encode(PROMPTS[0])
+    options = dict(options, seed=1) if options.get("temperature", 0) > 0 else options
+    tokens = list(generate(model, ids, 15, stop_at_eot=False, **options))
+    assert len(tokens) == 15 and all(0 <= t < HPARAMS["n_vocab"] for t in tokens)
+    assert tokens == list(generate(model, ids, 15, stop_at_eot=False, **options))  # the same again
+    logits = model(ids)[-1]
+    probs = distribution(logits, ids, **{k: v for k, v in options.items() if k != "seed"})
+    assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1)
+
+
+def test_a_penalty_near_zero_tends_to_the_likeliest_seen_token():
+    """The limit of a repetition penalty towards 0 (every seen token with a positive logit grows past any
+    other): the seen token of the largest logit, even where float32 made several of them infinite."""
+    logits = np.array([[3.0, 1.0, 5.0, -2.0, 2.5]], dtype=np.float32)
+    text = Text(np.array([[0, 1, 3]]), np.zeros(1, np.int64), 0)  # seen: 0, 1, 3 (not 2, the likeliest)
+    for penalty in (1e-3, 1e-40, 1e-300):
+        assert choose_next(RepetitionPenalty(penalty)(logits, text))[0] == 0
+    np.testing.assert_array_equal(softmax64(RepetitionPenalty(1e-40)(logits, text))[0], [1, 0, 0, 0, 0])
+    kept = TopP(0.0)(logits)  # p = 0 keeps the likeliest token alone, as transformers' min_tokens_to_keep
+    assert np.isfinite(kept).sum() == 1 and np.isfinite(kept[0, 2])
 
 
 def test_same_seed_same_tokens_different_seed_different_tokens(model):
@@ -557,3 +589,17 @@ def test_cli_min_new_tokens_needs_an_end_token(model_path, capsys):
     status, _, err = run_cli(capsys, "Hi", "--model", str(model_path), "--min-new-tokens", "3", "--ignore-eot",
                              "--num-beams", "2")
     assert status == 2 and "min-new-tokens holds off the end token" in err
+
+
+def test_cli_extreme_numbers_compute_their_limit(capsys):
+    """--temperature 1e-40 once made NaN logits and token 50257: now it is greedy's limit, and the other
+    extremes give a text (one line out, nothing on stderr)."""
+    prompt = "Return a new list"
+    status, greedy, _ = run_cli(capsys, prompt, "-n", "12", "--model", "demo")
+    assert status == 0 and run_cli(capsys, prompt, "-n", "12", "--model", "demo", "--temperature", "1e-40",
+                                   "--seed", "1") == (0, greedy, "")
+    for flags in (["--repetition-penalty", "1e-40"], ["--repetition-penalty", "1e300", "--temperature", "1e300"],
+                  ["--num-beams", "2", "--repetition-penalty", "1e-40"]):
+        status, out, err = run_cli(capsys, prompt, "-n", "12", "--model", "demo", "--seed", "2", *flags) \
+            if "--temperature" in flags else run_cli(capsys, prompt, "-n", "12", "--model", "demo", *flags)
+        assert status == 0 and err == "" and out.endswith("\n") and "\ufffd" not in out, (flags, err)
