@@ -41,7 +41,7 @@ SOURCES = {
     "attention": [(_model, "attention", "softmax(scores + mask)"), (_model, "softmax", "np.exp(")],
     "lens": [(_model, "layer_norm", "g * centered"), (_model, "gpt2", "matmul(x, wte.T)")],
     "next": [(_model, "gpt2", "matmul(x, wte.T)"), (sampling, "RepetitionPenalty", "np.where(scores > 0"),
-             (sampling, "Temperature", "scores / np.float32"), (sampling, "TopK", "kth_largest ="),
+             (sampling, "Temperature", "scores / float32_within"), (sampling, "TopK", "kth_largest ="),
              (sampling, "TopP", "mass_before < self.p"), (sampling, "softmax64", "np.exp(")],
     "ablation": [(_model, "mha", "merge_heads(heads)")],
 }
