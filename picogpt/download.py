@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from .errors import PicogptError, one_line, plural
+from .outputs import replace_onto
 
 if TYPE_CHECKING:  # for the annotations only
     import requests
@@ -259,7 +260,7 @@ def _attempt(session: requests.Session, url: str, dest: Path, partial: Path, pro
 
 def _finish(partial: Path, dest: Path) -> None:
     try:
-        os.replace(partial, dest)  # atomic: dest appears complete or not at all
+        replace_onto(partial, dest)  # atomic: dest appears complete or not at all; never onto a device
     except OSError as e:
         raise PicogptError(f"cannot rename {partial} to {dest.name}: {e.strerror or e}; fix permissions and re-run") from e
 

@@ -52,7 +52,7 @@ import numpy as np
 
 from . import bfloat16
 from .errors import PicogptError, plural
-from .outputs import temp_file_beside
+from .outputs import not_a_file, replace_onto, temp_file_beside
 from .hints import picogpt_command
 from .tensors import check_hparams, gpt2_tensor_specs, is_matrix
 
@@ -132,6 +132,10 @@ class ModelFileWriter:
         self.file = None
 
     def __enter__(self):
+        kind = not_a_file(self.path)
+        if kind is not None:  # written in place (seek, fallocate) and mapped when read: only a regular file
+            raise PicogptError(f"{self.path} is {kind}, not a file: a model.dat is written in place and read back "
+                               f"by mapping it, so it needs a regular file; give a file name")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, self.tmp_path = temp_file_beside(self.path, ".partial")
@@ -203,7 +207,7 @@ class ModelFileWriter:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
-            os.replace(self.tmp_path, self.path)
+            replace_onto(self.tmp_path, self.path)
         except BaseException as e:
             self._discard()
             raise self._os_error(e) from e

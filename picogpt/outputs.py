@@ -1,6 +1,11 @@
 """Writing outputs: where an output file may go (checked before the work that makes it), and writing a
 file so that it appears complete or not at all.
 
+A path that is not a regular file (a device such as /dev/null or /dev/stdout, a named pipe) is written
+through, for outputs that are written once from start to end (pages, pictures, JSON), and refused in one
+sentence for those that are not (a model.dat is written in place and mapped when read): it is never
+replaced by a file, whatever the writer (`replace_onto` is the one rename every writer goes through).
+
 Writing: into a hidden temporary file beside the final name, renamed onto it (os.replace) only once
 complete, deleted on any failure. A process killed outright (SIGKILL, a power cut) cannot delete it, so
 its name says whose it is, `.model.dat.HOST.PID.RANDOM.partial`, and the next writer of the same file
@@ -11,6 +16,7 @@ import contextlib
 import os
 import re
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
@@ -78,21 +84,50 @@ def temp_file_beside(path, suffix):
     return fd, Path(tmp)
 
 
-def output_file(path, default_name=None, create_folder=False):
+def not_a_file(path):
+    """What an existing path is when it is not a regular file (links followed): "a character device", "a
+    block device", "a named pipe", "a socket", "a folder"; None for a regular file or nothing at all."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    kinds = ((stat.S_ISREG, None), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def replace_onto(tmp, path):
+    """os.replace(tmp, path), the rename that completes every atomic write, but never onto something that
+    is not a regular file: renaming onto /dev/full (as root) would put a file where the device was."""
+    kind = not_a_file(path)
+    if kind is not None:
+        raise PicogptError(f"{path} is {kind}, not a file, and was left as it is; give the name of a file")
+    os.replace(tmp, path)
+
+
+def output_file(path, default_name=None, create_folder=False, regular=False):
     """Where an output file goes, checked before the work that makes it: a path naming a folder means
     default_name inside it (without one, it is an error that says so); a symbolic link means the file it
-    points to; a device or pipe (/dev/stdout) is written as it is, if it can be; otherwise the folder
-    must exist (or is made, with create_folder) and take a new file. Returns the Path; a problem is one
-    PicogptError sentence."""
+    points to; a device or pipe (/dev/stdout) is written through, if it can be, or refused where the
+    output must be a regular file (regular=True: a model.dat); otherwise the folder must exist (or is
+    made, with create_folder) and take a new file, and an existing file must be writable. Returns the
+    Path; a problem is one PicogptError sentence."""
     path = Path(path)
     if path.is_dir():
         if default_name is None:
             raise PicogptError(f"{path} is a folder; give a file name, such as {path / 'results.json'}")
         path = path / default_name
-    if path.exists() and not path.is_file():  # a device or a pipe: no temporary file beside it
+    kind = not_a_file(path)
+    if kind is not None:  # a device or a pipe: written through, no temporary file beside it
+        if regular:
+            raise PicogptError(f"{path} is {kind}, not a file: this output is written in place and read back by "
+                               f"mapping it, so it needs a regular file; give a file name")
         if not os.access(path, os.W_OK):
             raise PicogptError(f"cannot write {path}: permission denied; choose another file")
         return path
+    if path.is_file() and not os.access(path, os.W_OK):  # the user's read-only mark: not replaced behind it
+        raise PicogptError(f"cannot write {path}: the file is read-only; make it writable (chmod u+w) or choose "
+                           f"another file")
     path = path.resolve() if path.is_symlink() else path  # replace the file a link points to, not the link
     folder = path.parent
     if create_folder:
@@ -118,7 +153,7 @@ def atomic_output(path):
     link's target is what is replaced; a device or a pipe (/dev/stdout) is written directly. An OSError
     (a full disk, a folder that takes no files) becomes one PicogptError sentence."""
     path = Path(path)
-    if path.exists() and not path.is_file() and not path.is_dir():
+    if not_a_file(path) not in (None, "a folder"):  # a device or a pipe: written through
         try:
             with open(path, "wb") as f:
                 yield f
@@ -133,7 +168,7 @@ def atomic_output(path):
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-        os.replace(tmp, path)
+        replace_onto(tmp, path)
     except BaseException as e:
         try:
             os.unlink(tmp)

@@ -6,8 +6,10 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -271,3 +273,89 @@ def test_argument_parser_fails_only_with_usage_errors(argv):
             assert e.code in (0, 2)  # 0 for --help
             if e.code == 2:
                 assert stderr.getvalue().count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices and pipes as outputs: written through where that makes sense, refused where not, never replaced.
+# The nodes are this test's own, made in tmp_path (root may make them): never the machine's /dev.
+
+@pytest.fixture
+def nodes(tmp_path):
+    """Our own character devices with /dev/null's and /dev/full's numbers, and a named pipe."""
+    if not hasattr(os, "mknod") or os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    made = {"null": tmp_path / "null", "full": tmp_path / "full", "pipe": tmp_path / "pipe"}
+    os.mknod(made["null"], 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(made["full"], 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    os.mkfifo(made["pipe"])
+    yield made
+    assert stat.S_ISCHR(os.stat(made["null"]).st_mode) and stat.S_ISCHR(os.stat(made["full"]).st_mode)
+    assert stat.S_ISFIFO(os.stat(made["pipe"]).st_mode)  # still the nodes they were: nothing replaced them
+
+
+def read_pipe(path):
+    """A reader for a named pipe (a writer blocks until one opens it): a thread, and the bytes it got."""
+    got = []
+    reader = threading.Thread(target=lambda: got.append(Path(path).read_bytes()), daemon=True)
+    reader.start()
+    return reader, got
+
+
+@pytest.mark.parametrize("node", ["null", "full", "pipe"])
+def test_a_model_file_is_never_written_to_a_device_or_a_pipe(good_model, nodes, capsys, node):
+    err = error_line(capsys, cli.main(["convert-dtype", str(good_model), "--to", "bf16", "--out", str(nodes[node])]))
+    assert "not a file" in err and "needs a regular file" in err and "remove" not in err
+    from picogpt.modelfile import ModelFileWriter  # the writer itself refuses, for a library caller
+    with pytest.raises(PicogptError, match="needs a regular file"):
+        with ModelFileWriter(nodes[node], HPARAMS):
+            pass
+    assert list(nodes[node].parent.glob(".*partial")) == []
+
+
+def test_pages_and_json_are_written_through_devices_and_pipes(nodes, capsys):
+    from picogpt.outputs import write_atomically
+    assert cli.main(["explain", "Hi there", "--model", "demo", "--out", str(nodes["null"])]) == 0
+    assert "wrote" in capsys.readouterr().err
+    err = error_line(capsys, cli.main(["explain", "Hi there", "--model", "demo", "--out", str(nodes["full"])]))
+    assert "No space left on device" in err and "remove" not in err
+    reader, got = read_pipe(nodes["pipe"])
+    assert cli.main(["explain", "Hi there", "--model", "demo", "--out", str(nodes["pipe"])]) == 0
+    reader.join(timeout=30)
+    assert got and got[0].startswith(b"<!DOCTYPE html>") and got[0].rstrip().endswith(b"</html>")
+    reader, got = read_pipe(nodes["pipe"])
+    write_atomically(nodes["pipe"], b'{"a": 1}\n')  # what parity --json and bench --json write with
+    reader.join(timeout=30)
+    assert got == [b'{"a": 1}\n']
+    with pytest.raises(PicogptError, match="No space left on device"):
+        write_atomically(nodes["full"], b"x")
+    assert list(nodes["null"].parent.glob(".*partial")) == []
+
+
+def test_no_rename_lands_on_a_device(nodes, tmp_path):
+    """replace_onto is the rename of every atomic writer (pages, JSON, pictures, model files, downloads)."""
+    from picogpt.outputs import replace_onto
+    tmp = tmp_path / "done.partial"
+    for node in nodes.values():
+        tmp.write_bytes(b"complete")
+        with pytest.raises(PicogptError, match="was left as it is"):
+            replace_onto(tmp, node)
+    target = tmp_path / "file"
+    replace_onto(tmp, target)
+    assert target.read_bytes() == b"complete"
+
+
+def test_explain_refuses_one_file_for_the_page_and_its_json(tmp_path, capsys):
+    page = tmp_path / "x.html"
+    err = error_line(capsys, cli.main(["explain", "Hi", "--model", "demo", "--out", str(page), "--json",
+                                       str(tmp_path / "." / "x.html")]), expected_status=2)
+    assert "--json and --out both name" in err and not page.exists()
+
+
+def test_a_read_only_output_file_is_named_as_such(tmp_path, capsys, monkeypatch):
+    """Root writes any file, so the read-only mark is what os.access reports for a user."""
+    page = tmp_path / "x.html"
+    page.write_text("mine")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == page else real_access(p, mode))
+    err = error_line(capsys, cli.main(["explain", "Hi", "--model", "demo", "--out", str(page)]))
+    assert "the file is read-only" in err and "folder" not in err and page.read_text() == "mine"

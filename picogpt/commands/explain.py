@@ -11,7 +11,7 @@ from ..attention_plot import attention_picture
 from ..errors import BadArgument, plural
 from ..explain import MAX_TOKENS, check_heads, explain, parse_heads
 from ..explain_page import write_page
-from ..outputs import output_file
+from ..outputs import not_a_file, output_file
 from .arguments import ArgumentParser, add_model_arguments, load_model, non_negative_int
 
 
@@ -43,15 +43,17 @@ def explain_parser(prog):
 def explain_command(args):
     out = output_file(args.out, "explain.html")
     json_out = output_file(args.json, "explain.json") if args.json else None
+    if json_out is not None and not_a_file(out) is None and out.resolve() == json_out.resolve():
+        raise BadArgument(f"--json and --out both name {out}: the page would replace the JSON; give two files")
     model = load_model(args, args.prog)
     check_heads(model.hparams, args.ablate)  # before the work
     started = time.perf_counter()
     seen = explain(model, args.prompt, ablate=args.ablate, model_name=args.model or model_label(model),
                    command=command_line(args.prog, args.argv))
     write_page(seen, out, json_out)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {plural(len(seen.ids), 'token')}, "
-          f"{time.perf_counter() - started:.1f} s)" + (f" and {json_out}" if json_out else "")
-          + "; open it in a browser", file=sys.stderr)
+    size = "" if not_a_file(out) else f"{out.stat().st_size / 1e6:.1f} MB, "  # (a device has no size to give)
+    print(f"wrote {out} ({size}{plural(len(seen.ids), 'token')}, {time.perf_counter() - started:.1f} s)"
+          + (f" and {json_out}" if json_out else "") + "; open it in a browser", file=sys.stderr)
 
 
 def model_label(model):

@@ -62,7 +62,7 @@ def convert_tf_parser(prog):
 def convert_tf_command(args):
     started = time.perf_counter()
     if args.checkpoint_dir is None:  # fetch: download (resuming) + convert
-        out = args.out and output_file(args.out, "model.dat", create_folder=True)
+        out = args.out and output_file(args.out, "model.dat", create_folder=True, regular=True)
         out = store.fetch(args.model_size, args.models_dir, base_url=args.base_url, progress=not args.no_progress,
                           out=out, weight_dtype=args.dtype)
         hparams = open_model_file(out).hparams
@@ -72,7 +72,7 @@ def convert_tf_command(args):
         if not checkpoint_dir.is_dir():
             raise PicogptError(f"checkpoint folder {checkpoint_dir} does not exist")
         out = output_file(args.out if args.out is not None else checkpoint_dir / "model.dat", "model.dat",
-                          create_folder=True)
+                          create_folder=True, regular=True)
         hparams = convert_checkpoint(checkpoint_dir, out, args.dtype)
     report_written(out, hparams, time.perf_counter() - started)
 
@@ -102,7 +102,7 @@ def convert_dtype_parser(prog):
 def convert_dtype_command(args):
     source = store.model_path(args.model, args.models_dir)
     out = Path(args.out) if args.out is not None else source.with_name(f"model-{args.to}.dat")
-    out = output_file(out, f"model-{args.to}.dat", create_folder=True)
+    out = output_file(out, f"model-{args.to}.dat", create_folder=True, regular=True)
     started = time.perf_counter()
     hparams = convert_dtype(source, out, args.to)
     report_written(out, hparams, time.perf_counter() - started)
@@ -132,7 +132,7 @@ def convert_hf_parser(prog):
 def convert_hf_command(args):
     out = Path(args.out) if args.out is not None else Path(args.folder) / "model.dat"
     if args.out is not None or Path(args.folder).is_dir():  # (a missing folder is convert_hf's to explain)
-        out = output_file(out, "model.dat", create_folder=True)
+        out = output_file(out, "model.dat", create_folder=True, regular=True)
     t = time.perf_counter()
     hparams = convert_hf_checkpoint(args.folder, out, args.dtype)
     report_written(out, hparams, time.perf_counter() - t)
