@@ -22,7 +22,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-from .errors import BadArgument, PicogptError, interrupted, one_line  # noqa: E402
+from .errors import BadArgument, PicogptError, interrupted, one_line, shown  # noqa: E402
 
 # name: (the module in picogpt/commands/ that holds it, one line for `picogpt --help`)
 SUBCOMMANDS = {
@@ -96,14 +96,18 @@ class OutputFailed(Exception):
 
 
 class CheckedOutput:
-    """sys.stdout while a command runs, telling a failed write to it (OutputFailed) from other OSErrors."""
+    """sys.stdout while a command runs, telling a failed write to it (OutputFailed) from other OSErrors;
+    a name that is not UTF-8 (a file's) is printed escaped (errors.shown) rather than failing."""
 
     def __init__(self, stream):
         self.stream = stream
 
     def write(self, text):
         try:
-            return self.stream.write(text)
+            try:
+                return self.stream.write(text)
+            except UnicodeEncodeError:  # (raised before anything is written)
+                return self.stream.write(shown(text))
         except OSError as e:
             raise OutputFailed(e) from e
 
@@ -118,9 +122,10 @@ class CheckedOutput:
 
 
 def say(prog, message):
-    """One line on stderr; nothing if stderr itself is gone (a closed pipe), since there is nowhere to say it."""
+    """One line on stderr (a name that is not UTF-8 escaped: errors.shown); nothing if stderr itself is gone
+    (a closed pipe), since there is nowhere to say it."""
     try:
-        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+        print(shown(f"{prog}: {message}"), file=sys.stderr, flush=True)
     except OSError:
         pass
 

@@ -25,6 +25,16 @@ def one_line(text):
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
+def shown(text):
+    """text as it can be printed and stored as UTF-8 (JSON, a page): bytes of a file name or argument that
+    are not UTF-8 (held by Python as lone surrogates) as \\xNN, any other lone surrogate as \\uNNNN."""
+    text = str(text)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def first_line(error):
     """The first line of an exception's message (libraries raise multi-line ones), or its type's name."""
     text = str(error).strip()

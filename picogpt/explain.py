@@ -26,7 +26,7 @@ from . import __version__
 from . import model as _model
 from . import sampling, tokenizer
 from .attention_plot import token_labels
-from .errors import BadArgument, PicogptError
+from .errors import BadArgument, PicogptError, shown
 from .trace import tracing
 
 MAX_TOKENS = 128  # the page holds n_layer x n_head x n_seq² / 2 attention weights: it grows with the square
@@ -181,8 +181,8 @@ def source_refs(view):
 def model_summary(model, name=None):
     h = model.hparams
     precision = getattr(model, "precision", None)
-    return {"name": name or (Path(model.path).parent.name if model.path else "in memory"),
-            "file": str(model.path) if model.path else None,
+    return {"name": shown(name or (Path(model.path).parent.name if model.path else "in memory")),
+            "file": shown(model.path) if model.path else None,  # (the page is UTF-8; a file name may not be)
             "n_layer": h["n_layer"], "n_head": h["n_head"], "n_embd": h["n_embd"], "n_ctx": h["n_ctx"],
             "n_vocab": h["n_vocab"], "n_params": int(model.n_params),
             "weights": precision.file if precision is not None else "f32"}

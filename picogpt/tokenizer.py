@@ -15,6 +15,7 @@ import binascii
 import codecs
 import functools
 import hashlib
+import re
 import shlex
 from pathlib import Path
 
@@ -105,9 +106,26 @@ def encode(text: str) -> list[int]:
     The literal string "<|endoftext|>" becomes the special token EOT rather than the six ordinary tokens
     that spell it: a user who types it into a prompt means the document separator GPT-2 was trained
     with. (tiktoken's own default would raise an error on it instead.) Every other string is ordinary
-    text; decode(encode(text)) == text for any text without lone surrogates.
+    text, and decode(encode(text)) == text. A string that is not valid Unicode, one holding a lone
+    surrogate (a command-line argument's bytes that are not UTF-8 come so, as does "\\ud800" in JSON),
+    is refused in one sentence: tiktoken would turn it into U+FFFD, and so continue other text than given.
     """
+    if not text.isascii() and (bad := SURROGATE.search(text)):
+        raise PicogptError(f"the text is not valid Unicode: it holds {surrogate_name(bad.group())} at character "
+                           f"{bad.start()}; give UTF-8 text")
     return load_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def surrogate_name(character):
+    """How a lone surrogate came to be, said for a user: one byte of a name or argument that is not UTF-8
+    (Python's surrogateescape holds byte 0xNN as U+DCNN), or half of a UTF-16 pair."""
+    code = ord(character)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"byte 0x{code - 0xDC00:02x} (not UTF-8)"
+    return f"U+{code:04X} (half of a UTF-16 surrogate pair)"
 
 
 def decode(ids) -> str:

@@ -359,3 +359,47 @@ def test_a_read_only_output_file_is_named_as_such(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == page else real_access(p, mode))
     err = error_line(capsys, cli.main(["explain", "Hi", "--model", "demo", "--out", str(page)]))
     assert "the file is read-only" in err and "folder" not in err and page.read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text that is not valid Unicode: refused as a prompt in one line, shown escaped as a name
+
+def picogpt_bytes(*argv, env=None):
+    """Run `python -m picogpt` with arguments given as bytes (a shell passes any bytes): (status, out, err)."""
+    done = subprocess.run([sys.executable, "-m", "picogpt", *argv], capture_output=True, timeout=300,
+                          env=dict(os.environ, **(env or {})))
+    return done.returncode, done.stdout, done.stderr.decode("utf-8", "replace")
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tmp_path):
+    page = tmp_path / "x.html"
+    for argv in ([b"Hello \xff there", b"-n", b"2"], [b"explain", b"Hello \xff there", b"--out", bytes(page)]):
+        status, out, err = picogpt_bytes(*argv, b"--model", b"demo")
+        assert status == 1 and out == b"" and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "not valid Unicode: it holds byte 0xff (not UTF-8) at character 6; give UTF-8 text" in err
+    assert not page.exists()
+    from picogpt.tokenizer import encode
+    with pytest.raises(PicogptError, match=r"U\+D800 \(half of a UTF-16 surrogate pair\) at character 1"):
+        encode("a\ud800")  # as JSON's "\ud800" decodes
+    # a file whose name is not UTF-8, holding UTF-8 text, is read as any other
+    named = Path(os.fsdecode(bytes(tmp_path) + b"/t\xfe.txt"))
+    named.write_text("Hello there", encoding="utf-8")
+    status, out, err = picogpt_bytes(b"score", os.fsencode(named), b"--model", b"demo")
+    assert status == 0 and b"perplexity" in out, err
+
+
+def test_names_that_are_not_utf8_are_shown_escaped_and_pages_stay_utf8(tmp_path):
+    folder = bytes(tmp_path)
+    model, page, data = folder + b"/m\xfe.dat", folder + b"/p\xfd.html", folder + b"/p\xfd.json"
+    Path(os.fsdecode(model)).write_bytes((REPO / "data" / "demo" / "model.dat").read_bytes())
+    status, out, err = picogpt_bytes(b"explain", b"Hi", b"--model", model, b"--out", page, b"--json", data)
+    assert status == 0, err
+    written = json.loads(Path(os.fsdecode(data)).read_bytes().decode("utf-8"))  # valid UTF-8 JSON
+    assert written["model"]["file"].endswith("/m\\xfe.dat") and "'" + os.fsdecode(folder) in written["command"]
+    assert "p\\xfd.html" in written["command"]
+    Path(os.fsdecode(page)).read_bytes().decode("utf-8")  # the page too
+    # stdout in strict UTF-8 (a UTF-8 locale): the name printed escaped, not a traceback
+    status, out, err = picogpt_bytes(b"verify", model, env={"PYTHONIOENCODING": "utf-8:strict"})
+    assert status == 0 and out.decode("utf-8").startswith(f"{os.fsdecode(folder)}/m\\xfe.dat: OK"), err
+    status, out, err = picogpt_bytes(b"verify", folder + b"/gone\xff.dat")
+    assert status == 1 and "gone\\xff.dat does not exist" in err and err.count("\n") == 1

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..attention_plot import attention_picture
-from ..errors import BadArgument, plural
+from ..errors import BadArgument, plural, shown
 from ..explain import MAX_TOKENS, check_heads, explain, parse_heads
 from ..explain_page import write_page
 from ..outputs import not_a_file, output_file
@@ -62,8 +62,9 @@ def model_label(model):
 
 
 def command_line(prog, argv):
-    """The command as given, for the page's footer: prog and the arguments, shell-quoted."""
-    return " ".join([prog] + [shlex.quote(w) for w in argv])
+    """The command as given, for the page's footer: prog and the arguments, shell-quoted (bytes that are not
+    UTF-8, in a file name, as \\xNN: the page is UTF-8)."""
+    return " ".join([prog] + [shlex.quote(shown(w)) for w in argv])
 
 
 # ---------------------------------------------------------------------------------------------------
