@@ -15,11 +15,17 @@ MODELS_DIR ?=
 BASE_URL ?=
 DTYPE ?=
 
-# A variable as one shell word, exactly as the user gave it: `make run PROMPT='costs $HOME'` keeps
-# $HOME and backquotes literal (make does not expand the value, the shell gets it in single quotes).
-quote = '$(subst ','\'',$(value $(1)))'
-# --option 'value' when the variable is set, nothing when it is empty
-option = $(if $(value $(2)),$(1) $(call quote,$(2)))
+# What the user sets reaches the commands through the environment, byte for byte: `make run PROMPT='costs
+# $HOME'` keeps $HOME, backquotes and line breaks literal. The shell expands "$$MAKE_PROMPT" once, as data,
+# where a value written into the recipe would be read as shell code (a line break ended the command).
+# $${MAKE_MODEL:+--model "$$MAKE_MODEL"} gives the option only when the variable is set.
+run fetch bench parity: export MAKE_PROMPT = $(value PROMPT)
+run fetch bench parity: export MAKE_N = $(value N)
+run fetch bench parity: export MAKE_MODEL = $(value MODEL)
+run fetch bench parity: export MAKE_MODELS_DIR = $(value MODELS_DIR)
+run fetch bench parity: export MAKE_BASE_URL = $(value BASE_URL)
+run fetch bench parity: export MAKE_DTYPE = $(value DTYPE)
+run fetch bench parity: export MAKE_CORPUS_DOCS = $(value CORPUS_DOCS)
 
 .PHONY: run fetch test browser bench parity install install-convert install-test clean
 
@@ -52,15 +58,16 @@ install-convert: $(VENV)/.installed-convert
 install-test: $(VENV)/.installed-test
 
 run: $(VENV)/.installed
-	@$(PY) -m picogpt generate -n $(call quote,N) $(call option,--model,MODEL) \
-		$(call option,--models-dir,MODELS_DIR) -- $(call quote,PROMPT)
+	@$(PY) -m picogpt generate -n "$$MAKE_N" $${MAKE_MODEL:+--model "$$MAKE_MODEL"} \
+		$${MAKE_MODELS_DIR:+--models-dir "$$MAKE_MODELS_DIR"} -- "$$MAKE_PROMPT"
 
 # GPT-2 MODEL (124M, 355M, 774M or 1558M; default 124M) into the per-user models folder, or MODELS_DIR;
 # BASE_URL names a mirror; DTYPE=bf16 stores the weights in bfloat16. A cut download resumes when the same
 # command is run again.
 fetch: $(VENV)/.installed-convert
-	@$(PY) -m picogpt convert-tf --model-size $(if $(value MODEL),$(call quote,MODEL),124M) \
-		$(call option,--models-dir,MODELS_DIR) $(call option,--base-url,BASE_URL) $(call option,--dtype,DTYPE)
+	@$(PY) -m picogpt convert-tf --model-size "$${MAKE_MODEL:-124M}" \
+		$${MAKE_MODELS_DIR:+--models-dir "$$MAKE_MODELS_DIR"} $${MAKE_BASE_URL:+--base-url "$$MAKE_BASE_URL"} \
+		$${MAKE_DTYPE:+--dtype "$$MAKE_DTYPE"}
 
 test: $(VENV)/.installed-test browser
 	$(PY) -m pytest -q
@@ -86,11 +93,12 @@ browser:
 # scoring 2000 documents in process, with PyTorch and on Ray (about 45 min on 2 cores; CORPUS_DOCS=0 skips it)
 CORPUS_DOCS ?= 2000
 bench: $(VENV)/.installed-test
-	$(PY) -m picogpt bench --corpus-docs $(call quote,CORPUS_DOCS)
+	$(PY) -m picogpt bench --corpus-docs "$$MAKE_CORPUS_DOCS"
 
 # picogpt against PyTorch on MODEL's weights (default as for run), layer by layer; exit status 1 on a mismatch
 parity: $(VENV)/.installed-parity
-	$(PY) -m picogpt parity $(call option,--model,MODEL) $(call option,--models-dir,MODELS_DIR) -n $(call quote,N)
+	$(PY) -m picogpt parity $${MAKE_MODEL:+--model "$$MAKE_MODEL"} \
+		$${MAKE_MODELS_DIR:+--models-dir "$$MAKE_MODELS_DIR"} -n "$$MAKE_N"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

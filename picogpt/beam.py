@@ -9,9 +9,9 @@ reordered so each surviving row holds its parent's keys and values (one gather, 
 Each prompt itself runs once, its keys and values then copied to its beams' rows.
 
 The rules are Hugging Face transformers' `_beam_search` (its vectorised form, transformers 4.50 to 5.x;
-written against 5.24): the same candidate count, the same -1e9 masks for finished or impossible beams,
-the same early-stopping heuristic (`early_stopping` False, True or "never"), the same length penalty
-on the generated length, and the same processors (picogpt.sampling's: repetition penalty, no-repeat
+written against 5.24, tested against 5.25): the same candidate count, the same -1e9 masks for finished or
+impossible beams, the same early-stopping heuristic (`early_stopping` False, True or "never"), the same
+length penalty on the generated length, and the same processors (picogpt.sampling's: repetition penalty, no-repeat
 n-grams, a minimum of new tokens) applied to the log-probabilities, so the same weights give the same
 sequences. Each step's logits come as picogpt.generate's loop takes them (`next_token_logits`, checked),
 and the batch's memory is checked before any work, as there.

@@ -26,7 +26,7 @@ from . import __version__
 from . import model as _model
 from . import sampling, tokenizer
 from .attention_plot import token_labels
-from .errors import BadArgument, PicogptError, shown
+from .errors import BadArgument, shown
 from .trace import tracing
 
 MAX_TOKENS = 128  # the page holds n_layer x n_head x n_seq² / 2 attention weights: it grows with the square
@@ -141,8 +141,8 @@ def check_heads(hparams, heads):
     n_layer, n_head = hparams["n_layer"], hparams["n_head"]
     for layer, head in heads:
         if not (0 <= layer < n_layer and 0 <= head < n_head):
-            raise PicogptError(f"head {layer}.{head} does not exist: this model has layers 0-{n_layer - 1} and "
-                               f"heads 0-{n_head - 1} in each (--ablate LAYER.HEAD, from 0)")
+            raise BadArgument(f"head {layer}.{head} does not exist: this model has layers 0-{n_layer - 1} and "
+                              f"heads 0-{n_head - 1} in each (--ablate LAYER.HEAD, from 0)")
 
 
 def zero_heads(heads):

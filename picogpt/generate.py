@@ -244,7 +244,7 @@ def prompt_ids(prompt):
 
 
 class TextBatch:
-    """Prompts (text) continued as one batch, as text that is safe to show as it comes.
+    """Prompts (text, or token ids) continued as one batch, as text that is safe to show as it comes.
 
         batch = TextBatch(model, ["Hello", "The cat"], 20, stop=["\\n"])
         for pieces in batch:       # one step: the text each row made printable ("" where none)
@@ -258,7 +258,7 @@ class TextBatch:
     """
 
     def __init__(self, model, prompts, n_tokens, stop=(), stop_at_eot=True, num_samples=1, **options):
-        distinct = [prompt_ids(p) for p in prompts]
+        distinct = [prompt_ids(p) if isinstance(p, str) else list(p) for p in prompts]
         if distinct:  # before making num_samples rows of each: decode_steps checks the same again, with the rest
             check_memory(model.hparams, len(distinct) * num_samples, max(map(len, distinct)), n_tokens,
                          options.get("use_cache", True))

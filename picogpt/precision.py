@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import bfloat16, blas
+from .errors import PicogptError
 
 BF16_ENV = "PICOGPT_BF16"  # "native" or "widen": overrides bf16_support()'s choice (tests, or a user who measured)
 
@@ -22,13 +23,17 @@ def bf16_support(forced=None):
     AMD Zen 4 with avx512_bf16, a 1x768 by 768x3072 bfloat16 product took 5.2 ms against 0.12 ms in
     float32 (MKL 2026.2), and without the instructions Intel's own CPUs are 10-22x slower in bfloat16
     (the shared performance notes). forced="native" or "widen" (else $PICOGPT_BF16) overrides the choice;
-    native still needs the library's bfloat16 product.
+    native still needs the library's bfloat16 product (else the weights are widened, and the reason says
+    that native was asked for). Any other value is refused in one sentence.
     """
     backend = blas.current()
     source = "asked for" if forced else f"${BF16_ENV}"
-    forced = (forced or os.environ.get(BF16_ENV, "")).lower()
+    asked = "bf16='native'" if forced else f"${BF16_ENV}=native"
+    forced = asked_for(forced)
     if backend._gemm_bf16 is None:
-        return False, f"the {backend.name} backend has no bfloat16 product (--backend mkl has)"
+        why = f"the {backend.name} backend has no bfloat16 product (--backend mkl has)"
+        return False, (f"native bfloat16 products were asked for ({asked}), but {why}" if forced == "native"
+                       else why)
     if forced in ("native", "widen"):
         return forced == "native", f"{source}: {forced}"
     vendor, flags = blas.cpu_features()
@@ -41,6 +46,17 @@ def bf16_support(forced=None):
         return False, (f"MKL runs its bfloat16 kernels on Intel CPUs only, and this one is {vendor} (measured on "
                        f"an AMD CPU with avx512_bf16: bfloat16 products 40x slower than float32)")
     return True, f"{backend.name}'s cblas_gemm_bf16bf16f32 on a CPU with {' and '.join(found)}"
+
+
+def asked_for(forced=None):
+    """The choice a caller (forced) or $PICOGPT_BF16 makes: "native", "widen" or "" (none); a value that
+    means nothing is a one-line error, not ignored."""
+    given = (forced or os.environ.get(BF16_ENV, "")).strip().lower()
+    if given not in ("", "native", "widen"):
+        where = "bf16=" if forced else f"${BF16_ENV}="
+        raise PicogptError(f"{where}{given!r} means nothing: give native or widen, or leave it unset for picogpt's "
+                           f"choice (bfloat16 products where the backend and CPU do them well)")
+    return given
 
 
 class Precision(NamedTuple):

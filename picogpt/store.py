@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import hints
+from . import hints, precision
 from .download import MODEL_SIZES, check_model_size, download_checkpoint
 from .errors import PicogptError
 from .model import GPT2
@@ -138,10 +138,12 @@ def load(model="124M", models_dir=None, download=False, base_url=None, progress=
 
 def widening_worth_saying(loaded):
     """Whether a model's bfloat16 weights were widened to float32 at load and that is news: a fetched or
-    converted model's memory doubles. The shipped demo model's float32 copy is some 50 MB, not worth a line
-    on every `make run` (-v still says it)."""
+    converted model's memory doubles, or native was asked for ($PICOGPT_BF16=native) and could not be. The
+    shipped demo model's float32 copy is some 50 MB, not worth a line on every `make run` (-v says it)."""
     if not loaded.precision.widened:
         return False
+    if precision.asked_for() == "native":
+        return True
     try:
         return Path(loaded.path).resolve() != demo_model_path().resolve()
     except PicogptError:  # no demo model anywhere: this one is not it

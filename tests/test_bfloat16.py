@@ -272,3 +272,14 @@ def test_widening_lets_go_of_the_file_and_the_library_says_so(files, capsys):
                for block in model.params["blocks"] for part in block.values() for t in part.values())
     store.load(files["bf16"], quiet=True)
     assert capsys.readouterr().err == ""
+
+
+def test_a_bfloat16_choice_that_means_nothing_is_one_line_and_an_impossible_one_is_said(monkeypatch, capsys):
+    monkeypatch.setenv(precision.BF16_ENV, "garbage")  # was ignored: picogpt's own choice, silently
+    assert cli.main(["Hi", "-n", "1", "--model", "demo"]) == 1
+    err = capsys.readouterr().err
+    assert "$PICOGPT_BF16='garbage' means nothing: give native or widen" in err and err.count("\n") == 1
+    monkeypatch.setenv(precision.BF16_ENV, "native")  # asked for, impossible with NumPy's products: said, even
+    assert cli.main(["Hi", "-n", "1", "--model", "demo"]) == 0  # for the demo model, whose widening is not news
+    assert ("native bfloat16 products were asked for ($PICOGPT_BF16=native), but the numpy backend has no "
+            "bfloat16 product") in capsys.readouterr().err

@@ -166,8 +166,9 @@ def page_data(path):
 @pytest.mark.parametrize("argv, code, message", [
     (["--ablate", "1"], 2, "--ablate: takes LAYER.HEAD pairs such as 1.0,3.2 (numbers from 0), not '1'"),
     (["--ablate", "1.x"], 2, "not '1.x'"),
-    (["--ablate", "99.0"], 1, "head 99.0 does not exist: this model has layers 0-"),
-    (["--ablate", "0.99"], 1, "head 0.99 does not exist"),
+    (["--ablate", "99.0"], 2, "head 99.0 does not exist: this model has layers 0-"),  # a usage error, as the others
+    (["--ablate", "0.99"], 2, "head 0.99 does not exist"),
+    (["--ablate", "99.99"], 2, "head 99.99 does not exist"),
 ])
 def test_unknown_or_malformed_heads_are_refused_in_one_line(tmp_path, capsys, argv, code, message):
     try:

@@ -130,7 +130,8 @@ def test_temperature_towards_zero_converges_to_greedy(model):
 
 
 @pytest.mark.parametrize("options", [dict(repetition_penalty=1e-40), dict(repetition_penalty=1e-40, temperature=1.0),
-                                     dict(repetition_penalty=1e300, temperature=1e300), dict(temperature=1.0, top_p=1e-300),
+                                     dict(repetition_penalty=1e300, temperature=1e300),
+                                     dict(temperature=1.0, top_p=1e-300),
                                      dict(temperature=1e-40, repetition_penalty=1e300)])
 def test_extreme_settings_give_a_defined_token_inside_the_vocabulary(model, options):
     ids = encode(PROMPTS[0])
@@ -603,3 +604,13 @@ def test_cli_extreme_numbers_compute_their_limit(capsys):
         status, out, err = run_cli(capsys, prompt, "-n", "12", "--model", "demo", "--seed", "2", *flags) \
             if "--temperature" in flags else run_cli(capsys, prompt, "-n", "12", "--model", "demo", *flags)
         assert status == 0 and err == "" and out.endswith("\n") and "\ufffd" not in out, (flags, err)
+
+
+def test_cli_a_line_of_a_prompts_file_too_long_for_the_context_is_named(model_path, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\n\n" + " word" * 70 + "\nBye\n", encoding="utf-8")  # line 3: 70 tokens, n_ctx 64
+    for beams in ([], ["--num-beams", "2"]):
+        status, out, err = run_cli(capsys, "--prompts-file", str(prompts), "-n", "5", "--model", str(model_path),
+                                   *beams)
+        assert status == 1 and out == "" and err.count("\n") == 1
+        assert f"line 3 of {prompts}: the prompt (70 tokens) plus 5 new tokens exceed the model's context" in err

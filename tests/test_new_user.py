@@ -829,11 +829,18 @@ def test_make_run_passes_a_prompt_that_looks_like_an_option(tmp_path):
         pytest.skip("the tests do not run in a virtual environment for make's VENV")
     make = ["make", "-s", "--no-print-directory", "-C", str(REPO), f"VENV={venv}", "-o", f"{venv}/.installed",
             "-o", f"{venv}/bin/python", "run", "MODEL=demo", "N=3"]
-    done = subprocess.run(make + ["PROMPT=-v"], capture_output=True, text=True, env=user_env(tmp_path), timeout=120)
     from picogpt.generate import complete
     from picogpt.shipped import demo_model_path
-    assert done.returncode == 0 and done.stderr == "", done.stderr
-    assert done.stdout == complete(load(demo_model_path()), "-v", 3) + "\n"
+    # an option's look, a line break (a shell syntax error once), quotes, $ and backquotes: all text
+    for prompt in ("-v", "Return a\nnew list", "it's \"$HOME\" `id`\n\n"):
+        done = subprocess.run(make + [f"PROMPT={prompt}"], capture_output=True, text=True, env=user_env(tmp_path),
+                              timeout=120)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert done.stdout == complete(load(demo_model_path()), prompt, 3) + "\n"
+    missing = subprocess.run(make[:-2] + ["MODEL=124M", f"MODELS_DIR={tmp_path}"], capture_output=True, text=True,
+                             env=user_env(tmp_path), timeout=120)  # make cannot pass --download: not suggested
+    assert missing.returncode != 0 and "make fetch MODEL=124M" in missing.stderr
+    assert "--download" not in missing.stderr
 
 
 def test_ctrl_c_while_the_arguments_are_read_is_one_line(monkeypatch, capsys):

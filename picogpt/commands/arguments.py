@@ -5,6 +5,7 @@ a text file. Each subcommand's own options are in its module beside it.
 
 import argparse
 import math
+import os
 import secrets
 import sys
 import warnings
@@ -108,7 +109,9 @@ def load_model(args, prog="picogpt"):
         loaded = load(model, models_dir=args.models_dir, download=bool(download),
                       base_url=getattr(args, "base_url", None), quiet=True, bf16=getattr(args, "bf16", None))
     except store.NotFetched as e:
-        raise PicogptError(f"{e}" + (" (or add --download)" if download is not None else "")) from None
+        # (a command that takes --download says so; not under make, whose `make run` cannot pass it)
+        can_download = download is not None and "MAKELEVEL" not in os.environ
+        raise PicogptError(f"{e}" + (" (or add --download)" if can_download else "")) from None
     if store.widening_worth_saying(loaded):  # a bfloat16 file this backend or CPU cannot multiply natively
         print(f"{prog}: {loaded.precision.note}", file=sys.stderr)
     return loaded

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import __version__, blas
 from ..beam import beam_search
 from ..errors import BadArgument, PicogptError, one_line, plural
-from ..generate import TextBatch, TextStream, prompt_ids
+from ..generate import TextBatch, TextStream, check_fits, prompt_ids
 from ..tokenizer import EOT
 from ..trace import print_trace
 from .arguments import (ArgumentParser, add_model_arguments, add_sampling_arguments, finite_float, load_model,
@@ -84,6 +84,17 @@ def read_prompts(args):
     return [text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text], [None]
 
 
+def check_lines_fit(model, ids, where, args, remedy=None):
+    """A line of --prompts-file too long for the context, with the new tokens, is named by its number (the
+    decoding's own check, on the batch's longest row, could not say which it is)."""
+    too_long = [row for row, p in enumerate(ids) if len(p) + args.n_tokens > model.hparams["n_ctx"]]
+    if too_long and where[too_long[0]]:
+        try:
+            check_fits(model, len(ids[too_long[0]]), args.n_tokens, remedy)
+        except PicogptError as e:
+            raise PicogptError(f"{where[too_long[0]]} of {args.prompts_file}: {e}") from None
+
+
 def header(row, n_prompts, num_samples, prompts, where):
     """The line above one result of a batch: which prompt (its text, and its line in --prompts-file) and sample."""
     prompt, sample = divmod(row, num_samples)
@@ -107,7 +118,10 @@ def generate_command(args):
     t1 = time.perf_counter()
     prompts, where = read_prompts(args)
     args.temperature, args.seed = sampling_settings(args)
-    batch = TextBatch(model, prompts, args.n_tokens, stop=args.stop, stop_at_eot=not args.ignore_eot,
+    ids = [prompt_ids(p) for p in prompts]
+    if not args.sliding_window:
+        check_lines_fit(model, ids, where, args)
+    batch = TextBatch(model, ids, args.n_tokens, stop=args.stop, stop_at_eot=not args.ignore_eot,
                       num_samples=args.num_samples, use_cache=not args.no_cache, seed=args.seed,
                       sliding_window=args.sliding_window, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, **rule_options(args))
@@ -151,6 +165,7 @@ def beam_command(args):
     model = load_model(args)
     prompts, where = read_prompts(args)
     ids = [prompt_ids(p) for p in prompts]
+    check_lines_fit(model, ids, where, args, remedy="shorten the prompt or ask for fewer tokens")
     result = beam_search(model, ids, args.n_tokens, args.num_beams, length_penalty=args.length_penalty,
                          eos_token_id=None if args.ignore_eot else EOT, **rule_options(args))
     for row, (best,) in enumerate(result.sequences):
