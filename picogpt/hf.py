@@ -17,16 +17,19 @@ both take picogpt.sampling's processors with these options: no decoding of its o
 import json
 import os
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from . import store
+from . import bfloat16, store
 from .beam import beam_search
 from .errors import PicogptError
 from .generate import check_fits, decode_padded
+from .hints import picogpt_command
 from .memory import check_memory
+from .tensors import hf_to_model_dat_name, is_matrix
 from .tokenizer import EOT
 from .trace import collect
 
@@ -87,6 +90,63 @@ def _left_padding(attention_mask, shape):
     return n_pad.astype(np.int64)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face folders: converted once to a model.dat cached beside the weights
+
+def _cache_differs(folder, cached):
+    """Why the model.dat cached in a Hugging Face folder does not hold the folder's weights, or None where
+    it does: "stale" (older than the weights, damaged, or other hyper-parameters or values: convert
+    again) or "bf16" (values rounded to bfloat16, as `picogpt convert-hf --dtype bf16` writes them).
+
+    The values compared are a sample read in milliseconds: every bias, gain and the position embedding
+    whole, and the first row of every weight matrix, each widened to float32 on both sides."""
+    from .convert_hf import _Shard, _weight_files, read_config
+    from .modelfile import open_model_file
+    if any(p.stat().st_mtime > cached.stat().st_mtime for p in folder.glob("*.safetensors*")):
+        return "stale"
+    try:
+        cache = open_model_file(cached)
+    except PicogptError:
+        return "stale"
+    if cache.hparams != read_config(folder)[0]:
+        return "stale"
+    with ExitStack() as stack:
+        for path in _weight_files(folder)[0]:
+            shard = _Shard(path, stack)
+            for name in shard.names:
+                ours = hf_to_model_dat_name(name)
+                if ours not in cache.tensors:  # lm_head (the tied wte), old causal-mask buffers
+                    continue
+                mine = cache.tensors[ours][:1] if is_matrix(ours) else cache.tensors[ours]
+                mine = bfloat16.widen(mine) if mine.dtype == np.uint16 else mine
+                if not np.array_equal(mine, shard.read(name, (0, 1) if is_matrix(ours) else None)):
+                    return "bf16" if cache.weight_dtype == "bf16" else "stale"
+    return None
+
+
+def _load_folder(folder):
+    """A loaded model of a Hugging Face folder's own weights: its cached model.dat where that holds them,
+    else converted again (into the folder, or, where it is read-only, into a file that lives only as long
+    as its mapping); a bfloat16 copy the user wrote there is refused rather than replaced or used."""
+    from .convert_hf import convert_hf_checkpoint
+    cached = folder / "model.dat"
+    why = _cache_differs(folder, cached) if cached.is_file() else "absent"
+    if why == "bf16":
+        raise PicogptError(
+            f"{cached} holds {folder}'s weights rounded to bfloat16 (as picogpt convert-hf --dtype bf16 writes "
+            f"them), so its logits would differ from transformers' on the folder (by about 1e-2 on GPT-2); load "
+            f"that file as it is with from_pretrained('{cached}'), or replace it with the folder's own weights: "
+            f"{picogpt_command('convert-hf', folder)}")
+    if why is None:
+        return store.load(cached)
+    if os.access(folder, os.W_OK):
+        convert_hf_checkpoint(folder, cached)
+        return store.load(cached)
+    with tempfile.TemporaryDirectory() as tmp:  # the mapping keeps the file's data after it is removed
+        convert_hf_checkpoint(folder, Path(tmp) / "model.dat")
+        return store.load(Path(tmp) / "model.dat")
+
+
 class GPT2LMHeadModel:
     """GPT-2 with transformers' GPT2LMHeadModel interface; the numbers are picogpt's (model.GPT2)."""
 
@@ -104,26 +164,16 @@ class GPT2LMHeadModel:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """A Hugging Face model folder (config.json + safetensors: converted once to a model.dat cached
-        beside them, or kept in memory where the folder cannot be written), a model.dat, a folder
-        holding one, a size name ("124M", looked up as picogpt.load does) or "demo"."""
+        beside them, checked to hold the folder's weights each time, or kept in memory where the folder
+        cannot be written), a model.dat, a folder holding one, a size name ("124M", looked up as
+        picogpt.load does) or "demo"."""
         if kwargs:
             raise PicogptError(f"from_pretrained() argument {sorted(kwargs)[0]!r} is not supported by picogpt.hf; "
                                f"it loads float32 (or bfloat16 model.dat) weights on the CPU")
         name = str(pretrained_model_name_or_path)
         folder = Path(name)
         if folder.is_dir() and (folder / "config.json").is_file():
-            from .convert_hf import convert_hf_checkpoint
-            cached = folder / "model.dat"
-            weights = [p for p in folder.glob("*.safetensors*")]
-            stale = cached.is_file() and any(p.stat().st_mtime > cached.stat().st_mtime for p in weights)
-            if not cached.is_file() or stale:
-                if os.access(folder, os.W_OK):
-                    convert_hf_checkpoint(folder, cached)
-                else:  # a read-only folder: convert into a file that lives only as long as its mapping
-                    with tempfile.TemporaryDirectory() as tmp:
-                        convert_hf_checkpoint(folder, Path(tmp) / "model.dat")
-                        return cls(store.load(Path(tmp) / "model.dat"), folder)
-            return cls(store.load(cached), folder)
+            return cls(_load_folder(folder), folder)
         return cls(store.load(name))
 
     # transformers scripts call these; picogpt is always in inference mode on the CPU

@@ -262,3 +262,46 @@ def test_the_cached_model_dat_follows_the_folder(tmp_path):
         model = hf.GPT2LMHeadModel.from_pretrained(folder)
         np.testing.assert_array_equal(model.model.params["wte"], tensors["wte"])  # the new weights, not stale ones
     assert model.config.eos_token_id == 13 and json.loads((folder / "config.json").read_text())["eos_token_id"] == 13
+
+
+def write_hf_folder(folder, tensors, dtype=None):
+    """A Hugging Face folder of GPT-2 weights (safetensors, float32 or as torch's dtype given)."""
+    from safetensors.torch import save_file as save_torch
+    folder.mkdir(exist_ok=True)
+    hf_config(HPARAMS).save_pretrained(folder)
+    named = {model_dat_to_hf_name(n): torch.from_numpy(np.ascontiguousarray(t)) for n, t in tensors.items()}
+    save_torch({n: t.to(dtype) if dtype else t for n, t in named.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_a_cached_model_dat_that_is_not_the_folders_weights_is_never_used_silently(pair, tmp_path):
+    import time
+    from picogpt.convert_hf import convert_hf_checkpoint
+    from picogpt.modelfile import open_model_file
+    tensors = random_tensors(HPARAMS, seed=20)
+    folder = write_hf_folder(tmp_path / "hf", tensors)
+    cached = folder / "model.dat"
+    # What `picogpt convert-hf DIR --dtype bf16` leaves there: refused, and kept as the user made it.
+    convert_hf_checkpoint(folder, cached, "bf16")
+    before = cached.read_bytes()
+    with pytest.raises(PicogptError, match="holds .*'s weights rounded to bfloat16 .* from_pretrained\\('.*model.dat'\\)"):
+        hf.GPT2LMHeadModel.from_pretrained(folder)
+    assert cached.read_bytes() == before
+    # Another model's float32 weights, newer than the folder's: converted again, with the folder's weights.
+    write_model_dat(cached, HPARAMS, random_tensors(HPARAMS, seed=7))
+    future = time.time() + 100
+    os.utime(cached, (future, future))
+    model = hf.GPT2LMHeadModel.from_pretrained(folder)
+    ids = torch.tensor([PROMPTS[0]])
+    np.testing.assert_allclose(model(ids).logits, pair[1](ids).logits.detach(), atol=ATOL)
+    # The folder's own weights: used as they are, not converted again.
+    stamp = cached.stat().st_mtime_ns
+    hf.GPT2LMHeadModel.from_pretrained(folder)
+    assert cached.stat().st_mtime_ns == stamp
+    # A bfloat16 checkpoint's bfloat16 copy holds exactly its values: used.
+    bf16_folder = write_hf_folder(tmp_path / "bf16", tensors, torch.bfloat16)
+    convert_hf_checkpoint(bf16_folder, bf16_folder / "model.dat", "bf16")
+    stamp = (bf16_folder / "model.dat").stat().st_mtime_ns
+    model = hf.GPT2LMHeadModel.from_pretrained(bf16_folder)
+    assert (bf16_folder / "model.dat").stat().st_mtime_ns == stamp
+    assert open_model_file(bf16_folder / "model.dat").weight_dtype == "bf16"
