@@ -236,7 +236,7 @@ def test_more_refusals(pair, capsys, tmp_path):
         ours(torch.tensor([[1], [2], [3]]), past_key_values=past)
     with pytest.raises(PicogptError, match="eos_token_id must be one token id"):
         ours.generate(ids, attention_mask=mask, eos_token_id=[50256, 13])
-    with pytest.raises(PicogptError, match="temperature must be > 0 when sampling"):
+    with pytest.raises(PicogptError, match="temperature must be a finite number > 0 when sampling"):
         ours.generate(ids, attention_mask=mask, do_sample=True, temperature=0)
     from picogpt import cli
     assert cli.main(["Hi", "--model", "demo", "--num-beams", "2", "--trace"]) == 2
@@ -262,6 +262,173 @@ def test_the_cached_model_dat_follows_the_folder(tmp_path):
         model = hf.GPT2LMHeadModel.from_pretrained(folder)
         np.testing.assert_array_equal(model.model.params["wte"], tensors["wte"])  # the new weights, not stale ones
     assert model.config.eos_token_id == 13 and json.loads((folder / "config.json").read_text())["eos_token_id"] == 13
+
+
+# ---------------------------------------------------------------------------------------------------
+# transformers 5.25's rules at the edges (issue 35): lengths, arguments, inputs, the loss, the cache
+
+class NoWork:
+    """Stands in for the drop-in's picogpt model: any forward pass fails the test (a check came too late)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the model ran before the request was refused")
+
+
+@pytest.fixture
+def no_work(pair, monkeypatch):
+    ours, _ = pair
+    monkeypatch.setattr(ours, "model", NoWork(ours.model))
+    return ours
+
+
+def hf_generate(model, ids, **kwargs):
+    """transformers' generate, its warnings about defaults and ignored flags silenced."""
+    import warnings
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return model.generate(ids, **kwargs)
+
+
+@pytest.mark.parametrize("n_prompt", [3, 20, 50])
+def test_without_a_length_generate_makes_20_new_tokens_as_transformers_does(pair, n_prompt):
+    """transformers 5.25 counts its default max_length (20) after the prompt, and ends at the context (64)."""
+    ours, theirs = pair
+    ids = torch.tensor([(PROMPTS[2] * 20)[:n_prompt]])
+    expected = hf_generate(theirs, ids, attention_mask=torch.ones_like(ids), pad_token_id=50256, do_sample=False)
+    assert expected.shape[1] == min(n_prompt + 20, HPARAMS["n_ctx"])
+    assert torch.equal(ours.generate(ids), expected)
+
+
+def test_lengths_that_leave_nothing_to_generate_are_refused_as_in_transformers(pair, no_work):
+    ours, theirs = pair
+    whole_context = torch.tensor([(PROMPTS[2] * 20)[:HPARAMS["n_ctx"]]])
+    for ids, options, message in ((whole_context, {}, "the prompt has 64 tokens, the model's whole context of 64"),
+                                  (torch.tensor([PROMPTS[2]]), dict(max_length=len(PROMPTS[2])),
+                                   "max_length, which counts them too, is 6: nothing is left to generate")):
+        with pytest.raises(ValueError, match="Input length of input_ids is"):
+            hf_generate(theirs, ids, pad_token_id=50256, **options)
+        with pytest.raises(PicogptError, match=message):
+            no_work.generate(ids, **options)
+
+
+@pytest.mark.parametrize("options", [dict(max_new_tokens=100), dict(max_length=100), dict(do_sample=True,
+                                     max_new_tokens=100, num_return_sequences=2), dict(num_beams=3, max_new_tokens=100)],
+                         ids=["greedy", "max_length", "sampling", "beams"])
+def test_the_context_is_checked_before_any_work_on_every_path(no_work, options):
+    """(generate([[1, 2, 3]], max_new_tokens=1100) once ran 23.7 s on the 124M shape before failing.)"""
+    with pytest.raises(PicogptError, match="exceed the model's context of 64 tokens"):
+        no_work.generate([[1, 2, 3]], **options)
+
+
+def assert_same_scores(mine, expected):
+    mine, expected = np.asarray(mine), np.asarray(expected)
+    assert np.array_equal(np.isneginf(mine), np.isneginf(expected))
+    np.testing.assert_allclose(mine[np.isfinite(expected)], expected[np.isfinite(expected)], atol=ATOL)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 50, 0.0), (0.7, 0, 0.0), (1.3, None, 0.0),
+                                                       (0.7, 20, 1.5), (1.0, None, 1.0), (0.5, 0, 0.9)])
+def test_sampling_arguments_mean_what_they_mean_in_transformers(pair, temperature, top_k, top_p):
+    """top_p=0 keeps the likeliest token (transformers' min_tokens_to_keep), top_p >= 1 and top_k=0 or
+    None filter nothing: the scores sampled from equal transformers' warpers', and no token drawn is
+    outside the vocabulary."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    ours, theirs = pair
+    ids, mask = padded(PROMPTS)
+    out = ours.generate(ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=top_k,
+                        top_p=top_p, max_new_tokens=1, seed=5, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():  # positions as generate counts them: from each row's first real token
+        logits = theirs(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1 else []
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    assert_same_scores(out.scores[0], LogitsProcessorList(warpers)(ids, logits))
+    if top_p == 0:  # the likeliest token, whatever is drawn
+        greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=4)
+        for seed in range(3):
+            drawn = ours.generate(ids, attention_mask=mask, do_sample=True, top_p=0.0, max_new_tokens=4, seed=seed,
+                                  temperature=temperature, top_k=top_k)
+            assert torch.equal(drawn, greedy)
+
+
+BAD_ARGUMENTS = {
+    "mask of another shape": (dict(attention_mask=[[1, 1, 1, 1]]), "attention_mask has shape \\[1, 4\\], not \\[1, 3\\]"),
+    "mask of 2s": (dict(attention_mask=[[1, 2, 1]]), "attention_mask must hold 1 \\(a token\\) and 0 \\(padding\\) "
+                   "only, not 2"),
+    "top_k -3": (dict(do_sample=True, top_k=-3), "top_k must be a whole number >= 0 \\(0 keeps every token\\), not -3"),
+    "top_k 2.5": (dict(do_sample=True, top_k=2.5), "top_k must be a whole number >= 0"),
+    "float ids": (dict(input_ids=torch.tensor([[1.0, 2.0, 3.0]])), "input_ids must hold integer token ids, not float32"),
+    "ragged lists": (dict(input_ids=[[1, 2, 3], [4, 5]]), "input_ids has rows of 3 and 2 values; pad them on the left"),
+    "3-D ids": (dict(input_ids=[[[1, 2, 3]]]), "input_ids must be token ids \\[batch, length\\]"),
+    "no ids": (dict(input_ids=[]), "input_ids holds no token ids"),
+    "length_penalty nan": (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
+    "max_new_tokens 3.5": (dict(max_new_tokens=3.5), "max_new_tokens must be a whole number >= 1, not 3.5"),
+    "max_new_tokens '5'": (dict(max_new_tokens="5"), "max_new_tokens must be a whole number >= 1, not '5'"),
+    "max_new_tokens 0": (dict(max_new_tokens=0), "max_new_tokens must be a whole number >= 1, not 0"),
+    "max_length 5.5": (dict(max_length=5.5, max_new_tokens=None), "max_length must be a whole number >= 1"),
+    "temperature 0": (dict(do_sample=True, temperature=0.0), "temperature must be a finite number > 0 when sampling"),
+    "temperature nan": (dict(do_sample=True, temperature=float("nan")), "temperature must be a finite number > 0"),
+    "temperature inf": (dict(do_sample=True, temperature=float("inf")), "temperature must be a finite number > 0"),
+    "top_p -0.1": (dict(do_sample=True, top_p=-0.1), "top_p must be a number from 0 to 1 \\(1 keeps every token\\)"),
+    "top_p nan": (dict(do_sample=True, top_p=float("nan")), "top_p must be a number from 0 to 1"),
+    "repetition_penalty 0": (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+    "repetition_penalty nan": (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number"),
+    "no_repeat 1.5": (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be a whole number \\(0 is none\\)"),
+    "min_new_tokens 2.5": (dict(min_new_tokens=2.5), "min_new_tokens must be a whole number"),
+    "num_beams 0": (dict(num_beams=0), "num_beams must be a whole number >= 1, not 0"),
+    "num_beams 2.5": (dict(num_beams=2.5), "num_beams must be a whole number >= 1, not 2.5"),
+    "num_return_sequences 0": (dict(num_return_sequences=0, do_sample=True), "num_return_sequences must be a whole"),
+    "num_return_sequences > num_beams": (dict(num_return_sequences=3, num_beams=2), "must be at most num_beams \\(2\\)"),
+    "early_stopping 'x'": (dict(num_beams=2, early_stopping="x"), "early_stopping must be True, False or 'never'"),
+    "do_sample 'yes'": (dict(do_sample="yes"), "do_sample must be True or False, not 'yes'"),
+    "eos outside": (dict(eos_token_id=50257), "eos_token_id must be a token id from 0 to 50256, not 50257"),
+    "pad negative": (dict(pad_token_id=-1), "pad_token_id must be a token id from 0 to 50256, not -1"),
+    "seed 'a'": (dict(do_sample=True, seed="a"), "seed must be a whole number >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_bad_arguments_are_one_sentence_before_any_work(no_work, case):
+    options, message = BAD_ARGUMENTS[case]
+    options = dict(dict(input_ids=[PROMPTS[2][:3]], max_new_tokens=2), **options)
+    with pytest.raises(PicogptError, match=message) as refused:
+        no_work.generate(**options)
+    assert "\n" not in str(refused.value)
+
+
+def test_values_transformers_takes_as_none_are_taken_so(pair):
+    """transformers ignores sampling arguments when greedy and adds no processor for a no-repeat size or
+    minimum of 0 or less: the same tokens."""
+    ours, theirs = pair
+    ids = torch.tensor([PROMPTS[0]])
+    options = dict(max_new_tokens=6, temperature=0.0, top_k=-3, top_p=-1.0, no_repeat_ngram_size=-1,
+                   min_new_tokens=-5, length_penalty=float("nan"), num_beams=None, repetition_penalty=None)
+    expected = hf_generate(theirs, ids, attention_mask=torch.ones_like(ids), pad_token_id=50256, do_sample=False,
+                           **{k: v for k, v in options.items() if k not in ("num_beams", "repetition_penalty")})
+    assert torch.equal(ours.generate(ids, **options), expected)
+
+
+def test_padding_positions_differ_from_transformers_as_the_page_says(pair):
+    """docs/huggingface.md: at padding a position attends to itself alone in picogpt; transformers' eager
+    attention spreads a row of padding evenly over every position. Real positions agree (checked above)."""
+    ours, theirs = pair
+    ids, mask = padded(PROMPTS)
+    width = ids.shape[1]
+    mine = ours(ids, attention_mask=mask, output_attentions=True).attentions
+    with torch.no_grad():
+        ref = theirs(ids, attention_mask=mask, output_attentions=True).attentions
+    for a, b in zip(mine, ref):
+        for row in range(len(ids)):
+            for q in range(int((mask[row] == 0).sum())):
+                np.testing.assert_array_equal(a[row, :, q], np.eye(width)[q][None].repeat(a.shape[1], 0))
+                np.testing.assert_allclose(b[row, :, q], 1 / width, atol=1e-7)
 
 
 def write_hf_folder(folder, tensors, dtype=None):
