@@ -3,6 +3,7 @@
     from picogpt.hf import GPT2LMHeadModel        # instead of: from transformers import GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained("path/to/hf-folder")   # or a model.dat, "124M", "demo"
     out = model(input_ids, attention_mask=mask, use_cache=True)   # .logits, .past_key_values, ...
+    loss = model(input_ids, labels=input_ids).loss                # the causal-LM loss, as in transformers
     ids = model.generate(input_ids, max_new_tokens=20, num_beams=4, length_penalty=0.5)
 
 The rules followed are transformers 5.25's (TRANSFORMERS_VERSION): GPT2LMHeadModel.forward, and
@@ -19,8 +20,8 @@ context after the work, or compute on NaN.
 Inputs may be lists, NumPy arrays or torch tensors; outputs are NumPy arrays, or torch tensors when a
 torch tensor came in (torch is imported only then). Padding is on the left, as Hugging Face wants for
 generation. Greedy search and sampling are picogpt.generate's decoding loop, beam search is
-picogpt.beam's, both with picogpt.sampling's processors: this module maps arguments and shapes,
-with no decoding or math of its own.
+picogpt.beam's, both with picogpt.sampling's processors, and the loss is picogpt.scoring's
+log-probabilities: this module maps arguments and shapes, with no decoding or math of its own.
 """
 
 import json
@@ -40,12 +41,14 @@ from .errors import PicogptError, plural
 from .generate import check_fits, decode_padded
 from .hints import picogpt_command
 from .memory import check_memory
+from .scoring import token_log_probs
 from .tensors import hf_to_model_dat_name, is_matrix
 from .tokenizer import EOT
 from .trace import collect
 
 TRANSFORMERS_VERSION = "5.25"  # the transformers whose rules and defaults this module follows
 DEFAULT_NEW_TOKENS = 20  # GenerationConfig's max_length 20, which transformers 5.25 counts after the prompt
+IGNORE_INDEX = -100  # a label the loss skips, as in transformers (PyTorch's cross_entropy's ignore_index)
 
 
 class ModelOutput(SimpleNamespace):
@@ -142,6 +145,19 @@ def _out(array, as_torch):
     import torch
     array = np.asarray(array)  # (np.ascontiguousarray would make a 0-d loss 1-d)
     return torch.from_numpy(array if array.flags.c_contiguous else np.ascontiguousarray(array))
+
+
+def _causal_lm_loss(logits, labels):
+    """transformers' loss for GPT2LMHeadModel (ForCausalLMLoss): the mean, over every position whose next
+    label is not IGNORE_INDEX, of -log p(next label); NaN where every label is ignored, as there.
+    logits [batch, length, n_vocab], labels [batch, length] (labels[:, 0] predicts nothing)."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    if not scored.any():
+        return np.array(np.nan, np.float32)
+    # logits[:, :-1][scored] is a copy, which token_log_probs may overwrite
+    log_probs = token_log_probs(logits[:, :-1][scored], targets[scored])
+    return np.array(-log_probs.mean(), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,9 +325,12 @@ class GPT2LMHeadModel:
         return self
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False,
-                output_hidden_states=False, output_attentions=False, position_ids=None, return_dict=True):
+                output_hidden_states=False, output_attentions=False, position_ids=None, return_dict=True,
+                labels=None):
         """Logits [batch, seq, vocab] of every position (and, as asked, past_key_values, hidden_states:
-        n_layer + 1 arrays [batch, seq, n_embd], attentions: n_layer arrays [batch, n_head, seq, past + seq]).
+        n_layer + 1 arrays [batch, seq, n_embd], attentions: n_layer arrays [batch, n_head, seq, past + seq]);
+        with labels [batch, seq], .loss first, as transformers computes it (the next token's cross-entropy,
+        labels of -100 skipped, the mean over the rest).
 
         At left padding (attention_mask 0) the values are not transformers': there a padding position
         attends to itself alone, while transformers' rows of padding attend evenly to every position
@@ -328,6 +347,16 @@ class GPT2LMHeadModel:
         if past is not None and attention_mask is not None and not np.array_equal(n_pad, past.n_pad):
             raise PicogptError("attention_mask must keep the padding the cached positions had")
         n_pad = past.n_pad if past is not None else n_pad
+        if labels is not None:
+            labels, _ = _token_ids(labels, "labels", "pad them to input_ids' length with -100, which the loss skips")
+            if labels.shape != ids.shape:
+                raise PicogptError(f"labels has shape {list(labels.shape)}, not input_ids' {list(ids.shape)}: one "
+                                   f"label per token (-100 where the loss should skip it)")
+            n_vocab = self.config.vocab_size
+            bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= n_vocab))]
+            if bad.size:
+                raise PicogptError(f"labels must be token ids from 0 to {n_vocab - 1}, or {IGNORE_INDEX} for a "
+                                   f"position the loss skips, not {bad[0]}")
         cache = past.cache if past is not None else (self.model.new_cache(len(ids)) if use_cache else None)
         # As in Hugging Face: positions count from the first token of the row, padding included, unless given.
         if position_ids is None:
@@ -341,6 +370,7 @@ class GPT2LMHeadModel:
             logits = self.model(ids, cache=cache, n_pad=n_pad, all_logits=True, positions=positions)
             hidden = attentions = None
         output = ModelOutput(
+            loss=_out(_causal_lm_loss(logits, labels), as_torch) if labels is not None else None,
             logits=_out(logits, as_torch),
             past_key_values=PastKeyValues(cache, n_pad) if use_cache or past is not None else None,
             hidden_states=tuple(_out(h, as_torch) for h in hidden) if output_hidden_states else None,

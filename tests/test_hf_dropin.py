@@ -415,6 +415,30 @@ def test_values_transformers_takes_as_none_are_taken_so(pair):
     assert torch.equal(ours.generate(ids, **options), expected)
 
 
+def test_labels_give_transformers_loss(pair):
+    ours, theirs = pair
+    ids, mask = padded(PROMPTS)
+    # A row's first token after its padding is predicted from a padding position, whose logits mean
+    # nothing (transformers' eager and sdpa attention give two losses); its label is skipped here.
+    labels = ids.masked_fill(torch.roll(mask, 1, dims=1) == 0, -100)
+    labels[1, -1] = -100  # any label may be skipped
+    for given in (dict(labels=labels, attention_mask=mask), dict(labels=ids[2:], input_ids=ids[2:])):
+        given = dict(dict(input_ids=ids), **given)
+        with torch.no_grad():
+            expected = theirs(**given).loss
+        mine = ours(**given)
+        assert isinstance(mine.loss, torch.Tensor) and mine.loss.shape == () and mine[0] is mine.loss
+        np.testing.assert_allclose(mine.loss, expected, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.isnan(theirs(ids, labels=torch.full_like(ids, -100)).loss)
+    assert np.isnan(ours(ids.tolist(), labels=np.full(ids.shape, -100)).loss)  # all skipped: NaN, as there
+    for labels, message in ((ids[:, 1:], "labels has shape \\[3, 5\\], not input_ids' \\[3, 6\\]"),
+                            (ids + 50257, "labels must be token ids from 0 to 50256, or -100"),
+                            (ids.float(), "labels must hold integer token ids")):
+        with pytest.raises(PicogptError, match=message):
+            ours(ids, labels=labels)
+
+
 def test_padding_positions_differ_from_transformers_as_the_page_says(pair):
     """docs/huggingface.md: at padding a position attends to itself alone in picogpt; transformers' eager
     attention spreads a row of padding evenly over every position. Real positions agree (checked above)."""
