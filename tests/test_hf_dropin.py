@@ -496,3 +496,19 @@ def test_a_cached_model_dat_that_is_not_the_folders_weights_is_never_used_silent
     model = hf.GPT2LMHeadModel.from_pretrained(bf16_folder)
     assert (bf16_folder / "model.dat").stat().st_mtime_ns == stamp
     assert open_model_file(bf16_folder / "model.dat").weight_dtype == "bf16"
+
+
+def test_extreme_sampling_values_give_their_limit_greedy(pair):
+    """Numbers at the edges through the drop-in: a temperature towards 0 or a top_p towards 0 is greedy, as
+    transformers' own sampling at 1e-30 is, never NaN or a token outside the vocabulary."""
+    ours, theirs = pair
+    ids, mask = padded(PROMPTS)
+    greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=5)
+    assert torch.equal(hf_generate(theirs, ids, attention_mask=mask, do_sample=True, temperature=1e-30,
+                                   max_new_tokens=5, pad_token_id=50256), greedy)
+    for options in (dict(temperature=1e-30), dict(temperature=1e-40), dict(temperature=5e-324), dict(top_p=1e-300),
+                    dict(temperature=1e-40, top_k=0, top_p=0.0), dict(repetition_penalty=1e300, temperature=1e-40)):
+        drawn = ours.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, seed=1, **options)
+        expected = greedy if "repetition_penalty" not in options else ours.generate(
+            ids, attention_mask=mask, max_new_tokens=5, repetition_penalty=1e300)
+        assert torch.equal(drawn, expected), options
