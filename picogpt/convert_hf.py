@@ -217,7 +217,7 @@ def _import_safetensors():
     return safe_open
 
 
-class _Shard:
+class Shard:
     """One open .safetensors file: safetensors' NumPy reader, plus our own read of bfloat16 tensors."""
 
     def __init__(self, path, stack):
@@ -263,7 +263,7 @@ class _Shard:
         return (raw.astype("<u4") << 16).view("<f4").reshape(stop - start, *shape[1:])
 
 
-def _weight_files(folder):
+def weight_files(folder):
     """The safetensors files to read and the index's {tensor name: file name} (None for one file)."""
     if (folder / SAFETENSORS).is_file():
         return [folder / SAFETENSORS], None
@@ -311,7 +311,7 @@ def convert_hf_checkpoint(folder, out_path, weight_dtype="f32"):
     if not folder.is_dir():
         raise PicogptError(f"{folder} is not a folder; give the Hugging Face model folder that holds "
                            f"config.json and model.safetensors")
-    files, weight_map = _weight_files(folder)
+    files, weight_map = weight_files(folder)
     hparams, config = read_config(folder)
     check_tokenizer(folder)
     specs = gpt2_tensor_specs(hparams)
@@ -323,7 +323,7 @@ def convert_hf_checkpoint(folder, out_path, weight_dtype="f32"):
         lm_head = None
         seen = set()
         for path in files:
-            shard = _Shard(path, stack)
+            shard = Shard(path, stack)
             seen.update(shard.names)
             for name in shard.names:
                 if weight_map is not None and weight_map.get(name) != path.name:

@@ -235,7 +235,7 @@ def _cache_differs(folder, cached):
 
     The values compared are a sample read in milliseconds: every bias, gain and the position embedding
     whole, and the first row of every weight matrix, each widened to float32 on both sides."""
-    from .convert_hf import _Shard, _weight_files, read_config
+    from .convert_hf import Shard, read_config, weight_files
     from .modelfile import open_model_file
     if any(p.stat().st_mtime > cached.stat().st_mtime for p in folder.glob("*.safetensors*")):
         return "stale"
@@ -246,8 +246,8 @@ def _cache_differs(folder, cached):
     if cache.hparams != read_config(folder)[0]:
         return "stale"
     with ExitStack() as stack:
-        for path in _weight_files(folder)[0]:
-            shard = _Shard(path, stack)
+        for path in weight_files(folder)[0]:
+            shard = Shard(path, stack)
             for name in shard.names:
                 ours = hf_to_model_dat_name(name)
                 if ours not in cache.tensors:  # lm_head (the tied wte), old causal-mask buffers
@@ -357,6 +357,10 @@ class GPT2LMHeadModel:
             if bad.size:
                 raise PicogptError(f"labels must be token ids from 0 to {n_vocab - 1}, or {IGNORE_INDEX} for a "
                                    f"position the loss skips, not {bad[0]}")
+        # Before any work, as every path: the logits of every position are [batch, seq, n_vocab] float32 (kept
+        # scores, in memory.py's terms), besides the cache and the activations.
+        check_memory(self.model.hparams, len(ids), n_past + ids.shape[1], 0, use_cache or past is not None,
+                     kept_scores=ids.shape[1], remedy="give fewer rows or a shorter input at once")
         cache = past.cache if past is not None else (self.model.new_cache(len(ids)) if use_cache else None)
         # As in Hugging Face: positions count from the first token of the row, padding included, unless given.
         if position_ids is None:

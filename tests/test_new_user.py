@@ -852,3 +852,15 @@ def test_ctrl_c_while_the_arguments_are_read_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "picogpt: interrupted\n"
     with pytest.raises(KeyboardInterrupt):  # --debug shows it, as everywhere
         main(["Hello", "--debug"])
+
+
+def test_the_drop_ins_forward_checks_memory_before_any_work(model_path):
+    """forward's logits are [batch, seq, n_vocab] float32: 100,000 rows of 12 tokens are some 240 GB."""
+    from picogpt.errors import PicogptError
+    from picogpt.hf import GPT2LMHeadModel
+    model = GPT2LMHeadModel.from_pretrained(model_path)
+    started = time.perf_counter()
+    with pytest.raises(PicogptError, match="GB of memory .* give fewer rows or a shorter input at once"):
+        model(np.full((100_000, 12), 11))
+    assert time.perf_counter() - started < 10
+    assert model(np.full((2, 5), 11)).logits.shape == (2, 5, HPARAMS["n_vocab"])  # a small one runs
