@@ -9,6 +9,7 @@ From Python:
     weights = attention_weights(model, ids)                  # n_layer x [n_head, n_seq, n_seq]
     picture = plot_attention(weights, token_labels(ids), layer=5, head=1, out_path="attn.png")
     picture.weights                                          # the [n_seq, n_seq] matrix drawn
+    picture                                                  # a notebook cell's last line: the picture (_repr_png_)
 
 Row t of a picture is the query at position t (the token doing the looking), column s the key at
 position s (the token looked at); a cell is the weight softmax gave that key, and each row sums to 1.
@@ -21,6 +22,7 @@ matplotlib's global backend), and written atomically: to a temporary file in the
 into place when complete.
 """
 
+import io
 import math
 import warnings
 from pathlib import Path
@@ -42,6 +44,16 @@ class AttentionPicture(NamedTuple):
     weights: np.ndarray  # what was drawn: [n_seq, n_seq] for one head, [n_head, n_seq, n_seq] for a grid
     figure: Any  # the matplotlib Figure (one Axes per head drawn, then the colour bar)
     path: Path | None  # where it was written, if anywhere
+
+    def _repr_png_(self):
+        """The picture as PNG bytes: what Jupyter shows for a cell whose last line is one."""
+        if self.figure is None:
+            return None
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing from")  # emoji, CJK in labels
+            self.figure.savefig(buffer, format="png")
+        return buffer.getvalue()
 
 
 def _matplotlib():

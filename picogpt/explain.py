@@ -8,6 +8,7 @@
     seen.lens_ids[:, -1]           # [n_layer + 1, 5]: the top-5 next tokens after each layer, last position
     seen.next_logits               # [n_vocab]: the model's logits after the last token
     seen.to_json()                 # the page's data, exactly (picogpt.explain_page draws it)
+    seen                           # as a notebook cell's last line: the page itself, inline (_repr_html_)
 
 Everything is computed by picogpt.model's own functions: the attention weights and the residual stream
 are recorded by a trace of the forward pass (picogpt.trace), and the ablation is a trace that zeroes the
@@ -47,9 +48,12 @@ SOURCES = {
 }
 
 
-@dataclass
+@dataclass(repr=False)
 class Explanation:
-    """One forward pass over a prompt, as the page shows it. Arrays are float32 unless said otherwise."""
+    """One forward pass over a prompt, as the page shows it. Arrays are float32 unless said otherwise.
+
+    In Jupyter it displays itself as the page of `picogpt explain` (_repr_html_), in a sandboxed frame.
+    """
 
     prompt: str
     ids: list  # the prompt's token ids
@@ -67,6 +71,18 @@ class Explanation:
     def labels(self, ids):
         """Visible labels for token ids."""
         return token_labels(ids)
+
+    def __repr__(self):
+        off = ", ".join(f"{layer}.{head}" for layer, head in self.ablated)
+        heads = f", heads {off} switched off" if off else ""
+        return (f"<Explanation of {self.prompt!r}: {len(self.ids)} tokens through {self.model['name']} "
+                f"({self.model['n_layer']} layers of {self.model['n_head']} heads){heads}>")
+
+    def _repr_html_(self):
+        """The page of `picogpt explain`, for Jupyter: the self-contained page in a sandboxed iframe (its own
+        script runs, it cannot reach the notebook, and nothing is fetched)."""
+        from .explain_page import inline_frame, render
+        return inline_frame(render(self.to_json()))
 
     def to_json(self):
         """The page's data as JSON-ready values: rounded where only a picture needs them (attention to

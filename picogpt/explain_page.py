@@ -8,10 +8,14 @@ file that opens from file:// with no server and fetches nothing: the data goes i
 <script type="application/json"> element, with every "<", ">" and "&" written as a \\u escape so that no
 text in it (a prompt, a token) can end that element; the script reads it and puts text into the page only
 as text. A Content-Security-Policy lets exactly this page's script and style run, and nothing load.
+
+In a notebook the same page shows inline (picogpt.explain.Explanation._repr_html_): `inline_frame` puts it
+whole into an iframe's srcdoc, sandboxed.
 """
 
 import base64
 import hashlib
+import html
 import json
 import re
 from pathlib import Path
@@ -42,6 +46,17 @@ def render(data):
     slots = {"STYLE": style, "SCRIPT": script, "DATA": script_json(data),
              "STYLE_HASH": csp_hash(style), "SCRIPT_HASH": csp_hash(script)}
     return _SLOTS.sub(lambda m: slots[m.group(1)], template)  # one pass: the data's text is never a slot
+
+
+FRAME_HEIGHT = 900  # pixels of a notebook's output; the page scrolls inside the frame
+
+
+def inline_frame(page, height=FRAME_HEIGHT):
+    """The page (render's HTML) as an <iframe> for a notebook's output: the whole page is the srcdoc attribute,
+    escaped, so it stays one self-contained document that fetches nothing; sandbox="allow-scripts" runs its
+    own script in an origin of its own (no allow-same-origin), with no access to the notebook around it."""
+    return (f'<iframe srcdoc="{html.escape(page, quote=True)}" sandbox="allow-scripts" title="picogpt explain" '
+            f'style="width: 100%; height: {int(height)}px; border: 1px solid #ccc;"></iframe>')
 
 
 def write_page(explanation, path, json_path=None):

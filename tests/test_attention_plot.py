@@ -94,6 +94,23 @@ def test_one_head_as_a_png(model, tmp_path):
     assert expected.max() - expected[expected > 0].min() > 0.3  # the colours really differ
 
 
+def test_in_jupyter_a_picture_shows_itself_as_a_png(model, tmp_path):
+    """_repr_png_: a notebook cell whose last line is a picture shows it: a PNG of the figure's size, not blank
+    (not pixel for pixel the file: each drawing of a constrained layout moves it a little)."""
+    from IPython.core.formatters import DisplayFormatter
+
+    weights, labels = attention_weights(model, encode(PROMPT)), LABELS
+    for head in (2, None):
+        picture = plot_attention(weights, labels, layer=1, head=head, out_path=tmp_path / f"{head}.png")
+        shown, _ = DisplayFormatter().format(picture)
+        png = shown["image/png"]
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")  # (IPython asked _repr_png_: nothing else gives one)
+        (tmp_path / "shown.png").write_bytes(png)
+        assert png_pixels(tmp_path / "shown.png", picture.figure).shape == \
+            png_pixels(tmp_path / f"{head}.png", picture.figure).shape
+    assert picture._replace(figure=None)._repr_png_() is None
+
+
 def test_layer_0_against_attention_computed_from_the_weights(model, tmp_path):
     ids = encode(PROMPT)
     reference = reference_attention_layer0(model, ids)

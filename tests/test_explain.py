@@ -7,6 +7,7 @@ The page itself, in a real browser, is tests/test_explain_browser.py.
 
 import json
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,40 @@ def test_page_is_one_file_that_fetches_nothing_and_keeps_hostile_text_as_data(sm
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # no link to anything
     assert "default-src 'none'" in page
     assert page_data(path)["prompt"] == INJECTION  # the \u escapes read back as the prompt
+
+
+class FrameParser(HTMLParser):
+    """Every start tag of an HTML fragment, with its attributes (entities decoded, as a browser decodes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, INJECTION + "\" onload=\"x()\" '&quot; </iframe><script>"])
+def test_in_jupyter_it_shows_the_page_in_a_sandboxed_frame(small, prompt):
+    """_repr_html_ is one <iframe> whose srcdoc is the page itself, exactly: nothing to fetch, and its
+    script runs in an origin of its own (sandbox allow-scripts, never allow-same-origin), whatever the prompt."""
+    from IPython.core.formatters import DisplayFormatter
+
+    model, _ = small
+    seen = explain(model, prompt, ablate=[(1, 2)])
+    shown, _ = DisplayFormatter().format(seen)  # what IPython (a notebook cell's last line) shows
+    fragment = shown["text/html"]
+    assert fragment == seen._repr_html_()
+    parser = FrameParser()
+    parser.feed(fragment)
+    parser.close()
+    ((tag, attributes),) = parser.tags
+    assert tag == "iframe" and attributes["sandbox"] == "allow-scripts"
+    assert fragment.endswith("></iframe>") and fragment.count("<") == 2  # nothing of the page is markup here
+    assert attributes["srcdoc"] == explain_page.render(seen.to_json())
+    assert "default-src 'none'" in attributes["srcdoc"]
+    assert shown["text/plain"].startswith("<Explanation of ") and "heads 1.2 switched off" in shown["text/plain"]
+    assert len(shown["text/plain"]) < 200 + len(prompt)
 
 
 def test_a_prompt_holding_a_slot_name_stays_text(small, tmp_path):
