@@ -1,6 +1,8 @@
 # Two entry points on a fresh clone:
 #   make run    virtual environment + picogpt, then generate (GPT-2 124M if fetched, else the shipped demo model)
 #   make test   virtual environment + picogpt with its test extras, then the whole pytest suite
+# and for learning how GPT-2 computes:
+#   make notebook  virtual environment + JupyterLab, then the walkthrough notebook (docs/walkthrough.ipynb)
 # and the way from the demo model to GPT-2:
 #   make fetch  download GPT-2 MODEL (default 124M) from OpenAI and convert it (installs TensorFlow first)
 PYTHON ?= python3
@@ -27,7 +29,7 @@ run fetch bench parity: export MAKE_BASE_URL = $(value BASE_URL)
 run fetch bench parity: export MAKE_DTYPE = $(value DTYPE)
 run fetch bench parity: export MAKE_CORPUS_DOCS = $(value CORPUS_DOCS)
 
-.PHONY: run fetch test browser bench parity install install-convert install-test clean
+.PHONY: run fetch test browser bench parity notebook install install-convert install-test install-notebook clean
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV)
@@ -53,9 +55,15 @@ $(VENV)/.installed-parity: $(VENV)/bin/python setup.cfg pyproject.toml
 	@$(PIP_INSTALL) -e '.[parity]'
 	@touch $@ $(VENV)/.installed
 
+# ... plus JupyterLab and a kernel (and matplotlib, for the notebook's attention pictures)
+$(VENV)/.installed-notebook: $(VENV)/bin/python setup.cfg pyproject.toml
+	@$(PIP_INSTALL) -e '.[notebook]'
+	@touch $@ $(VENV)/.installed
+
 install: $(VENV)/.installed
 install-convert: $(VENV)/.installed-convert
 install-test: $(VENV)/.installed-test
+install-notebook: $(VENV)/.installed-notebook
 
 run: $(VENV)/.installed
 	@$(PY) -m picogpt generate -n "$$MAKE_N" $${MAKE_MODEL:+--model "$$MAKE_MODEL"} \
@@ -71,6 +79,12 @@ fetch: $(VENV)/.installed-convert
 
 test: $(VENV)/.installed-test browser
 	$(PY) -m pytest -q
+
+# The walkthrough, a notebook, in JupyterLab from the venv (its kernel is the venv's Python, which has picogpt).
+# Run it top to bottom, change the prompt or the model and run it again; Ctrl-C here stops JupyterLab.
+# As root (a container), JupyterLab refuses to start without --allow-root: given only there.
+notebook: $(VENV)/.installed-notebook
+	$(VENV)/bin/jupyter lab docs/walkthrough.ipynb $$(if [ "$$(id -u)" = 0 ]; then echo --allow-root; fi)
 
 # The browser the page tests drive (tests/test_explain_browser.py): Debian's chromium and chromium-driver,
 # installed with apt-get where it can be (as root, or with sudo that asks no password); elsewhere those

@@ -36,15 +36,20 @@ PROMPT = "The optional argument"
 INJECTION = '</script><img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
 
 
-@pytest.fixture(scope="module")
-def browser():
+def start_browser():
+    """Headless Chromium that keeps the console's messages (tests/test_notebook.py drives one too)."""
     options = webdriver.ChromeOptions()
     options.binary_location = BROWSER
     for argument in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      "--window-size=1280,2200", "--hide-scrollbars"]:
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = start_browser()
     yield driver
     driver.quit()
 

@@ -1,7 +1,12 @@
-"""docs/walkthrough.md is true of the code: every function it names exists, its token ids, parameter
-shapes and step shapes are what the code produces for GPT-2 124M, and its commands and snippet run."""
+"""docs/walkthrough.ipynb's text is true of the code: every function it names exists, its token ids, parameter
+shapes and step shapes are what the code produces for GPT-2 124M, its commands run, and its code cells show
+each step's function from its source and check it against the model's. (That the notebook runs top to
+bottom is tests/test_notebook.py's.)
+
+The notebook is the walkthrough's one text: its markdown cells, joined, are what is checked here."""
 
 import importlib
+import json
 import math
 import re
 import shlex
@@ -12,14 +17,17 @@ import pytest
 import picogpt
 from conftest import GPT2_124M_SHAPE
 from picogpt.model import GPT2
-from picogpt.store import load
 from picogpt.modelfile import ModelFileWriter
+from picogpt.store import load
 from picogpt.tokenizer import encode
 from picogpt.trace import tracing
+from test_docs import LINK, anchors, without_code
 from tf_fixture import random_weights, to_model_dat_names, variable_specs
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "walkthrough.md"
-TEXT = DOC.read_text(encoding="utf-8")
+DOC = Path(__file__).resolve().parent.parent / "docs" / "walkthrough.ipynb"
+CELLS = json.loads(DOC.read_text(encoding="utf-8"))["cells"]
+TEXT = "\n\n".join("".join(cell["source"]) for cell in CELLS if cell["cell_type"] == "markdown")
+CODE = ["".join(cell["source"]) for cell in CELLS if cell["cell_type"] == "code"]
 PROMPT = "Alan Turing theorized that"
 # GPT-2 124M's vocabulary, context, layers and heads, but 48 wide: the commands in the walkthrough run
 # on it unchanged (--layer 5, all 12 heads) in a fraction of a second.
@@ -59,11 +67,10 @@ def shape(text):
 
 
 def code_lines():
-    """Lines of the walkthrough's plain code blocks (commands), and its python blocks (snippets)."""
+    """The commands in the walkthrough's plain code blocks."""
     blocks = re.findall(r"^```(\w*)\n(.*?)^```", TEXT, flags=re.M | re.S)
-    commands = [line for lang, body in blocks if not lang for line in body.splitlines()
-                if line.startswith(("python -m picogpt", "picogpt "))]
-    return commands, [body for lang, body in blocks if lang == "python"]
+    return [line for lang, body in blocks if not lang for line in body.splitlines()
+            if line.startswith(("python -m picogpt", "picogpt "))]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +91,7 @@ def test_every_function_it_names_exists():
             resolve(name)
         except (ImportError, AttributeError):
             missing.append(name)
-    assert not missing, f"docs/walkthrough.md names what the package does not have: {missing}"
+    assert not missing, f"docs/walkthrough.ipynb names what the package does not have: {missing}"
     for required in ["picogpt.tokenizer.encode", "picogpt.model.layer_norm", "picogpt.model.positions_and_mask",
                      "picogpt.model.attention", "picogpt.model.split_heads", "picogpt.model.mha",
                      "picogpt.model.mlp", "picogpt.model.gelu", "picogpt.model.block", "picogpt.model.gpt2",
@@ -96,10 +103,48 @@ def test_every_function_it_names_exists():
 def test_sections_come_in_the_order_of_the_computation():
     headings = re.findall(r"^## (.*)$", TEXT, flags=re.M)
     order = ["Tokenization", "weights", "Embeddings", "transformer block", "Attention", "MLP with GELU",
-             "Final layer norm and logits", "next token", "KV cache", "Watch it run", "Attention pictures"]
+             "Final layer norm and logits", "next token", "KV cache", "bandwidth floor", "Watch it run",
+             "Attention pictures", "logit lens", "head off", "explain page", "Hugging Face", "change and re-run"]
     assert len(headings) == len(order) and all(word in h for word, h in zip(order, headings)), headings
+    numbered = [int(h.split(".")[0]) for h in headings if h[0].isdigit()]
+    assert numbered == list(range(1, len(headings))), headings  # 1. to 16., then the unnumbered last one
     for word in ["residual", "causal mask", "heads", "greedy", "prefill", "decode"]:
         assert word in TEXT.lower()
+
+
+# The model's functions, in the order the walkthrough runs them: each is shown from its source and checked
+# against the model's own step in the cells of its section, and none is pasted into a cell.
+STEP_FUNCTIONS = ["positions_and_mask", "layer_norm", "linear", "split_heads", "attention", "softmax", "mha",
+                  "gelu", "mlp", "block", "gpt2"]
+
+
+def test_every_step_is_shown_from_its_source_run_and_checked_against_the_model():
+    shown = [name for cell in CODE for name in re.findall(r"^show\((\w+)\)", cell, flags=re.M)]
+    assert [name for name in shown if name in STEP_FUNCTIONS] == STEP_FUNCTIONS
+    setup = next(cell for cell in CODE if "def show(" in cell)
+    assert "inspect.getsource(function)" in setup and "np.testing.assert_allclose(yours, theirs" in setup
+    for name in STEP_FUNCTIONS:
+        (cell,) = [cell for cell in CODE if re.search(rf"^show\({name}\)", cell, flags=re.M)]
+        calls = re.findall(rf"\b{name}\(", cell.replace(f"show({name})", ""))
+        assert calls, f"the cell that shows {name} does not call it"
+        assert "check(" in cell, f"the cell that shows {name} checks nothing against the model"
+    for cell in CODE:
+        pasted = re.findall(r"^\s*(?:def|class) (\w+)", cell, flags=re.M)
+        assert not set(pasted) & (set(STEP_FUNCTIONS) | {"merge_heads", "TopK", "TopP", "choose_next"})
+    assert not any(cell.get("outputs") or cell.get("execution_count") for cell in CELLS if cell["cell_type"] == "code")
+
+
+def test_the_notebooks_links_resolve():
+    targets = LINK.findall(without_code(TEXT))
+    assert targets
+    for target in targets:
+        if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):
+            continue
+        path, _, anchor = target.partition("#")
+        assert path, f"{target}: a link inside the notebook (its anchors differ between JupyterLab and GitHub)"
+        resolved = (DOC.parent / path).resolve()
+        assert resolved.exists(), f"{target}: no such file"
+        assert not anchor or anchor in anchors(resolved), f"{target}: no heading gives #{anchor}"
 
 
 def test_the_example_tokens_are_the_tokenizers():
@@ -115,6 +160,10 @@ def test_hyper_parameters_weights_and_parameter_count():
     header, rows, _ = next(t for t in tables() if t[0][0] == "hyper-parameter")
     stated = {r[0].strip("`"): int(r[1]) for r in rows}
     assert stated == {**GPT2_124M_SHAPE, "MLP width": 4 * GPT2_124M_SHAPE["n_embd"]}
+    assert header[2] == "demo"
+    demo = load("demo").hparams
+    assert {r[0].strip("`"): int(r[2]) for r in rows} == {
+        **{name: demo[name] for name in GPT2_124M_SHAPE}, "MLP width": 4 * demo["n_embd"]}
     assert "`head_dim` = 768 / 12 = 64" in TEXT
 
     # The weights table against the tensors of a 124M checkpoint (model.dat names, block 0 for a block's).
@@ -164,17 +213,6 @@ def test_the_shape_tables_are_what_the_tracer_sees_at_124m_widths():
     assert model(ids).shape == (1, 50257)
 
 
-def test_the_python_snippet_runs(mini_model_path, monkeypatch, capsys):
-    _, snippets = code_lines()
-    (snippet,) = [s for s in snippets if "format_trace" in s]
-    model = load(mini_model_path)
-    monkeypatch.setattr(picogpt, "load", lambda *args, **kwargs: model)  # instead of the real 124M
-    exec(compile(snippet, str(DOC), "exec"), {})
-    printed = capsys.readouterr().out
-    assert "block 11 / mha / attention / softmax" in printed and "[1, 12, 5, 5]" in printed
-    assert printed.count("logits") == 2
-
-
 def run_cli(line, model_path, capsys):
     from picogpt.cli import main
 
@@ -185,7 +223,7 @@ def run_cli(line, model_path, capsys):
 
 
 def test_the_tracer_command_runs(mini_model_path, capsys):
-    commands, _ = code_lines()
+    commands = code_lines()
     (line,) = [c for c in commands if "--trace" in c]
     status, captured = run_cli(line, mini_model_path, capsys)
     assert status == 0
@@ -197,7 +235,7 @@ def test_the_attention_commands_run(mini_model_path, tmp_path, monkeypatch, caps
     import matplotlib.image
 
     monkeypatch.chdir(tmp_path)
-    commands, _ = code_lines()
+    commands = code_lines()
     lines = [c for c in commands if c.startswith("picogpt attention")]
     assert len(lines) == 2
     for line in lines:
@@ -212,11 +250,12 @@ def test_the_attention_commands_run(mini_model_path, tmp_path, monkeypatch, caps
 
 def test_the_readme_leads_to_the_walkthrough_with_its_commands():
     readme = (DOC.parent.parent / "README.md").read_text(encoding="utf-8")
-    assert "docs/walkthrough.md" in readme
+    assert "(docs/walkthrough.ipynb)" in readme and "make notebook" in readme
+    assert not (DOC.parent / "walkthrough.md").exists(), "the walkthrough's one text is the notebook"
     explain = (DOC.parent / "explain.md").read_text(encoding="utf-8")  # the README's tracer commands moved there
-    assert "(walkthrough.md)" in explain
-    pages = [readme] + [p.read_text(encoding="utf-8") for p in sorted(DOC.parent.glob("*.md")) if p != DOC]
-    commands, _ = code_lines()
+    assert "(walkthrough.ipynb)" in explain
+    pages = [readme] + [p.read_text(encoding="utf-8") for p in sorted(DOC.parent.glob("*.md"))]
+    commands = code_lines()
     shown = [line.strip() for text in pages
              for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.M | re.S)
              for line in block.splitlines() if "--trace" in line or line.startswith("picogpt attention")]
