@@ -121,8 +121,26 @@ def test_continuing_a_prompt_imports_only_what_it_uses():
                                           "explain", "explain_page", "attention_plot", "convert_tf", "convert_hf",
                                           "hf", "commands.compare", "commands.corpus", "commands.explain",
                                           "commands.models")}
-    unwanted |= {"tensorflow", "torch", "transformers", "ray", "matplotlib", "safetensors", "requests"}
+    unwanted |= {"tensorflow", "torch", "transformers", "ray", "matplotlib", "safetensors", "requests"} | NOTEBOOK_TOOLS
     assert not loaded & unwanted, f"imported for nothing: {sorted(loaded & unwanted)}"
+
+
+# The notebook's tools (the test and notebook extras): the walkthrough notebook and its tests use them; the
+# package shows itself in Jupyter through _repr_html_ and _repr_png_, which need no import of Jupyter's.
+NOTEBOOK_TOOLS = {"IPython", "ipykernel", "ipywidgets", "jupyter_client", "jupyter_core", "jupyter_server",
+                  "jupyterlab", "nbclient", "nbconvert", "nbformat", "notebook"}
+
+
+def test_no_module_or_subcommand_imports_the_notebooks_tools():
+    """Not the core, not any subcommand, not even inside a function: read from every file's imports."""
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) >= len(MODULES) + len(COMMANDS)
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            tops = {name.split(".")[0] for name in names}
+            assert not tops & NOTEBOOK_TOOLS, f"{path.relative_to(REPO)} imports {sorted(tops & NOTEBOOK_TOOLS)}"
 
 
 def test_the_model_needs_only_the_math_below_it():
