@@ -109,8 +109,9 @@ def load_model(args, prog="picogpt"):
         loaded = load(model, models_dir=args.models_dir, download=bool(download),
                       base_url=getattr(args, "base_url", None), quiet=True, bf16=getattr(args, "bf16", None))
     except store.NotFetched as e:
-        # (a command that takes --download says so; not under make, whose `make run` cannot pass it)
-        can_download = download is not None and "MAKELEVEL" not in os.environ
+        # (a command that takes --download says so; not `make run`, which cannot pass it: the Makefile says
+        # when it runs picogpt, in $PICOGPT_MAKE_TARGET)
+        can_download = download is not None and not os.environ.get("PICOGPT_MAKE_TARGET")
         raise PicogptError(f"{e}" + (" (or add --download)" if can_download else "")) from None
     if store.widening_worth_saying(loaded):  # a bfloat16 file this backend or CPU cannot multiply natively
         print(f"{prog}: {loaded.precision.note}", file=sys.stderr)
