@@ -10,6 +10,8 @@ import json
 import os
 import random
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -102,6 +104,163 @@ def test_a_killed_actor_is_replaced_and_the_file_is_complete(cluster, model_path
     assert there.read_bytes() == here.read_bytes()  # every document once, in order, as in one process
     ids = [json.loads(line)["id"] for line in there.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 1500
+
+
+def picogpt(args, cwd, env=None, timeout=180):
+    """`python -m picogpt ARGS` in another process (one that joins or starts a cluster itself)."""
+    return subprocess.run([sys.executable, "-m", "picogpt", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def a_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_joining_an_address_where_no_cluster_is_fails_in_one_line_and_leaves_nothing(model_path, tmp_path,
+                                                                                     monkeypatch):
+    from picogpt import corpus_ray
+    inputs = corpus(tmp_path / "docs.jsonl", 12)
+    argv = ["score-corpus", str(inputs), "--out", str(tmp_path / "o.jsonl"), "--model", str(model_path)]
+    port = a_free_port()
+    started = time.monotonic()
+    done = picogpt(argv + ["--ray", f"127.0.0.1:{port}"], tmp_path)
+    assert done.returncode == 1 and time.monotonic() - started < 60
+    assert done.stderr.count("\n") == 1 and f"error: nothing listens at 127.0.0.1:{port}" in done.stderr
+    assert "ray start --head" in done.stderr and done.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # no output, no .run.json
+
+    with socket.socket() as silent:  # a listener that never answers as Ray does (on every address of this
+        silent.bind(("", 0))           # machine: Ray turns 127.0.0.1 into the machine's own address)
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        process = subprocess.Popen([sys.executable, "-m", "picogpt", *argv, "--ray", address], cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(5)  # picogpt is waiting for an answer: a plain kill ends it at once
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=15)
+        assert process.returncode == 143 and err.endswith("terminated\n") and out == ""
+        monkeypatch.setattr(corpus_ray, "PROBE_SECONDS", 2)  # and without the kill, the wait has an end
+        with pytest.raises(corpus_ray.PicogptError, match=f"{address} accepts connections but does not answer as a "
+                                                          f"Ray cluster \\(nothing in 2 s\\); check the port"):
+            corpus_ray.probe(address, corpus_ray.find_cluster(address))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_this_machines_cluster_joined_by_address_with_its_token_and_without(cluster, model_path, tmp_path,
+                                                                            monkeypatch):
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        pytest.skip("this Ray's local clusters do not use token authentication")
+    gcs = ray.get_runtime_context().gcs_address
+    corpus(tmp_path / "docs.jsonl", 150)
+    here = tmp_path / "here.jsonl"
+    monkeypatch.chdir(tmp_path)
+    assert main(["score-corpus", "docs.jsonl", "--out", str(here), "--model", str(model_path), "--threads", "1"]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # as a new shell has it
+    (tmp_path / "home").mkdir()
+    argv = ["score-corpus", "docs.jsonl", "--out", "there.jsonl", "--model", str(model_path), "--ray", gcs]
+    done = picogpt(argv, tmp_path, dict(env, HOME=str(tmp_path / "home")))  # a user without the cluster's token
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"the Ray cluster at {gcs} requires Ray's token authentication and picogpt sent no token" in done.stderr
+    assert not (tmp_path / "there.jsonl").exists() and not (tmp_path / "there.jsonl.run.json").exists()
+    # This machine's token (~/.ray/auth_token, which made the cluster) is used for this machine's cluster,
+    # as --ray auto uses it; the relative input is read from this folder, not the one Ray started in.
+    done = picogpt(argv, tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""  # nothing of Ray's on stdout
+    assert all(line.startswith("picogpt score-corpus: ") for line in done.stderr.splitlines()), done.stderr
+    assert (tmp_path / "there.jsonl").read_bytes() == here.read_bytes()
+
+
+def test_a_request_beyond_the_clusters_cpus_is_refused_or_said(cluster, model_path, tmp_path, capsys, monkeypatch):
+    from picogpt import corpus as corpus_module
+    inputs = corpus(tmp_path / "docs.jsonl", 200)
+    argv = ["score-corpus", str(inputs), "--model", str(model_path), "--ray", "auto"]
+    assert main(argv + ["--out", str(tmp_path / "a.jsonl"), "--threads-per-worker", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("--threads-per-worker 3 reserves 3 CPUs for each actor, but the largest node of "
+                                     "the Ray cluster has 2; give --threads-per-worker 2 or less") in err
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "a.jsonl.run.json").exists()
+    statuses = []
+    real_status = corpus_module.Progress.status
+    monkeypatch.setattr(corpus_module.Progress, "status", lambda self, text: (statuses.append(text),
+                                                                              real_status(self, text)))
+    assert main(argv + ["--out", str(tmp_path / "b.jsonl"), "--workers", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "the Ray cluster has CPUs for 2 actors of 1 thread at once, not 4: running 2" in err
+    assert statuses[:2] == ["joining the Ray cluster", "starting 2 Ray actors"]  # start-up, shown as such
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 200
+
+
+def ray_descendants(pid):
+    """{pid: start time} of the Ray processes descended from a process (read from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            parents[int(entry)] = (int(fields[1]), fields[19])
+        except (OSError, ValueError, IndexError):
+            pass
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (its_parent, start) in parents.items():
+            if its_parent == parent and child not in found:
+                found[child] = start
+                frontier.append(child)
+    return {p: s for p, s in found.items() if b"ray" in open_or_empty(f"/proc/{p}/cmdline")}
+
+
+def open_or_empty(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def still_running(processes):
+    alive = []
+    for pid, start in processes.items():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[19] == start:
+                    alive.append(pid)
+        except (OSError, IndexError):
+            pass
+    return alive
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the cluster's processes in /proc (Linux)")
+def test_a_local_cluster_is_quiet_and_stops_with_its_driver_even_one_killed(model_path, tmp_path):
+    inputs = corpus(tmp_path / "docs.jsonl", 3000, seed=2)
+    argv = [sys.executable, "-m", "picogpt", "score-corpus", str(inputs), "--model", str(model_path), "--ray", "local"]
+    process = subprocess.Popen(argv + ["--out", str(tmp_path / "o.jsonl")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    out = tmp_path / "o.jsonl"
+    deadline, cluster_processes = time.monotonic() + 120, {}
+    while time.monotonic() < deadline and process.poll() is None and not (out.exists() and out.stat().st_size):
+        cluster_processes.update(ray_descendants(process.pid))
+        time.sleep(0.2)
+    cluster_processes.update(ray_descendants(process.pid))
+    assert process.poll() is None and len(cluster_processes) >= 4, "the run ended before it could be killed"
+    process.kill()  # SIGKILL: no atexit, no ray.shutdown
+    stdout, stderr = process.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while still_running(cluster_processes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not still_running(cluster_processes), [open_or_empty(f"/proc/{p}/cmdline") for p in
+                                                  still_running(cluster_processes)]
+    assert stdout == b"" and stderr == b"", stderr  # nothing of Ray's, on stdout or on stderr
+
+    small = corpus(tmp_path / "small.jsonl", 100)  # a whole run: quiet to the end, and nothing left after it
+    done = subprocess.run([*argv[:4], str(small), *argv[5:], "--out", str(tmp_path / "s.jsonl")], capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines()[-1].startswith("picogpt score-corpus: scored 100 documents"), done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
 
 
 def test_without_ray_the_option_says_how_to_install_it(model_path, tmp_path, capsys, monkeypatch):

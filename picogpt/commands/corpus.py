@@ -4,7 +4,7 @@ this process or on a Ray cluster (--ray)."""
 import sys
 from pathlib import Path
 
-from .. import corpus
+from .. import blas, corpus
 from ..errors import BadArgument, PicogptError, plural
 from ..modelfile import open_model_file
 from ..outputs import output_file
@@ -19,7 +19,9 @@ def corpus_parser(prog, task):
                        "Writes one JSON line per document, in input order, appended as it goes: the same command "
                        "run again after a crash skips what is done and finishes the rest.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl or .txt files, folders of them, glob patterns")
-    p.add_argument("--out", required=True, metavar="FILE", help="the JSON-lines output (resumed if it exists)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the JSON-lines output (resumed if it exists); a pipe or a device such as /dev/stdout is "
+                        "written through as the lines come, without resuming")
     p.add_argument("--text-field", default="text", metavar="NAME", help="the field of a .jsonl record that holds "
                    "the text (default: text); an \"id\" field is carried over when present")
     p.add_argument("--lines", action="store_true", help=".txt files hold one document per line (default: one per file)")
@@ -43,7 +45,9 @@ def corpus_parser(prog, task):
                           "on this machine); the model file is needed on this machine only")
     ray.add_argument("--workers", type=positive_int, default=None, metavar="N", help="Ray actors (default: 2)")
     ray.add_argument("--threads-per-worker", type=positive_int, default=None, metavar="T",
-                     help="BLAS threads (and CPUs reserved) per actor (default: 1)")
+                     help="BLAS threads (and CPUs reserved) per actor (default: 1); an output is resumed at the "
+                          "thread count that began it (--threads T in this process)")
+    p.add_argument("-v", "--verbose", action="store_true", help="Ray's notes at info level, and its actors' output")
     add_model_arguments(p)
     return p
 
@@ -52,8 +56,8 @@ def corpus_command(args, task):
     if not args.ray and (args.workers is not None or args.threads_per_worker is not None):
         raise BadArgument("--workers and --threads-per-worker choose Ray's actors; they need --ray")
     out = output_file(args.out)  # a folder or a link is sorted out before anything else
+    output = corpus.CorpusOutput(out)  # and a device or a pipe: streamed, or refused
     model = load_model(args, args.prog)
-    output = corpus.CorpusOutput(out)
     job_options = dict(task=task, batch_tokens=args.batch_tokens)
     if task == "score":
         job_options["stride"] = args.stride
@@ -67,48 +71,75 @@ def corpus_command(args, task):
         # the newer rules only when asked for, so that a run recorded before they existed resumes as it was
         sampling.update({k: v for k, v in rule_options(args).items() if k != "repetition_penalty" and v})
         job_options.update(n_tokens=args.n_tokens, sampling=sampling, ids=args.ids)
-    job = corpus.CorpusJob(model, **job_options)  # the settings are checked before anything is written
+    job = corpus.CorpusJob(model, **job_options)  # the settings and the memory are checked before anything is written
+    left_out = []
     chunks, input_files = corpus.plan(args.inputs, lines=args.lines, text_field=args.text_field,
-                                      exclude=[out, output.run_path], with_files=True)
+                                      exclude=[out, output.run_path], with_files=True, left_out=left_out)
+    if left_out:
+        names = ", ".join(corpus.shown(p) for p in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+        print(f"{args.prog}: left out {plural(len(left_out), 'earlier output')} of a corpus run found among the "
+              f"inputs (a .jsonl with its .run.json beside it): {names}", file=sys.stderr)
     bf16_native = bool(model.precision and model.precision.native)
+    # The BLAS threads that compute each product: at another count a score may differ in its last digits.
+    threads = (args.threads_per_worker or 1) if args.ray else blas.current().threads
     # What made the output, recorded beside it: resuming with any of it changed is refused.
-    output.settings = dict(job_options, model=str(Path(model.path).resolve()),
+    # (Names as text that is valid Unicode: a name that is not UTF-8 is recorded with \xNN escapes.)
+    output.settings = dict(job_options, model=corpus.shown(Path(model.path).resolve()),
                            model_sha256=open_model_file(model.path).sha256.hex(), backend=args.backend,
-                           bf16_native=bf16_native, inputs=[str(p) for p in args.inputs],
-                           input_files=[[str(f), f.stat().st_size] for f in input_files],  # an edited input
-                           text_field=args.text_field, lines=args.lines, chunk_docs=corpus.CHUNK_DOCS)
+                           bf16_native=bf16_native, inputs=[corpus.shown(corpus.normal_input(i)) for i in args.inputs],
+                           input_files=[[corpus.shown(f), f.stat().st_size] for f in input_files],  # an edited input
+                           text_field=corpus.shown(args.text_field), lines=args.lines, chunk_docs=corpus.CHUNK_DOCS,
+                           threads=threads)
     if args.ray:
         from ..corpus_ray import require_ray  # Ray is imported only with --ray
         require_ray()
     if not chunks:
-        raise PicogptError(f"the inputs hold no documents: {' '.join(args.inputs)}")
-    remaining = output.open(chunks)
+        raise PicogptError(f"the inputs hold no documents: {' '.join(corpus.shown(i) for i in args.inputs)}")
+    corpus.check_text_field(chunks)
+    remaining = output.plan(chunks)  # checks the settings; nothing is written yet
+    for note in output.notes:
+        print(f"{args.prog}: {note}", file=sys.stderr)
     total = sum(c.n_docs for c in chunks)
     if not remaining:
-        print(f"{args.prog}: {output.path} is complete: all {plural(total, 'document')} are in it", file=sys.stderr)
-        output.close()
+        print(f"{args.prog}: {corpus.shown(output.path)} is complete: all {plural(total, 'document')} are in it",
+              file=sys.stderr)
         return
+    if output.stream:
+        print(f"{args.prog}: {corpus.shown(output.path)} is {output.kind}, not a file: the lines go through it as they "
+              f"are done, and a run cut short cannot be resumed (that needs a file)", file=sys.stderr)
     if output.done:
-        print(f"{args.prog}: resuming {output.path}: {plural(output.done, 'document')} of {total} done",
+        print(f"{args.prog}: resuming {corpus.shown(output.path)}: {plural(output.done, 'document')} of {total} done",
               file=sys.stderr)
     progress = corpus.Progress(total, output.done)
+    pool, finished = None, False
     try:
         if args.ray:
-            from ..corpus_ray import run_on_ray
-            run_on_ray(args.ray, model.path, job_options, remaining, output, progress, args.workers or 2,
-                       args.threads_per_worker or 1, backend=args.backend, bf16="native" if bf16_native else "widen")
+            from ..corpus_ray import RayPool
+            progress.status("starting a Ray cluster" if args.ray == "local" else "joining the Ray cluster")
+            pool = RayPool(args.ray, model.path, job_options, args.workers or 2, threads, n_chunks=len(remaining),
+                           backend=args.backend, bf16="native" if bf16_native else "widen", verbose=args.verbose,
+                           say=lambda line: progress.write(f"{args.prog}: {line}"))
+        output.start()  # only now, once the run can start: a job that never started leaves nothing
+        if pool is not None:
+            pool.run(remaining, output, progress)
         else:
             corpus.run_in_process(job, remaining, output, progress)
+        finished = True
+    except corpus.StreamClosed:  # the reader of the stream went away (| head): quietly, as a shell tool
+        raise SystemExit(141) from None
     finally:
         progress.close()
-        output.close()
+        if pool is not None:
+            pool.close()
+        output.close(discard_unused=not finished)
     seconds = progress.seconds
     verb = "scored" if task == "score" else "continued"
     rate = max(seconds, 1e-9)
+    where = (f"all {total} went through {corpus.shown(output.path)}" if output.stream
+             else f"{corpus.shown(output.path)} holds all {total}")
     print(f"{args.prog}: {verb} {plural(progress.docs, 'document')} ({progress.tokens:,} tokens) in {seconds:.1f} s: "
           f"{progress.docs / rate:.1f} documents/s, {progress.tokens / rate:,.0f} tokens/s; "
-          f"{plural(progress.errors, 'document')} with an error field; {output.path} holds all {total}",
-          file=sys.stderr)
+          f"{plural(progress.errors, 'document')} with an error field; {where}", file=sys.stderr)
 
 
 COMMANDS = {
