@@ -120,8 +120,9 @@ def input_files(inputs, exclude=(), left_out=None):
             if path.resolve() in excluded:
                 raise PicogptError(f"{shown(given)} is the output file (--out); it cannot be an input too")
             if path.suffix == ".jsonl" and earlier_output(path):
-                raise PicogptError(f"{shown(given)} is the output of an earlier corpus run ({shown(path.name)}.run.json "
-                                   f"lies beside it), not a corpus; give the files of the documents")
+                raise PicogptError(f"{shown(given)} is the output of an earlier corpus run "
+                                   f"({shown(path.name)}.run.json lies beside it), not a corpus; give the files of "
+                                   f"the documents")
             found, expanded = [path], False
         elif glob.has_magic(given):
             found = sorted(Path(p) for p in glob.glob(given, recursive=True) if Path(p).suffix in SUFFIXES)
@@ -618,9 +619,11 @@ class CorpusOutput:
             return None
         names = " ".join(shown(i) for i in recorded["inputs"])
         if "inputs" in changed:
-            return f"{out} was begun on other inputs ({names}); give those to resume it, or another --out to start a new one"
+            return (f"{out} was begun on other inputs ({names}); give those to resume it, or another --out to start a "
+                    f"new one")
         if "input_files" in changed:
-            then, nowf = dict(map(tuple, recorded.get("input_files") or [])), dict(map(tuple, now.get("input_files") or []))
+            then = dict(map(tuple, recorded.get("input_files") or []))
+            nowf = dict(map(tuple, now.get("input_files") or []))
             for name in list(then) + list(nowf):
                 if name not in nowf:
                     what = f"{shown(name)}, one of its inputs, is gone"

@@ -187,7 +187,8 @@ def connect(address, n_cpus, verbose=False):
         watch_local_cluster()
         _start_here(ray, dict(num_cpus=n_cpus, **options))
     elif address.startswith("ray://"):  # Ray Client: its own protocol, ray.init's checks only
-        _init_in_time(ray, f"joining the Ray cluster at {address}", "check the address", dict(address=address, **options))
+        _init_in_time(ray, f"joining the Ray cluster at {address}", "check the address",
+                      dict(address=address, **options))
     else:
         gcs = find_cluster(address)
         reach(address, gcs)
@@ -208,8 +209,9 @@ def find_cluster(address):
     try:
         gcs = canonicalize_bootstrap_address(address)
     except ConnectionError:  # auto, and no cluster was started on this machine
-        raise PicogptError("--ray auto found no Ray cluster on this machine; start one with ray start --head (or join "
-                           "one with ray start --address HEAD:6379), or use --ray local for this machine alone") from None
+        raise PicogptError("--ray auto found no Ray cluster on this machine; start one with ray start --head (or "
+                           "join one with ray start --address HEAD:6379), or use --ray local for this machine "
+                           "alone") from None
     except Exception as e:  # a malformed address, a host name that does not resolve
         raise PicogptError(f"--ray {address}: {first_line(e)}; give the address ray start --head printed "
                            f"(HOST:PORT), auto or local") from None

@@ -178,7 +178,8 @@ def test_changed_settings_and_foreign_files_are_refused(weights, tmp_path, capsy
     capsys.readouterr()
     assert run(["score-corpus", str(inputs), "--out", str(out), "--model", str(path), "--stride", "8"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "was made with other settings (stride: none then, 8 now); give the same options" in err
+    assert err.count("\n") == 1
+    assert "was made with other settings (stride: none then, 8 now); give the same options" in err
     assert run(["score-corpus", str(inputs), "--out", str(out), "--model", "demo"]) == 1
     assert f"was made with another model ({path.resolve()}); give that model to resume it" in capsys.readouterr().err
     assert out.read_bytes() == before
@@ -192,7 +193,8 @@ def test_changed_settings_and_foreign_files_are_refused(weights, tmp_path, capsy
     for bad in (["nothing*.jsonl"], [str(tmp_path / "missing.jsonl")], [str(tmp_path / "out.jsonl.run.json")]):
         assert run(["score-corpus", *bad, "--out", str(tmp_path / "x.jsonl"), "--model", str(path)]) == 1
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and ("nothing matches" in err or "does not exist" in err or "expected a .jsonl" in err)
+        assert err.count("\n") == 1
+        assert "nothing matches" in err or "does not exist" in err or "expected a .jsonl" in err
 
 
 def test_full_disk_is_one_line_and_the_same_command_finishes(weights, tmp_path, capsys, monkeypatch):
@@ -430,9 +432,10 @@ def test_batches_too_large_for_memory_are_refused_before_any_work(weights, tmp_p
         assert f"but {available / 1e6:.0f} MB is available; give a smaller --batch-tokens (at most " in err
         assert not out.exists() and not (tmp_path / "out.jsonl.run.json").exists()
     fits = int(err.split("(at most ")[1].split()[0])
-    assert run(["complete-corpus", str(inputs), "--model", str(path), "--out", str(out), "--batch-tokens", str(fits)]) == 0
+    argv = ["complete-corpus", str(inputs), "--model", str(path), "--out", str(out)]
+    assert run(argv + ["--batch-tokens", str(fits)]) == 0
     monkeypatch.setattr(memory, "available_memory", lambda: 300e6)  # the Python API checks the same
-    with pytest.raises(corpus.PicogptError, match="at most 1424 fits"):  # 22 rows of 64 tokens, 1408
+    with pytest.raises(corpus.PicogptError, match="at most 1424 fits"):  # its largest batch: 22 rows of 64 tokens
         corpus.CorpusJob(model, "score", batch_tokens=4096)
     assert corpus.CorpusJob(model, "score", batch_tokens=1424).largest_batch()[0] <= 300e6
     monkeypatch.setattr(memory, "available_memory", lambda: 10e6)  # not even one document
@@ -529,8 +532,8 @@ def test_the_progress_bar_moves_batch_by_batch(weights, tmp_path, monkeypatch):
     inputs = write_jsonl(tmp_path / "d.jsonl", [{"text": f"document {i} " * (i % 9 + 1)} for i in range(100)])
     moves = []
     real_advance = corpus.Progress.advance
-    monkeypatch.setattr(corpus.Progress, "advance", lambda self, n_docs, n_tokens: (moves.append(n_docs),
-                                                                                      real_advance(self, n_docs, n_tokens)))
+    monkeypatch.setattr(corpus.Progress, "advance",
+                        lambda self, n_docs, n_tokens: (moves.append(n_docs), real_advance(self, n_docs, n_tokens)))
     assert run(["score-corpus", str(inputs), "--model", str(path), "--out", str(tmp_path / "o.jsonl"),
                 "--batch-tokens", "128"]) == 0
     assert len(moves) > 4 and sum(moves) == 100 and max(moves) < corpus.CHUNK_DOCS
@@ -568,7 +571,8 @@ def test_a_document_that_cannot_be_continued_gets_an_error_line_and_the_run_goes
     assert all("completion" in r for i, r in enumerate(records) if i != 3)
     write_jsonl(inputs, [{"text": "poison pill"}] * 3)  # every document fails: the settings, not the documents
     capsys.readouterr()
-    assert run(["complete-corpus", str(inputs), "--model", str(path), "--out", str(tmp_path / "o2.jsonl"), "-n", "4"]) == 1
+    argv = ["complete-corpus", str(inputs), "--model", str(path), "-n", "4"]
+    assert run(argv + ["--out", str(tmp_path / "o2.jsonl")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "continuing fails for every document of the chunk: probabilities contain NaN" in err
     assert not (tmp_path / "o2.jsonl").exists()
