@@ -91,7 +91,8 @@ def _array(x, name, remedy):
     try:
         return np.asarray(x), False
     except ValueError:  # NumPy refuses rows of different lengths
-        lengths = sorted({len(row) for row in x if hasattr(row, "__len__")}, reverse=True) if hasattr(x, "__iter__") else []
+        rows = x if hasattr(x, "__iter__") else []
+        lengths = sorted({len(row) for row in rows if hasattr(row, "__len__")}, reverse=True)
         rows = f"rows of {' and '.join(map(str, lengths))} values" if len(lengths) > 1 else "rows of different lengths"
         raise PicogptError(f"{name} has {rows}; {remedy}") from None
 
