@@ -1,6 +1,6 @@
 """The corpus commands on a Ray cluster: `picogpt score-corpus ... --ray auto` (or --ray ADDRESS, or
 --ray local for a cluster of this machine alone). Imported only with --ray; Ray is picogpt's `ray` extra
-(`pip install -e '.[ray]'` in the checkout, or `pip install 'ray[data]>=2.10'`; only Ray's core is used).
+(`pip install -e '.[ray]'` in the checkout, or `pip install 'ray>=2.10'`: Ray's core, not Ray Data).
 
 The plan's chunks (picogpt.corpus.plan: where each chunk's documents are, not the documents) are handed
 out to a pool of actors (ChunkWorker), one chunk at a time to each, each actor with num_cpus=T so that

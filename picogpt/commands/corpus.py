@@ -39,7 +39,7 @@ def corpus_parser(prog, task):
         p.add_argument("--ids", action="store_true", help="also write the new tokens' ids")
     p.add_argument("--batch-tokens", type=positive_int, default=corpus.BATCH_TOKENS, metavar="N",
                    help=f"padded tokens per batch at most (default: {corpus.BATCH_TOKENS})")
-    ray = p.add_argument_group("Ray (picogpt's ray extra: Ray Data)")
+    ray = p.add_argument_group("Ray (picogpt's ray extra)")
     ray.add_argument("--ray", default=None, metavar="ADDRESS",
                      help="run on the Ray cluster at ADDRESS (auto: the one this machine is in; local: start one "
                           "on this machine); the model file is needed on this machine only")
