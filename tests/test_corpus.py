@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -240,7 +241,8 @@ def kill_and_resume(argv, rng, max_kills=6):
     each time, until it finishes: the number of kills that hit it while it ran."""
     kills = 0
     for attempt in range(max_kills + 1):
-        process = subprocess.Popen([sys.executable, "-m", "picogpt", *argv], stdout=subprocess.DEVNULL,
+        # (stdout into a temporary file, not the machine's /dev/null: a test writes to no real device)
+        process = subprocess.Popen([sys.executable, "-m", "picogpt", *argv], stdout=tempfile.TemporaryFile(),
                                    stderr=subprocess.PIPE, text=True)
         if attempt < max_kills:
             try:

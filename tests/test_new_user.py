@@ -9,8 +9,10 @@ import argparse
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -196,10 +198,19 @@ def test_output_cut_by_head_mid_stream(model_path):
     assert done.stderr == b"" and len(done.stdout) == 1 and done.returncode in (0, 141)
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def own_device(tmp_path, name, minor):
+    """A character device of our own in tmp_path with the numbers of /dev/null (minor 3) or /dev/full (7): a
+    test never writes to the machine's own devices."""
+    if not hasattr(os, "mknod") or os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    path = tmp_path / name
+    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+    return path
+
+
 @pytest.mark.parametrize("name", OUTPUT_COMMANDS)
-def test_output_to_a_full_disk_is_one_line(model_path, name):
-    with open("/dev/full", "wb") as full:
+def test_output_to_a_full_disk_is_one_line(model_path, tmp_path, name):
+    with open(own_device(tmp_path, "full", 7), "wb") as full:
         done = subprocess.run(output_command(name, model_path), stdout=full, stderr=subprocess.PIPE,
                               input=TEXT.encode(), timeout=120)
     err = done.stderr.decode()
@@ -247,7 +258,7 @@ def test_ctrl_c_at_any_moment_of_start_up_leaves_no_traceback(model_path):
     interrupted = 0
     for delay in (0, 0.01, 0.03, 0.1, 0.3, 0.8):
         process = subprocess.Popen([sys.executable, "-X", "importtime", *output_command("stream", model_path)[1:]],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   stdout=tempfile.TemporaryFile(), stderr=subprocess.PIPE, text=True)
         lines = []
         while not any("numpy" in line for line in lines):  # -X importtime: a line as each module is imported
             lines.append(process.stderr.readline())
@@ -544,10 +555,10 @@ def test_attention_out_may_be_a_folder(tmp_path, capsys):
 
 
 def test_model_paths_that_are_not_files(tmp_path, capsys):
-    if Path("/dev/null").exists():
-        assert cli.main(["Hi", "--model", "/dev/null"]) == 1
-        err = capsys.readouterr().err
-        assert "/dev/null is not a regular file" in err and "does not exist" not in err
+    null = own_device(tmp_path, "null", 3)
+    assert cli.main(["Hi", "--model", str(null)]) == 1
+    err = capsys.readouterr().err
+    assert f"{null} is not a regular file" in err and "does not exist" not in err
 
 
 def test_a_damaged_demo_model_says_how_to_restore_it(tmp_path, capsys, monkeypatch):
@@ -800,10 +811,10 @@ def test_outputs_through_links_and_devices(model_path, tmp_path, capsys):
     assert cli.main(["parity", "--model", str(model_path), "--prompt", "Hi", "-n", "1",
                      "--json", str(tmp_path / "link.json")]) == 0
     assert (tmp_path / "link.json").is_symlink() and json.loads(real.read_text())["ok"] is True
-    if Path("/dev/null").exists():
-        capsys.readouterr()
-        assert cli.main(["parity", "--model", str(model_path), "--prompt", "Hi", "-n", "1", "--json", "/dev/null"]) == 0
-        assert Path("/dev/null").is_char_device()  # written into, not replaced
+    null = own_device(tmp_path, "null", 3)
+    capsys.readouterr()
+    assert cli.main(["parity", "--model", str(model_path), "--prompt", "Hi", "-n", "1", "--json", str(null)]) == 0
+    assert null.is_char_device()  # written into, not replaced
 
 
 def test_stdin_closed(model_path):
