@@ -69,13 +69,9 @@ def beam_search(model, prompts, n_tokens, num_beams, length_penalty=1.0, early_s
     processors = logits_processors(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                                    min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
                                    ngrams_count_padding=ngrams_count_padding)
-    prompts = [[int(i) for i in p] for p in prompts]
-    if not prompts or not all(prompts):
-        raise ValueError("every prompt needs at least one token id")
     n_vocab = model.hparams["n_vocab"]
-    tokens, n_pad = left_pad(prompts)  # [n_prompts, prompt_len]
+    tokens, n_pad = left_pad(prompts, pad_token_id)  # [n_prompts, prompt_len]
     batch, prompt_len = tokens.shape
-    tokens[np.arange(prompt_len)[None, :] < n_pad[:, None]] = pad_token_id
     check_fits(model, prompt_len, n_tokens, remedy="shorten the prompt or ask for fewer tokens")
     check_memory(model.hparams, batch * num_beams, prompt_len, n_tokens, kept_scores=n_tokens if output_scores else 0,
                  remedy="use fewer beams or prompts at once, or fewer tokens")

@@ -54,7 +54,11 @@ def check_fits(model, n_prompt, n_tokens, remedy=None):
 
 
 def left_pad(prompts, pad_token_id=PAD):
-    """Prompts of different lengths -> one matrix [n_batch, longest] with pad_token_id in front, and n_pad [n_batch]."""
+    """Prompts (lists of token ids) of different lengths -> one matrix [n_batch, longest] with pad_token_id in
+    front, and n_pad [n_batch]. Every decoding loop's batch is made here, so the prompts are checked here."""
+    prompts = [[int(i) for i in p] for p in prompts]
+    if not prompts or not all(prompts):
+        raise ValueError("every prompt needs at least one token id (GPT-2 starts an empty text with <|endoftext|>)")
     longest = max(len(p) for p in prompts)
     tokens = np.full((len(prompts), longest), pad_token_id, dtype=np.int64)
     for row, prompt in zip(tokens, prompts):
@@ -78,9 +82,6 @@ def decode_steps(model, prompts, n_tokens, **settings):
     The prompts are padded on the left into one batch; the settings are decode_padded's. Checked here,
     before the first step is asked for.
     """
-    prompts = [[int(i) for i in p] for p in prompts]
-    if not prompts or not all(prompts):
-        raise ValueError("every prompt needs at least one token id (GPT-2 starts an empty text with <|endoftext|>)")
     tokens, n_pad = left_pad(prompts)
     return decode_padded(model, tokens, n_pad, n_tokens, **settings)
 

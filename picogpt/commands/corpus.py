@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from .. import blas, corpus
-from ..errors import BadArgument, PicogptError, plural
+from ..errors import BadArgument, PicogptError, plural, shown
 from ..modelfile import open_model_file
 from ..outputs import output_file
 from .arguments import (ArgumentParser, add_model_arguments, add_sampling_arguments, load_model, positive_int,
@@ -76,7 +76,7 @@ def corpus_command(args, task):
     chunks, input_files = corpus.plan(args.inputs, lines=args.lines, text_field=args.text_field,
                                       exclude=[out, output.run_path], with_files=True, left_out=left_out)
     if left_out:
-        names = ", ".join(corpus.shown(p) for p in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+        names = ", ".join(shown(p) for p in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
         print(f"{args.prog}: left out {plural(len(left_out), 'earlier output')} of a corpus run found among the "
               f"inputs (a .jsonl with its .run.json beside it): {names}", file=sys.stderr)
     bf16_native = bool(model.precision and model.precision.native)
@@ -84,31 +84,31 @@ def corpus_command(args, task):
     threads = (args.threads_per_worker or 1) if args.ray else blas.current().threads
     # What made the output, recorded beside it: resuming with any of it changed is refused.
     # (Names as text that is valid Unicode: a name that is not UTF-8 is recorded with \xNN escapes.)
-    output.settings = dict(job_options, model=corpus.shown(Path(model.path).resolve()),
+    output.settings = dict(job_options, model=shown(Path(model.path).resolve()),
                            model_sha256=open_model_file(model.path).sha256.hex(), backend=args.backend,
-                           bf16_native=bf16_native, inputs=[corpus.shown(corpus.normal_input(i)) for i in args.inputs],
-                           input_files=[[corpus.shown(f), f.stat().st_size] for f in input_files],  # an edited input
-                           text_field=corpus.shown(args.text_field), lines=args.lines, chunk_docs=corpus.CHUNK_DOCS,
+                           bf16_native=bf16_native, inputs=[shown(corpus.normal_input(i)) for i in args.inputs],
+                           input_files=[[shown(f), f.stat().st_size] for f in input_files],  # an edited input
+                           text_field=shown(args.text_field), lines=args.lines, chunk_docs=corpus.CHUNK_DOCS,
                            threads=threads)
     if args.ray:
         from ..corpus_ray import require_ray  # Ray is imported only with --ray
         require_ray()
     if not chunks:
-        raise PicogptError(f"the inputs hold no documents: {' '.join(corpus.shown(i) for i in args.inputs)}")
+        raise PicogptError(f"the inputs hold no documents: {' '.join(shown(i) for i in args.inputs)}")
     corpus.check_text_field(chunks)
     remaining = output.plan(chunks)  # checks the settings; nothing is written yet
     for note in output.notes:
         print(f"{args.prog}: {note}", file=sys.stderr)
     total = sum(c.n_docs for c in chunks)
     if not remaining:
-        print(f"{args.prog}: {corpus.shown(output.path)} is complete: all {plural(total, 'document')} are in it",
+        print(f"{args.prog}: {shown(output.path)} is complete: all {plural(total, 'document')} are in it",
               file=sys.stderr)
         return
     if output.stream:
-        print(f"{args.prog}: {corpus.shown(output.path)} is {output.kind}, not a file: the lines go through it as they "
+        print(f"{args.prog}: {shown(output.path)} is {output.kind}, not a file: the lines go through it as they "
               f"are done, and a run cut short cannot be resumed (that needs a file)", file=sys.stderr)
     if output.done:
-        print(f"{args.prog}: resuming {corpus.shown(output.path)}: {plural(output.done, 'document')} of {total} done",
+        print(f"{args.prog}: resuming {shown(output.path)}: {plural(output.done, 'document')} of {total} done",
               file=sys.stderr)
     progress = corpus.Progress(total, output.done)
     pool, finished = None, False
@@ -135,8 +135,8 @@ def corpus_command(args, task):
     seconds = progress.seconds
     verb = "scored" if task == "score" else "continued"
     rate = max(seconds, 1e-9)
-    where = (f"all {total} went through {corpus.shown(output.path)}" if output.stream
-             else f"{corpus.shown(output.path)} holds all {total}")
+    where = (f"all {total} went through {shown(output.path)}" if output.stream
+             else f"{shown(output.path)} holds all {total}")
     print(f"{args.prog}: {verb} {plural(progress.docs, 'document')} ({progress.tokens:,} tokens) in {seconds:.1f} s: "
           f"{progress.docs / rate:.1f} documents/s, {progress.tokens / rate:,.0f} tokens/s; "
           f"{plural(progress.errors, 'document')} with an error field; {where}", file=sys.stderr)

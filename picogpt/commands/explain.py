@@ -5,7 +5,6 @@ import argparse
 import shlex
 import sys
 import time
-from pathlib import Path
 
 from ..attention_plot import attention_picture
 from ..errors import BadArgument, plural, shown
@@ -48,17 +47,12 @@ def explain_command(args):
     model = load_model(args, args.prog)
     check_heads(model.hparams, args.ablate)  # before the work
     started = time.perf_counter()
-    seen = explain(model, args.prompt, ablate=args.ablate, model_name=args.model or model_label(model),
+    seen = explain(model, args.prompt, ablate=args.ablate, model_name=args.model,
                    command=command_line(args.prog, args.argv))
     write_page(seen, out, json_out)
     size = "" if not_a_file(out) else f"{out.stat().st_size / 1e6:.1f} MB, "  # (a device has no size to give)
     print(f"wrote {out} ({size}{plural(len(seen.ids), 'token')}, {time.perf_counter() - started:.1f} s)"
           + (f" and {json_out}" if json_out else "") + "; open it in a browser", file=sys.stderr)
-
-
-def model_label(model):
-    """A loaded model's name for the page: the folder its model.dat is in (124M, demo), else the file."""
-    return Path(model.path).parent.name if model.path else "in memory"
 
 
 def command_line(prog, argv):
