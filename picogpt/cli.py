@@ -38,6 +38,8 @@ SUBCOMMANDS = {
     "convert-dtype": ("models", "rewrite a model.dat with bfloat16 (or float32) weight matrices"),
     "parity": ("compare", "compare picogpt with PyTorch layer by layer on a model"),
     "bench": ("compare", "time picogpt against PyTorch on the same weights"),
+    "serve": ("serve", "an OpenAI-compatible completion server; concurrent requests decoded in one batch"),
+    "serve-bench": ("serve", "time the server's batching at 1, 2, 4, 8 and 16 concurrent streams"),
 }
 
 
