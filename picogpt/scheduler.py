@@ -187,7 +187,8 @@ class Completion:
 
     prompt: token ids; processors: picogpt.sampling.logits_processors(...) for this request (checked);
     seed: an int, or None for a random stream; logprobs: how many alternatives to report per token
-    (None: no log-probabilities); echo: report the prompt's log-probabilities too (with logprobs).
+    (None: no log-probabilities); echo: report the prompt's log-probabilities too (with logprobs);
+    stop_at_eot False: <|endoftext|> is a token like any other, and each choice runs max_tokens.
     """
 
     prompt: list
@@ -199,6 +200,7 @@ class Completion:
     seed: int | None = None
     logprobs: int | None = None
     echo: bool = False
+    stop_at_eot: bool = True
     cancelled: bool = False
     streams: list = field(default_factory=list)  # [n] TextStream, once admitted
     open_choices: set = field(default_factory=set)
@@ -408,7 +410,7 @@ class Engine:
 
     def _join(self, completion, logits, keys, values):
         """The completion's first tokens from its prompt's logits [n_vocab], then a row per choice that goes on."""
-        completion.streams = [TextStream(completion.stop) for _ in range(completion.n)]
+        completion.streams = [TextStream(completion.stop, completion.stop_at_eot) for _ in range(completion.n)]
         completion.open_choices = set(range(completion.n))
         if completion.max_tokens == 0:
             for choice in range(completion.n):
@@ -475,7 +477,7 @@ class Engine:
         max_tokens. Whether it goes on."""
         stream = completion.streams[choice]
         piece = stream.push(int(token))
-        if int(token) != EOT:  # (the <|endoftext|> that ends a choice is not part of its text)
+        if not (int(token) == EOT and completion.stop_at_eot):  # (the <|endoftext|> that ends a choice: no text)
             logprob, top = completion.pending.get(int(choice), (None, None))
             completion.sink(Token(int(choice), int(token), piece, logprob, top))
         if stream.finished:

@@ -3,7 +3,7 @@ every request decoded in one continuous batch (picogpt.scheduler).
 
     POST /v1/completions    prompt (text, texts, token ids or lists of them), max_tokens, temperature, top_p,
                             n, stop, seed, stream, logprobs, echo; picogpt's own top_k, repetition_penalty,
-                            no_repeat_ngram_size
+                            no_repeat_ngram_size, and vLLM's ignore_eos
     GET  /v1/models         the model served
     GET  /health            {"status": "ok", ...} while the server works (no key needed)
 
@@ -52,7 +52,7 @@ DEFAULT_MAX_TOKENS = 16  # the API's default
 API_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
               "stream_options", "logprobs", "echo", "presence_penalty", "frequency_penalty", "best_of",
               "logit_bias", "suffix", "user"}
-EXTENSIONS = {"top_k", "repetition_penalty", "no_repeat_ngram_size"}
+EXTENSIONS = {"top_k", "repetition_penalty", "no_repeat_ngram_size", "ignore_eos"}
 
 
 class RequestError(Exception):
@@ -81,6 +81,7 @@ class CompletionRequest:
     include_usage: bool
     logprobs: int | None
     echo: bool
+    ignore_eos: bool
     sampling: dict = field(default_factory=dict)  # temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size
 
 
@@ -183,6 +184,7 @@ def parse_completion_request(body, model, model_id, max_rows):
     logprobs = _get(body, "logprobs", None, lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
                     f"a whole number from 0 to {MAX_LOGPROBS} (or null: none)")
     echo = _get(body, "echo", False, lambda v: isinstance(v, bool), "true or false")
+    ignore_eos = _get(body, "ignore_eos", False, lambda v: isinstance(v, bool), "true or false")
     for name in ("presence_penalty", "frequency_penalty"):
         if _get(body, name, 0, _is_number, "a number") != 0:
             raise RequestError(f"{name} is not supported: picogpt has no additive penalty; its repetition_penalty "
@@ -216,7 +218,7 @@ def parse_completion_request(body, model, model_id, max_rows):
     except PicogptError as e:
         raise RequestError(f"{e}", "temperature") from None
     return CompletionRequest(prompts, texts, max_tokens, n, tuple(stop), seed, stream,
-                             bool(options.get("include_usage")), logprobs, echo, sampling)
+                             bool(options.get("include_usage")), logprobs, echo, ignore_eos, sampling)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,7 +259,8 @@ class RequestRun:
             sink = self._sink(loop, p)
             self.completions.append(Completion(ids, request.max_tokens, logits_processors(eos_token_id=EOT,
                                                **request.sampling), sink, n=request.n, stop=request.stop,
-                                               seed=request.seed, logprobs=request.logprobs, echo=request.echo))
+                                               seed=request.seed, logprobs=request.logprobs, echo=request.echo,
+                                               stop_at_eot=not request.ignore_eos))
             echo_text = request.texts[p] if request.echo else ""
             self.choices += [ChoiceState(p * request.n + c, echo_text) for c in range(request.n)]
         self.open = len(self.choices)
@@ -474,7 +477,8 @@ def run_server(engine, model_id, host="127.0.0.1", port=8000, api_key=None, grac
     sock = bind(host, port)
     where = sock.getsockname()
     url_host = f"[{where[0]}]" if ":" in where[0] else where[0]
-    config = uvicorn.Config(make_app(engine, model_id, api_key), log_level="warning", access_log=access_log,
+    config = uvicorn.Config(make_app(engine, model_id, api_key), log_level="info" if access_log else "warning",
+                            access_log=access_log,
                             timeout_graceful_shutdown=grace + 5, lifespan="off")
     key = "an API key is required" if api_key else "no API key"
     say(f"listening on http://{url_host}:{where[1]} (model {model_id}; {key}; Ctrl-C or SIGTERM stops it)")
@@ -511,3 +515,22 @@ class GracefulServer(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+class ServerThread:
+    """The app under uvicorn in a thread of this process, on a free port of 127.0.0.1 (for the benchmark's
+    --http): .url; close() stops it."""
+
+    def __init__(self, engine, model_id):
+        self.sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(make_app(engine, model_id), log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[self.sock]), daemon=True)
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            time.sleep(0.01)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()

@@ -120,8 +120,10 @@ def test_continuing_a_prompt_imports_only_what_it_uses():
     unwanted = {f"picogpt.{m}" for m in ("bench", "bench_corpus", "parity", "reference", "corpus", "corpus_ray",
                                           "explain", "explain_page", "attention_plot", "convert_tf", "convert_hf",
                                           "hf", "commands.compare", "commands.corpus", "commands.explain",
-                                          "commands.models")}
+                                          "commands.models", "serve", "serve_ray", "scheduler", "bench_serve",
+                                          "commands.serve")}
     unwanted |= {"tensorflow", "torch", "transformers", "ray", "matplotlib", "safetensors", "requests"} | NOTEBOOK_TOOLS
+    unwanted |= SERVER_LIBRARIES
     assert not loaded & unwanted, f"imported for nothing: {sorted(loaded & unwanted)}"
 
 
@@ -129,6 +131,21 @@ def test_continuing_a_prompt_imports_only_what_it_uses():
 # package shows itself in Jupyter through _repr_html_ and _repr_png_, which need no import of Jupyter's.
 NOTEBOOK_TOOLS = {"IPython", "ipykernel", "ipywidgets", "jupyter_client", "jupyter_core", "jupyter_server",
                   "jupyterlab", "nbclient", "nbconvert", "nbformat", "notebook"}
+
+
+# The server's libraries (the serve extra): only picogpt.serve and picogpt.serve_ray import them (and Ray only the
+# latter), so that nothing but `picogpt serve` pays for them.
+SERVER_LIBRARIES = {"fastapi", "uvicorn", "starlette", "sse_starlette"}
+
+
+def test_only_the_server_imports_the_server_libraries():
+    allowed = {"serve.py": SERVER_LIBRARIES, "serve_ray.py": SERVER_LIBRARIES | {"ray"}, "corpus_ray.py": {"ray"}}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            tops = {name.split(".")[0] for name in names} & (SERVER_LIBRARIES | {"ray"})
+            assert tops <= allowed.get(path.name, set()), f"{path.relative_to(REPO)} imports {sorted(tops)}"
 
 
 def test_no_module_or_subcommand_imports_the_notebooks_tools():

@@ -48,12 +48,11 @@ def model_id(args, model):
 
 
 def require_serve_libraries():
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
+    """FastAPI and uvicorn are there (found, not imported: only picogpt.serve imports them), or one line."""
+    import importlib.util
+    if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
         raise PicogptError(f"picogpt serve needs FastAPI and uvicorn, which are not installed: "
-                           f"{install_command('serve')}") from None
+                           f"{install_command('serve')}")
 
 
 def serve_command(args):
@@ -108,10 +107,20 @@ def serve_bench_parser(prog):
 
 
 def serve_bench_command(args):
-    from ..bench_serve import run_serve_bench
+    import tempfile
+
+    from .. import blas
+    from ..bench_serve import SEED, random_124m, run_serve_bench
     if args.http:
         require_serve_libraries()
-    return run_serve_bench(args)
+    with tempfile.TemporaryDirectory() as folder:
+        if args.model:
+            model, weights = load_model(args, args.prog), f"the model {args.model}"
+        else:
+            blas.use(args.backend, lib=args.blas_lib, threads=args.threads)
+            model, weights = random_124m(folder), f"random weights of GPT-2 124M's shape (seed {SEED})"
+        return run_serve_bench(model, weights, args.streams, args.n_tokens, args.prompt_tokens, args.repeats,
+                               args.http)
 
 
 COMMANDS = {"serve": (serve_parser, serve_command), "serve-bench": (serve_bench_parser, serve_bench_command)}
