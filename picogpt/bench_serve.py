@@ -38,6 +38,15 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
+def load_average():
+    """The 1-minute load average (a machine shared with other work times slower): a string, or "unknown"."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "unknown"
+
+
 def random_124m(folder):
     """A model of random weights of GPT-2 124M's shape (fixed seed), written in folder and loaded."""
     from .bench import random_model
@@ -132,7 +141,8 @@ def run_serve_bench(model, weights, streams=(1, 2, 4, 8, 16), n_tokens=64, promp
     try:
         print(f"serve-bench: {weights} (n_layer {h['n_layer']}, n_embd {h['n_embd']}), {blas.describe()}, "
               f"CPU {cpu_name()}; {n_tokens} tokens per stream after a {prompt_tokens}-token prompt, greedy, "
-              f"{'streaming HTTP requests to 127.0.0.1' if http else 'the scheduler alone'}, best of {repeats}")
+              f"{'streaming HTTP requests to 127.0.0.1' if http else 'the scheduler alone'}, best of {repeats}; "
+              f"load average {load_average()} before")
         run = (lambda prompts: run_http(server.url, prompts, n_tokens)) if http else \
             (lambda prompts: run_engine(engine, prompts, n_tokens))
         run(prompts_for(model, 1, prompt_tokens))  # warm-up: the first pass pays for page faults
@@ -152,6 +162,7 @@ def run_serve_bench(model, weights, streams=(1, 2, 4, 8, 16), n_tokens=64, promp
         if server:
             server.close()
         engine.stop()
+    print(f"load average {load_average()} after (the CPUs' other work slows every row)")
     if 1 in rows and TARGET_STREAMS in rows:
         speedup = rows[TARGET_STREAMS][0] / rows[1][0]
         ttft = rows[TARGET_STREAMS][2] / rows[1][2]

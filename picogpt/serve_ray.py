@@ -114,9 +114,11 @@ def shutdown(ray):
 def run(address, model, model_id, replicas, host="127.0.0.1", port=8000, api_key=None, max_rows=16, threads=1,
         backend="numpy", say=print):
     """`picogpt serve --ray`: deploy, say where it listens, serve until SIGTERM or Ctrl-C, then shut Serve down."""
+    import logging
     import signal
 
     ray = connect(address, replicas * threads)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # (its INFO lines: every start and connection)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

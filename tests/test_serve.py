@@ -456,3 +456,44 @@ def test_serve_bench_prints_a_row_per_stream_count_with_same_run_ratios():
     rows = [line.split() for line in done.stdout.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s+[\d.]+\s", line)]
     assert [row[0] for row in rows] == ["1", "2"] and rows[0][2] == "1.00"
     assert "CPU " in done.stdout.splitlines()[0]
+
+
+def test_an_exception_in_one_request_is_a_500_for_it_alone(demo, monkeypatch):
+    """A fault inside one request's decoding (here a processor that raises, put in for requests with
+    repetition_penalty 1.2345) answers that request 500 with a message, streaming or not, while a request
+    decoded in the same batch gets its text; the server then serves on. The app and uvicorn are the real ones,
+    in a thread of this process, so that the fault can be put in."""
+    from picogpt import serve
+    from picogpt.sampling import LogitsProcessors
+
+    def broken(scores, text):
+        raise RuntimeError("a processor broke")
+
+    def processors(**options):
+        if options.get("repetition_penalty") == 1.2345:
+            return LogitsProcessors([broken], sample=False)
+        return logits_processors(**options)
+
+    monkeypatch.setattr(serve, "logits_processors", processors)
+    engine = Engine(demo, max_rows=8).start()
+    server = serve.ServerThread(engine, "demo")
+    try:
+        async def together():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                body = dict(model="demo", max_tokens=20, temperature=0)
+                return await asyncio.gather(
+                    client.post("/v1/completions", json=dict(body, prompt=PROMPTS[0])),
+                    client.post("/v1/completions", json=dict(body, prompt=PROMPTS[1], repetition_penalty=1.2345)),
+                    client.post("/v1/completions", json=dict(body, prompt=PROMPTS[2], repetition_penalty=1.2345,
+                                                             stream=True)))
+        good, bad, bad_stream = asyncio.run(together())
+        assert good.status_code == 200 and good.json()["choices"][0]["text"] == complete(demo, PROMPTS[0], 20)
+        assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+        assert "a processor broke" in bad.json()["error"]["message"]
+        events = [line[6:] for line in bad_stream.text.splitlines() if line.startswith("data: ")]
+        assert "a processor broke" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+        again = httpx.post(f"{server.url}/v1/completions", json=dict(model="demo", prompt="A", max_tokens=3))
+        assert again.status_code == 200 and engine.status()["rows"] == 0
+    finally:
+        server.close()
+        engine.stop()
