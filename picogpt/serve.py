@@ -285,7 +285,10 @@ class RequestRun:
     async def events(self):
         """Yield (choice state, what this event adds to it: a dict of text, logprobs, finish_reason) until every
         choice has finished; RequestError(500) if the engine failed the request."""
-        n = self.request.n
+        n, request = self.request.n, self.request
+        if request.echo and request.logprobs is None:  # the prompt's text first (with logprobs: its tokens' too)
+            for choice in self.choices:
+                yield choice, dict(text=request.texts[choice.index // n], logprobs=None, finish_reason=None)
         while self.open:
             p, event = await self.queue.get()
             if isinstance(event, Failed):
@@ -296,7 +299,7 @@ class RequestRun:
                     choice = self.choices[p * n + c]
                     pieces = [choice.add_token(t, lp, top) for t, lp, top in
                               zip(event.tokens, event.logprobs, event.top)]
-                    yield choice, dict(text="", logprobs=_joined(pieces), finish_reason=None)
+                    yield choice, dict(text=request.texts[p], logprobs=_joined(pieces), finish_reason=None)
                 continue
             choice = self.choices[p * n + event.choice]
             if isinstance(event, Token):

@@ -217,6 +217,12 @@ def test_streamed_text_is_the_text_not_streamed(server):
         assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
         assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
+    for echo in (dict(echo=True), dict(echo=True, logprobs=1)):  # the prompt comes first, streamed or not
+        whole = client.completions.create(model="demo", prompt=PROMPTS[2], max_tokens=5, temperature=0, **echo)
+        chunks = list(client.completions.create(model="demo", prompt=PROMPTS[2], max_tokens=5, temperature=0,
+                                                stream=True, **echo))
+        assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+        assert whole.choices[0].text.startswith(PROMPTS[2]) and len(whole.choices[0].text) > len(PROMPTS[2])
     stopped = client.completions.create(model="demo", prompt=PROMPTS[0], max_tokens=25, temperature=0, stop=" first")
     assert stopped.choices[0].text == " is the same as for the" and stopped.choices[0].finish_reason == "stop"
 
