@@ -45,10 +45,12 @@ from ctypes import c_float, c_void_p
 import numpy as np
 
 from .errors import PicogptError
+from . import int8
 from .bfloat16 import BFloat16Matrix, round_to_bfloat16
+from .int8 import Int8Matrix
 from .hints import install_command
 
-BACKENDS = ("numpy", "openblas", "accelerate", "mkl")
+BACKENDS = ("numpy", "openblas", "accelerate", "mkl", "onednn")
 ACCELERATE = "/System/Library/Frameworks/Accelerate.framework/Accelerate"
 _ROW, _NOTRANS, _TRANS = 101, 111, 112  # CblasRowMajor, CblasNoTrans, CblasTrans
 _ONE, _ZERO = c_float(1.0), c_float(0.0)
@@ -76,7 +78,9 @@ class Backend:
     """NumPy's own matmul; the base of every backend. `.library` is the path that runs the products."""
 
     name, int_bits = "numpy", None
-    _gemm_bf16 = None  # the library's bfloat16 product, where it has one (CBLAS: MKL's)
+    chosen_because = ""  # why the automatic choice (use("auto")) took it
+    _gemm_bf16 = None  # the library's bfloat16 product, where it has one (CBLAS: MKL's; oneDNN's)
+    _gemm_int8 = None  # the library's int8 product (oneDNN's)
 
     def __init__(self):
         libs = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy.libs, numpy/.dylibs
@@ -150,6 +154,10 @@ class CBLAS(Backend):
     def matmul(self, a, b):
         """a @ b for float32 [m, k] @ [k, n] and [h, m, k] @ [h, k, n], and float32 [m, k] @ bfloat16
         [k, n] where the library has a bfloat16 product; other products go to np.matmul."""
+        if isinstance(b, Int8Matrix):
+            if self._gemm_int8 is not None and a.ndim == b.ndim == 2:
+                return self._matmul_int8(a, b)
+            return _fallback(a, b.widened())  # a library without int8 products: widened, slowly
         if isinstance(b, BFloat16Matrix):
             if self._gemm_bf16 is not None and a.ndim == b.ndim == 2:
                 return self._matmul_bf16(a, b)
@@ -204,6 +212,120 @@ class CBLAS(Backend):
         self._gemm_bf16(_ROW, _NOTRANS, tb, Int(m), Int(n), Int(k), _ONE, _pointer(a16), Int(k), _pointer(b),
                         Int(ldb), _ZERO, _pointer(c), Int(n))
         return c
+
+
+class OneDNN(CBLAS):
+    """oneDNN's BLAS-like functions (libdnnl from the `onednn-cpu-gomp` wheel), called through ctypes:
+    float32 (dnnl_sgemm), bfloat16 (dnnl_gemm_bf16bf16f32) and int8 (dnnl_gemm_u8s8s32) products.
+
+    oneDNN picks its kernels by the CPU's instruction set, not its vendor: bfloat16 runs natively on any
+    CPU with avx512_bf16 or amx_bf16, AMD's included, where MKL widens (see picogpt.precision). Its
+    functions are row-major only and take chars for transposes and 64-bit dimensions; they return a
+    status (0: done, 3: unimplemented on this CPU). oneDNN 3.2 has no bfloat16 product on a CPU without
+    AVX-512 (measured on a Zen 3: status 3), so `_gemm_bf16` is None there: a probe decides, at load.
+    Threads are OpenMP's (libgomp): `use(threads=N)` limits them with threadpoolctl.
+    """
+
+    def __init__(self, path):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as error:
+            raise PicogptError(f"cannot load oneDNN's library {path} ({error}); reinstall it with: "
+                               f"{install_command('onednn')}") from None
+        if not hasattr(lib, "dnnl_sgemm") or not hasattr(lib, "dnnl_gemm_u8s8s32"):
+            raise PicogptError(f"{path} has no dnnl_sgemm or dnnl_gemm_u8s8s32; give oneDNN's libdnnl (version 3)")
+        I, char, p = ctypes.c_int64, ctypes.c_char, c_void_p
+        for name, args in (("dnnl_sgemm", [char, char, I, I, I, c_float, p, I, p, I, c_float, p, I]),
+                           ("dnnl_gemm_bf16bf16f32", [char, char, I, I, I, c_float, p, I, p, I, c_float, p, I]),
+                           ("dnnl_gemm_u8s8s32", [char, char, char, I, I, I, c_float, p, I, ctypes.c_uint8, p, I,
+                                                  ctypes.c_int8, c_float, p, I, p])):
+            getattr(lib, name).argtypes, getattr(lib, name).restype = args, ctypes.c_int
+        self.name, self.library, self._lib, self.int_bits, self._int = "onednn", path, lib, 64, I
+        version = getattr(lib, "dnnl_version", None)
+        if version is not None:
+            class Version(ctypes.Structure):
+                _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int)]
+            version.restype = ctypes.POINTER(Version)
+            v = version().contents
+            self.version = f"oneDNN {v.major}.{v.minor}.{v.patch}"
+        else:
+            self.version = "oneDNN, version unknown"
+        self._gemv = self._batch = None
+        self._sgemm = lib.dnnl_sgemm
+        self._gemm = self._cblas_sgemm
+        self._no_offset = np.zeros(1, np.int32)  # dnnl_gemm_u8s8s32's offset of C, unused ("F", 0)
+        self._gemm_bf16 = lib.dnnl_gemm_bf16bf16f32 if self._bf16_works() else None
+        self._gemm_int8 = lib.dnnl_gemm_u8s8s32
+
+    def _cblas_sgemm(self, order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        """cblas_sgemm's arguments (row-major flags as CBLAS enums) onto dnnl_sgemm's."""
+        status = self._sgemm(_CHAR[ta], _CHAR[tb], m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        if status:
+            raise PicogptError(f"oneDNN's sgemm failed (status {status}); use --backend numpy")
+
+    def _bf16_works(self):
+        """Whether this CPU runs oneDNN's bfloat16 product at all: one 1x1x1 product, 1 x 1 = 1."""
+        one = np.array([0x3F80], np.uint16)  # bfloat16 1.0
+        out = np.zeros(1, np.float32)
+        status = self._lib.dnnl_gemm_bf16bf16f32(b"N", b"N", 1, 1, 1, 1.0, _pointer(one), 1, _pointer(one), 1,
+                                                 0.0, _pointer(out), 1)
+        return status == 0 and out[0] == 1
+
+    @property
+    def threads(self):
+        """OpenMP's thread count in libgomp, which oneDNN's products use."""
+        from threadpoolctl import threadpool_info
+        for info in threadpool_info():
+            if info["user_api"] == "openmp" and "gomp" in os.path.basename(info["filepath"]):
+                return info["num_threads"]
+        return None
+
+    def _matmul_bf16(self, a, b):
+        """float32 a [m, k] @ bfloat16 b [k, n]: a rounded to bfloat16, sums in float32."""
+        (m, k), n = a.shape, b.shape[1]
+        layout = _layout(b.strides, k, n, size=2)
+        if layout is None or not m * n * k:
+            return _fallback(a, b.widened())
+        a16 = round_to_bfloat16(np.ascontiguousarray(a, dtype=_F32))
+        (tb, ldb), c = layout, np.empty((m, n), _F32)
+        status = self._gemm_bf16(b"N", _CHAR[tb], m, n, k, 1.0, _pointer(a16), k, _pointer(b), ldb, 0.0, _pointer(c), n)
+        if status:
+            raise PicogptError(f"oneDNN's bfloat16 product failed (status {status}); load the model with bf16='widen'")
+        return c
+
+    def _matmul_int8(self, a, b):
+        """float32 a [m, k] @ Int8Matrix b [k, n] (units along n): a quantized per row to 0..126, the int8
+        sums exact in int32 (dnnl_gemm_u8s8s32), then each output times its row's step and unit's scale."""
+        (m, k), n = a.shape, b.shape[1]
+        layout = _layout(b.values.strides, k, n, size=1)
+        if layout is None or not m * n * k:
+            return _fallback(a, b.widened())
+        u, step, zero = int8.quantize_activations(np.ascontiguousarray(a, dtype=_F32))
+        (tb, ldb), sums = layout, np.empty((m, n), np.int32)
+        status = self._gemm_int8(b"N", _CHAR[tb], b"F", m, n, k, 1.0, _pointer(u), k, 0, _pointer(b.values), ldb,
+                                 0, 0.0, _pointer(sums), n, _pointer(self._no_offset))
+        if status:
+            raise PicogptError(f"oneDNN's int8 product failed (status {status}); use --backend numpy (the weights "
+                               f"are then widened to float32 at load)")
+        sums -= zero[:, None] * b.sums  # (u − zero) · q = u · q − zero · Σq, exactly
+        c = sums.astype(_F32)
+        c *= step[:, None]
+        c *= b.scale
+        return c
+
+
+_CHAR = {_NOTRANS: b"N", _TRANS: b"T"}
+
+
+def onednn_library():
+    """libdnnl of the `onednn-cpu-gomp` wheel (installed under sys.prefix) or of the system, or None."""
+    names = {"linux": ["libdnnl.so.3", "libdnnl.so"], "darwin": ["libdnnl.3.dylib"],
+             "win32": ["dnnl.dll"]}.get(sys.platform, [])
+    for folder in (os.path.join(sys.prefix, "lib"), os.path.join(sys.prefix, "Library", "bin")):
+        for name in names:
+            if os.path.exists(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+    return ctypes.util.find_library("dnnl")
 
 
 def mkl_library():
@@ -275,36 +397,60 @@ def _load(backend, lib):
             raise PicogptError(f"no MKL library found; install Intel's oneMKL wheel (x86-64 only) with: "
                                f"{install_command('mkl')}, or use --backend numpy")
         return CBLAS("mkl", path)
+    if backend == "onednn":
+        path = onednn_library()
+        if path is None:
+            raise PicogptError(f"no oneDNN library found; install oneDNN's wheel (x86-64 only) with: "
+                               f"{install_command('onednn')}, or use --backend numpy")
+        return OneDNN(path)
     return Backend()
 
 
 _current = None
 _limits = None  # the threadpoolctl limits in force, kept so they last until the next use()
+_auto = None  # the thread count asked for, while the backend is chosen by each model's precision ("auto")
 
 
 def use(backend="numpy", lib=None, threads=None):
     """Select the BLAS that `matmul` calls, process-wide, and return it.
 
-    backend: "numpy", "openblas", "accelerate" or "mkl". lib=PATH loads that CBLAS library instead of
-    searching (named "openblas" with backend="openblas", else "cblas"). threads=N sets the BLAS
-    thread count with threadpoolctl; None leaves the libraries' own counts (undoing earlier limits).
+    backend: "numpy", "openblas", "accelerate", "mkl", "onednn", or "auto": the fastest backend for the
+    precision of each model loaded next (picogpt.precision.pick_backend; NumPy's until then). lib=PATH
+    loads that CBLAS library instead of searching (named "openblas" with backend="openblas", else "cblas").
+    threads=N sets the thread count with threadpoolctl (the BLAS's; OpenMP's for oneDNN); None leaves the
+    libraries' own counts (undoing earlier limits).
     """
-    global _current, _matmul, _limits
-    chosen = _load(backend, lib)
+    global _current, _matmul, _limits, _auto
+    chosen = _load("numpy" if backend == "auto" else backend, lib)
     if _limits is not None:
         _limits.restore_original_limits()
         _limits = None
     if threads is not None:
         from threadpoolctl import threadpool_limits
-        _limits = threadpool_limits(int(threads), user_api="blas")
+        _limits = threadpool_limits(int(threads), user_api="openmp" if chosen.name == "onednn" else "blas")
     _current, _matmul = chosen, chosen.matmul
+    _auto = ("auto", threads) if backend == "auto" and lib is None else None
+    return chosen
+
+
+def choosing_automatically():
+    """(True, threads) while use("auto") is in force: each loaded model's precision picks the backend."""
+    return (True, _auto[1]) if _auto else (False, None)
+
+
+def use_for_model(backend, threads, why):
+    """The automatic choice (picogpt.precision) selects `backend` for a model; auto stays in force."""
+    global _auto
+    chosen = use(backend, threads=threads) if current().name != backend else current()
+    chosen.chosen_because = why
+    _auto = ("auto", threads)
     return chosen
 
 
 def current():
     """The selected backend (.name, .library, .version, .threads); NumPy's unless use() chose another."""
     if _current is None:
-        use("numpy")
+        use("auto")
     return _current
 
 
@@ -313,8 +459,9 @@ def describe():
     b = current()
     ints = f", {b.int_bits}-bit ints" if b.int_bits else ""
     threads = b.threads
+    why = f", chosen automatically: {b.chosen_because}" if _auto and b.chosen_because else ""
     return f"{b.name}: {b.library} ({b.version}{ints}), {threads if threads else '?'} " \
-           f"thread{'' if threads == 1 else 's'}"
+           f"thread{'' if threads == 1 else 's'}{why}"
 
 
 _matmul = Backend.matmul

@@ -229,9 +229,9 @@ class GPT2:
         self.hparams = hparams
         self.path = path  # the model.dat the weights came from, if any
         self.precision = None  # picogpt.store.load says how the weights are stored and multiplied
-        raw = [name for name, t in tensors.items() if t.dtype == np.uint16 and type(t) is np.ndarray]
-        if raw:  # bfloat16 bit patterns would be multiplied as integers
-            raise TypeError(f"tensor {raw[0]} holds bfloat16 bit patterns (uint16); load the model with "
+        raw = [name for name, t in tensors.items() if t.dtype in (np.uint16, np.int8) and type(t) is np.ndarray]
+        if raw:  # bfloat16 bit patterns or int8 values without their scales would be multiplied as integers
+            raise TypeError(f"tensor {raw[0]} holds bfloat16 bit patterns or int8 values; load the model with "
                             f"picogpt.load, or see picogpt.precision.weights_for_backend")
         self.params = nest_params(tensors, hparams["n_layer"])
         self.n_params = sum(t.size for t in tensors.values())

@@ -8,7 +8,8 @@ Layout (integers little-endian):
 
     offset  bytes  field
     0       8      magic b"PICOGPT\\0"
-    8       4      format version, uint32 (1: every tensor float32; 2: the weight matrices may be bfloat16)
+    8       4      format version, uint32 (1: every tensor float32; 2: the weight matrices may be bfloat16;
+                   3: they may be int8, with their scales)
     12      4      header length H, uint32; 64 + H is a multiple of 64
     16      8      file size in bytes, uint64 (a truncated or extended copy is caught before any read)
     24      32     SHA-256 of bytes [64, file size): the header and all tensor data (checked on demand)
@@ -28,6 +29,11 @@ Tensor names are OpenAI's checkpoint names without the "model/" prefix (`wte`, `
 Every tensor is little-endian float32 ("<f4"), except that a version-2 file may hold the weight matrices
 (`wte` and every `.../w`, see tensors.is_matrix) as bfloat16 ("bf16": the upper 16 bits of the float32,
 rounded to nearest even; half the bytes, 8 bits of mantissa). Layer norms, biases and `wpe` stay float32.
+A version-3 file holds them as int8 instead ("i8", picogpt.int8: symmetric, one float32 scale per output
+unit), each followed by its scales, `NAME.scale` ([n_out] float32), and stored output-major (a linear
+weight in "F" order, `wte` in "C"), the layout an int8 product reads fastest (the shared performance
+notes: 2x at one row). An int8 matrix's table entry records its quantization error, "error": ‖w − scale·q‖
+/ ‖w‖ of the float32 weights it came from, which conversion reports and `picogpt verify` shows.
 A float32-only file is written as version 1, byte for byte as before, so older readers still read it.
 Tensors are stored in the layout the engine multiplies with, so loading transposes, casts and copies
 nothing:
@@ -50,22 +56,27 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bfloat16
+from . import bfloat16, int8
 from .errors import PicogptError, plural
 from .outputs import not_a_file, replace_onto, temp_file_beside
 from .hints import picogpt_command
 from .tensors import check_hparams, gpt2_tensor_specs, is_matrix
 
 MAGIC = b"PICOGPT\0"
-VERSION = 2  # the newest this module reads and writes; float32-only files are still written as 1
+VERSION = 3  # the newest this module reads and writes; float32-only files are still written as 1
 PREAMBLE = struct.Struct("<8sIIQ32s8x")  # magic, version, header length, file size, sha256
 ALIGN = 64
 DTYPE = "<f4"
 BF16 = "bf16"
-WEIGHT_DTYPES = {"f32": DTYPE, "bf16": BF16}  # what --dtype accepts -> the header's name
+I8 = "i8"
+WEIGHT_DTYPES = {"f32": DTYPE, "bf16": BF16, "int8": I8}  # what --dtype accepts -> the header's name
+FILE_VERSIONS = {DTYPE: 1, BF16: 2, I8: 3}  # the oldest format that holds matrices of each type
+SCALE = ".scale"  # an int8 matrix's scales: "h0/mlp/c_fc/w.scale"
+_NO_ERROR = f"{0.0:.5e}"  # an int8 entry's "error" until it is written (always this width: the header keeps its size)
 
 
-_NUMPY_DTYPES = {DTYPE: np.dtype(DTYPE), BF16: np.dtype("<u2")}  # bfloat16 as its bit patterns (picogpt.bfloat16)
+# bfloat16 as its bit patterns (picogpt.bfloat16)
+_NUMPY_DTYPES = {DTYPE: np.dtype(DTYPE), BF16: np.dtype("<u2"), I8: np.dtype("i1")}
 
 
 def remake_hint_default():
@@ -74,20 +85,42 @@ def remake_hint_default():
             f"{picogpt_command('convert-hf', '--help')})")
 
 
-_ITEMSIZE = {DTYPE: 4, BF16: 2}
+_ITEMSIZE = {DTYPE: 4, BF16: 2, I8: 1}
+
+
+def n_out(name, shape):
+    """How many output units a weight matrix has: a linear [n_in, n_out]'s columns, `wte`'s rows (tokens)."""
+    return shape[0] if name == "wte" else shape[1]
+
+
+def _specs(hparams, weight_dtype):
+    """{name: (shape, order, dtype)} of every tensor a file of these hparams and weight type holds, in file
+    order: int8 matrices output-major (the other order) and each followed by its scales."""
+    specs = {}
+    for name, (shape, order) in gpt2_tensor_specs(hparams).items():
+        if not is_matrix(name) or weight_dtype == DTYPE:
+            specs[name] = (shape, order, DTYPE)
+        elif weight_dtype == BF16:
+            specs[name] = (shape, order, BF16)
+        else:
+            specs[name] = (shape, "C" if name == "wte" else "F", I8)
+            specs[name + SCALE] = ((n_out(name, shape),), "C", DTYPE)
+    return specs
 
 
 def _align(n):
     return -(-n // ALIGN) * ALIGN
 
 
-def _layout(hparams, weight_dtype=DTYPE):
+def _layout(hparams, weight_dtype=DTYPE, errors=None):
     """The JSON header (bytes, padded) and the tensor table with offsets, for these hparams, the weight
-    matrices stored as weight_dtype ("<f4" or "bf16")."""
-    specs = gpt2_tensor_specs(hparams)
-    dtypes = {name: weight_dtype if is_matrix(name) else DTYPE for name in specs}
-    table = [{"name": name, "dtype": dtypes[name], "shape": list(shape), "order": order, "offset": 0,
-              "nbytes": _ITEMSIZE[dtypes[name]] * math.prod(shape)} for name, (shape, order) in specs.items()]
+    matrices stored as weight_dtype ("<f4", "bf16" or "i8")."""
+    table = [{"name": name, "dtype": dtype, "shape": list(shape), "order": order, "offset": 0,
+              "nbytes": _ITEMSIZE[dtype] * math.prod(shape), **({"error": _NO_ERROR} if dtype == I8 else {})}
+             for name, (shape, order, dtype) in _specs(hparams, weight_dtype).items()]
+    for entry in table if errors else ():  # the writer's table, with the errors it measured
+        if "error" in entry:
+            entry["error"] = errors[entry["name"]]["error"]
 
     def encode():
         return json.dumps({"hparams": hparams, "tensors": table}, separators=(",", ":")).encode()
@@ -126,7 +159,7 @@ class ModelFileWriter:
         if weight_dtype not in WEIGHT_DTYPES:
             raise PicogptError(f"unknown weight dtype {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
         self.weight_dtype = WEIGHT_DTYPES[weight_dtype]
-        self.version = 1 if self.weight_dtype == DTYPE else 2
+        self.version = FILE_VERSIONS[self.weight_dtype]
         self.header, self.table, self.file_size = _layout(self.hparams, self.weight_dtype)
         self.written = set()
         self.file = None
@@ -154,7 +187,7 @@ class ModelFileWriter:
 
     def write(self, name, array):
         entry = self.table.get(name)
-        if entry is None:
+        if entry is None or name.endswith(SCALE):  # an int8 matrix's scales are written with it
             raise ValueError(f"{name!r} is not a tensor of this model")
         if name in self.written:
             raise ValueError(f"tensor {name!r} written twice")
@@ -166,19 +199,27 @@ class ModelFileWriter:
             raise PicogptError(f"tensor {name} contains NaN or infinite values; the checkpoint is damaged")
         # Fortran order on disk is the C-order bytes of the transpose.
         data = array.T if entry["order"] == "F" else array
-        if entry["dtype"] == BF16:  # rounded to nearest even; a value beyond bfloat16's range would be inf
+        if entry["dtype"] == I8:  # rows of `data` are the output units (the order was chosen so)
+            data, scale = int8.quantize_rows(data)
+            entry["error"] = f"{int8.relative_error(array.T if entry['order'] == 'F' else array, data, scale):.5e}"
+            self._write_at(self.table[name + SCALE], scale)
+            self.written.add(name + SCALE)
+        elif entry["dtype"] == BF16:  # rounded to nearest even; a value beyond bfloat16's range would be inf
             data = np.ascontiguousarray(bfloat16.round_to_bfloat16(data), dtype="<u2")
             if not bfloat16.isfinite(data).all():
                 raise PicogptError(f"tensor {name} has values beyond bfloat16's range (about 3.4e38); "
                                    f"keep this model in float32 (--dtype f32)")
         else:
             data = np.ascontiguousarray(data, dtype=DTYPE)
+        self._write_at(entry, data)
+        self.written.add(name)
+
+    def _write_at(self, entry, data):
         try:
             self.file.seek(entry["offset"])
-            self.file.write(data.data)
+            self.file.write(np.ascontiguousarray(data).data)
         except OSError as e:
             raise self._os_error(e)
-        self.written.add(name)
 
     def _os_error(self, e):
         if isinstance(e, OSError):
@@ -200,6 +241,11 @@ class ModelFileWriter:
                 raise PicogptError(f"the checkpoint lacks {plural(len(missing), 'tensor')} of this model, "
                                    f"e.g. {missing[0]}; it is incomplete or not a GPT-2 checkpoint")
             self.file.truncate(self.file_size)
+            if self.weight_dtype == I8:  # the quantization errors, now known, in a header of the same length
+                header, _, _ = _layout(self.hparams, self.weight_dtype, errors=self.table)
+                assert len(header) == len(self.header)
+                self.file.seek(PREAMBLE.size)
+                self.file.write(header)
             self.file.flush()
             digest = _sha256_from(self.file, PREAMBLE.size)
             self.file.seek(0)
@@ -233,7 +279,30 @@ class ModelFile:
     #                matrices are uint16 bit patterns (picogpt.bfloat16)
     sha256: bytes  # the checksum stored in the file
     remake_hint: str = ""  # what a message about damage tells the user to do
-    weight_dtype: str = "f32"  # how the weight matrices are stored: "f32" or "bf16"
+    weight_dtype: str = "f32"  # how the weight matrices are stored: "f32", "bf16" or "int8"
+    quantization_errors: dict = None  # int8 files: matrix name -> ‖w − scale·q‖ / ‖w‖ (the header's "error")
+
+    def float32_tensors(self):
+        """(name, float32 array) of every tensor, matrices widened (bfloat16 exactly, int8 as scale·q), one
+        at a time; an int8 matrix's scales are folded into it."""
+        for name, tensor in self.tensors.items():
+            if name.endswith(SCALE):
+                continue
+            if tensor.dtype == np.uint16:
+                yield name, bfloat16.widen(tensor)
+            elif tensor.dtype == np.int8:
+                yield name, int8.widen(tensor, self.tensors[name + SCALE], 0 if name == "wte" else 1)
+            else:
+                yield name, tensor
+
+    def quantization_summary(self):
+        """One line on an int8 file's weights against the float32 ones they came from, or None."""
+        if not self.quantization_errors:
+            return None
+        worst = max(self.quantization_errors, key=self.quantization_errors.get)
+        errors = np.array(list(self.quantization_errors.values()))
+        return (f"int8 weights: {np.median(errors):.2%} error (median over {len(errors)} matrices, "
+                f"‖w − scale·q‖ / ‖w‖), at most {errors.max():.2%} ({worst})")
 
     def verify(self):
         """Hash the whole file against the stored checksum and scan every tensor for NaN or infinity;
@@ -272,7 +341,7 @@ def open_model_file(path, remake_hint=None):
         if version > VERSION:
             raise PicogptError(f"{path}: model file format version {version} is newer than this picogpt "
                                f"reads (version {VERSION}); upgrade picogpt or {remake_hint}")
-        if version not in (1, 2):
+        if version not in (1, 2, 3):
             raise bad(f"unknown model file format version {version}")
         if file_size != size:
             raise bad(f"file is {size} bytes but its header says {file_size} (truncated or damaged copy)")
@@ -285,17 +354,28 @@ def open_model_file(path, remake_hint=None):
             raise bad("header is not valid JSON with hparams and tensors") from None
     hparams = check_hparams(hparams, str(path), remake_hint)
 
-    specs = gpt2_tensor_specs(hparams)
     if not isinstance(table, list) or not all(isinstance(e, dict) for e in table):
         raise bad("tensor table is not a list of objects")
+    matrix_dtypes = {e.get("dtype") for e in table if is_matrix(str(e.get("name")))}
+    weight = I8 if I8 in matrix_dtypes else BF16 if BF16 in matrix_dtypes else DTYPE
+    if FILE_VERSIONS[weight] > version:
+        raise bad(f"format version {version} cannot hold {weight} matrices")
+    specs = _specs(hparams, weight)
     names = [e.get("name") for e in table]
     if sorted(map(str, names)) != sorted(specs) or len(set(names)) != len(names):
-        raise bad(f"tensor names do not match a GPT-2 model with {plural(hparams['n_layer'], 'layer')}")
+        raise bad(f"tensor names do not match a GPT-2 model with {plural(hparams['n_layer'], 'layer')}"
+                  + (" and int8 weights with their scales" if weight == I8 else ""))
+    errors = {}
     end_of_previous = PREAMBLE.size + header_len
     for e in sorted(table, key=lambda e: e.get("offset") if type(e.get("offset")) is int else -1):
-        shape, order = specs[e["name"]]
+        shape, order, dtype = specs[e["name"]]
         offset, nbytes = e.get("offset"), e.get("nbytes")
-        allowed = (DTYPE, BF16) if version >= 2 and is_matrix(e["name"]) else (DTYPE,)
+        allowed = (DTYPE, BF16) if dtype == BF16 else (dtype,)  # a bfloat16 file may keep some matrices float32
+        if dtype == I8:
+            try:
+                errors[e["name"]] = float(e["error"])
+            except (KeyError, TypeError, ValueError):
+                raise bad(f"int8 tensor {e['name']} does not record its quantization error") from None
         if e.get("dtype") not in allowed or e.get("order") != order or e.get("shape") != list(shape):
             raise bad(f"tensor {e['name']} is {e.get('dtype')} {e.get('shape')} order {e.get('order')}, "
                       f"expected {' or '.join(allowed)} {list(shape)} order {order} for these hyper-parameters "
@@ -309,17 +389,18 @@ def open_model_file(path, remake_hint=None):
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {e["name"]: np.ndarray(tuple(e["shape"]), _NUMPY_DTYPES[e["dtype"]], buffer=mapped,
                                      offset=e["offset"], order=e["order"]) for e in table}
-    weight_dtype = "bf16" if any(e["dtype"] == BF16 for e in table) else "f32"
+    weight_dtype = {DTYPE: "f32", BF16: "bf16", I8: "int8"}[weight]
     return ModelFile(path=path, hparams=hparams, tensors=tensors, sha256=digest, remake_hint=remake_hint,
-                     weight_dtype=weight_dtype)
+                     weight_dtype=weight_dtype, quantization_errors=errors)
 
 
 def convert_dtype(in_path, out_path, weight_dtype):
-    """Rewrite the model.dat at in_path with its weight matrices stored as weight_dtype ("f32" or
-    "bf16"), tensor by tensor (never the whole model twice in memory), atomically at out_path. float32
-    to bfloat16 rounds to nearest even; bfloat16 to float32 is exact. Returns the hparams."""
+    """Rewrite the model.dat at in_path with its weight matrices stored as weight_dtype ("f32", "bf16" or
+    "int8"), tensor by tensor (never the whole model twice in memory), atomically at out_path. float32
+    to bfloat16 rounds to nearest even, to int8 quantizes (picogpt.int8); bfloat16 to float32 is exact,
+    int8 to float32 gives scale·q. Returns the hparams."""
     source = open_model_file(in_path)
     with ModelFileWriter(out_path, source.hparams, weight_dtype) as out:
-        for name, tensor in source.tensors.items():
-            out.write(name, bfloat16.widen(tensor) if tensor.dtype == np.uint16 else tensor)
+        for name, tensor in source.float32_tensors():
+            out.write(name, tensor)
     return source.hparams

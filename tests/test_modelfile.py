@@ -85,7 +85,7 @@ def rewrite(path, raw):
     (lambda raw: raw[:len(raw) // 2], "truncated"),
     (lambda raw: raw + b"\0" * 64, "truncated or damaged"),
     (lambda raw: b"GGML" + raw[4:], "bad magic"),
-    (lambda raw: raw[:8] + struct.pack("<I", 3) + raw[12:], "version 3 is newer"),
+    (lambda raw: raw[:8] + struct.pack("<I", 4) + raw[12:], "version 4 is newer"),
     (lambda raw: raw[:8] + struct.pack("<I", 0) + raw[12:], "unknown model file format version 0"),
     (lambda raw: b"", "bad magic"),
 ])

@@ -85,9 +85,11 @@ def add_model_arguments(p):
                    help="download and convert the model if it is missing (needs TensorFlow: make fetch installs it)")
     p.add_argument("--base-url", default=None, help="mirror of OpenAI's checkpoints, for --download (default: "
                    "$PICOGPT_BASE_URL, else OpenAI's)")
-    p.add_argument("--backend", default="numpy", choices=blas.BACKENDS,
-                   help="which BLAS multiplies the matrices: NumPy's own (default), an OpenBLAS found "
-                        "automatically, Apple's Accelerate (macOS), or Intel's oneMKL (also bfloat16 weights)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + blas.BACKENDS,
+                   help="which library multiplies the matrices: auto (default: the fastest for the model file's "
+                        "weights on this CPU; -v says which and why), NumPy's own BLAS, an OpenBLAS found "
+                        "automatically, Apple's Accelerate (macOS), Intel's oneMKL (also bfloat16 weights), or "
+                        "oneDNN (also bfloat16 and int8 weights)")
     p.add_argument("--blas-lib", default=None, metavar="PATH",
                    help="use this CBLAS shared library (MKL's libmkl_rt, BLIS, a system OpenBLAS...)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",

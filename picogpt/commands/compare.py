@@ -27,18 +27,19 @@ def parity_parser(prog):
                    "Turing prompt; an empty prompt is <|endoftext|>)")
     p.add_argument("-n", "--n-tokens", type=non_negative_int, default=20, metavar="N",
                    help="greedy tokens to generate with each (default: 20)")
-    p.add_argument("--backend", default="numpy", choices=blas.BACKENDS, help="picogpt's BLAS (default: numpy)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + blas.BACKENDS,
+                   help="picogpt's BLAS (default: auto, as generate's; an int8 file's products are then int8)")
     p.add_argument("--blas-lib", default=None, metavar="PATH", help="picogpt's BLAS: this CBLAS shared library")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="threads for picogpt's BLAS and for PyTorch (default: each library's own choice)")
     p.add_argument("--reference-model", default=None, metavar="PATH",
                    help="give PyTorch the weights of this model.dat instead of --model's (same shape): "
                         "compare two conversions, or see where a changed weight shows")
-    p.add_argument("--atol", type=non_negative_float, default=parity.ATOL,
-                   help=f"absolute tolerance (default: {parity.ATOL:g})")
-    p.add_argument("--rtol", type=non_negative_float, default=parity.RTOL,
+    p.add_argument("--atol", type=non_negative_float, default=None,
+                   help=f"absolute tolerance (default: {parity.ATOL:g}; {parity.INT8_ATOL:g} for int8 products)")
+    p.add_argument("--rtol", type=non_negative_float, default=None,
                    help=f"tolerance relative to the reference's largest magnitude at each position "
-                        f"(default: {parity.RTOL:g})")
+                        f"(default: {parity.RTOL:g}; {parity.INT8_RTOL:g} for int8 products)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")
     p.set_defaults(bf16="widen")  # a bfloat16 file: the float32 model of its rounded weights, at float32's tolerance
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -54,7 +55,9 @@ def parity_command(args):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     loaded = time.perf_counter() - started
-    result = parity.check(model, args.prompt, args.n_tokens, args.atol, args.rtol, args.reference_model)
+    atol, rtol = parity.tolerances(model)
+    result = parity.check(model, args.prompt, args.n_tokens, atol if args.atol is None else args.atol,
+                          rtol if args.rtol is None else args.rtol, args.reference_model)
     result["seconds"]["load"] += loaded
     parity.write_report(result)
     if args.json:

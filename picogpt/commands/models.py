@@ -1,5 +1,5 @@
 """Model files: picogpt verify MODEL, convert-tf (OpenAI's TensorFlow checkpoints), convert-hf (Hugging Face
-folders) and convert-dtype (float32 <-> bfloat16 weights)."""
+folders) and convert-dtype (float32, bfloat16 and int8 weights)."""
 
 import sys
 import time
@@ -10,7 +10,7 @@ from ..convert_hf import convert_hf_checkpoint
 from ..convert_tf import convert_checkpoint, require_tensorflow
 from ..download import DEFAULT_BASE_URL, MODEL_SIZES
 from ..errors import PicogptError
-from ..modelfile import WEIGHT_DTYPES, convert_dtype, open_model_file
+from ..modelfile import SCALE, WEIGHT_DTYPES, convert_dtype, open_model_file
 from ..outputs import output_file, remove_stale_partials
 from .arguments import ArgumentParser
 
@@ -33,9 +33,12 @@ def verify_command(args):
         print(f"{args.prog}: removed {stale}, left by a conversion that was killed", file=sys.stderr)
     model_file = store.model_file(args.model, args.models_dir)
     model_file.verify()
-    n_params = sum(t.size for t in model_file.tensors.values())
-    print(f"{model_file.path}: OK ({len(model_file.tensors)} tensors, {n_params / 1e6:.1f}M parameters, "
-          f"sha256 {model_file.sha256.hex()})")
+    n_params = sum(t.size for name, t in model_file.tensors.items() if not name.endswith(SCALE))
+    n_tensors = sum(not name.endswith(SCALE) for name in model_file.tensors)
+    print(f"{model_file.path}: OK ({n_tensors} tensors, {n_params / 1e6:.1f}M parameters, "
+          f"{model_file.weight_dtype} weights, sha256 {model_file.sha256.hex()})")
+    if model_file.quantization_errors:
+        print(f"{model_file.path}: {model_file.quantization_summary()}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,9 +82,10 @@ def convert_tf_command(args):
 
 def add_dtype_argument(p):
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="f32",
-                   help="how to store the weight matrices: f32 (default) or bf16, bfloat16 rounded to nearest even "
-                        "(half the file; multiplied natively by --backend mkl on Intel CPUs with bfloat16 "
-                        "instructions, widened to float32 at load elsewhere)")
+                   help="how to store the weight matrices: f32 (default); bf16, bfloat16 rounded to nearest even "
+                        "(half the file; multiplied natively on CPUs with bfloat16 instructions, widened to float32 "
+                        "at load elsewhere); or int8, one scale per output unit (a quarter of the file; multiplied "
+                        "as int8 by --backend onednn, widened at load by the others)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,11 +93,13 @@ def add_dtype_argument(p):
 
 def convert_dtype_parser(prog):
     p = ArgumentParser(prog=prog, description="Rewrite a model.dat with its weight matrices in another type: "
-                       "bf16 (bfloat16, rounded to nearest even: half the bytes) or f32 (exact).")
+                       "bf16 (bfloat16, rounded to nearest even: half the bytes), int8 (one float32 scale per "
+                       "output unit: a quarter of the bytes; the error is reported) or f32 (exact from bf16; "
+                       "scale times value from int8).")
     p.add_argument("model", help="a size name (looked up under --models-dir), demo, or a path to a model.dat")
-    p.add_argument("--to", required=True, choices=WEIGHT_DTYPES, help="the weight type to write: f32 or bf16")
+    p.add_argument("--to", required=True, choices=WEIGHT_DTYPES, help="the weight type to write: f32, bf16 or int8")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="where to write (default: model-bf16.dat or model-f32.dat beside the input)")
+                   help="where to write (default: model-bf16.dat, model-int8.dat or model-f32.dat beside the input)")
     p.add_argument("--models-dir", default=None, help="where model sizes are looked up")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -112,6 +118,9 @@ def report_written(out, hparams, seconds):
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB: n_layer {hparams['n_layer']}, n_embd "
           f"{hparams['n_embd']}, n_head {hparams['n_head']}, n_ctx {hparams['n_ctx']}, n_vocab "
           f"{hparams['n_vocab']}) in {seconds:.1f} s", file=sys.stderr)
+    summary = open_model_file(out).quantization_summary()
+    if summary:  # int8: how far the weights moved
+        print(f"{out}: {summary}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------
