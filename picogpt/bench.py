@@ -27,7 +27,6 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import blas, precision
-from .bfloat16 import BFloat16Matrix
 from .errors import PicogptError
 from .explain import explain
 from .explain_page import write_page
@@ -50,8 +49,11 @@ SHAPES = {"124M": dict(n_embd=768, n_head=12, n_layer=12), "355M": dict(n_embd=1
           "tiny": dict(n_embd=64, n_head=4, n_layer=2)}  # tiny: --quick, the smoke test
 SEEDS = {"124M": 124, "355M": 355, "tiny": 1}
 LOOP, STEP, PROCESS, PROCESS_S, MEMORY, BEAM = 0.65, 1.15, 0.2, 1.2, 1.25, 0.6  # the targets, see targets()
+BATCH_SIZE, BATCH = 8, 5.0  # a batch of 8 gives at least 5x the tokens/s of one prompt
 EXPLAIN_TOKENS, EXPLAIN_FIXED_S = (16, 64), 1.0  # explain's page: at most 2 forward passes + EXPLAIN_FIXED_S
-BF16_STEP, BF16_FLOOR, BF16_VS_TORCH_BF16, BF16_VS_TORCH, BF16_MEMORY = 0.7, 1.5, 0.5, 0.7, 0.55  # bf16_targets()
+BF16_STEP, BF16_FLOOR, BF16_VS_TORCH_BF16, BF16_VS_TORCH, BF16_MEMORY = 0.7, 1.5, 0.5, 0.7, 0.55  # reduced_targets()
+# int8: ggml's q8_0 decode step was 2.0x / 2.4x its floor at 1 / 2 threads on the Xeon of the shared notes
+INT8_FLOOR, INT8_MEMORY = {1: 2.0, 2: 2.4}, 0.4
 LAUNCHER = """import os, sys, time
 t = time.perf_counter()
 pid = os.fork()
@@ -220,42 +222,57 @@ def child_process(cmd, threads):
     return dict(text=p.stdout.decode(), peak_rss=int(peak) * kib, wall=float(seconds))
 
 
-def bf16_contestants(hf, path, bf16_path, args, n):
-    """The bfloat16 rows: picogpt on the same weights rounded to bfloat16 (written to bf16_path as a
-    model.dat of bf16 matrices) multiplied natively by MKL, its products alone and its whole process, and
-    PyTorch in bfloat16; skipped, with the reason, where this CPU or library cannot run it natively.
-    bfloat16 may round its way to other tokens than float32's: picogpt's bf16 rows must all give the
-    tokens of one bf16 run made first; PyTorch's bfloat16 rounds differently and is recorded only."""
+def reduced_contestants(hf, path, folder, args, n):
+    """The reduced-precision rows: picogpt on the same weights rounded to bfloat16, or quantized to int8
+    (written to `folder` as model.dat files), multiplied natively (bfloat16 by MKL or oneDNN, int8 by oneDNN),
+    its products alone, its whole process and its batches; PyTorch in bfloat16. Each is skipped, with the
+    reason, where this CPU or its libraries cannot run it natively. Rounding may lead a reduced precision to
+    other tokens than float32's: each kind's rows must all give the tokens of one run of it made first;
+    PyTorch's bfloat16 rounds differently and is recorded only."""
     import copy
 
     import torch
     rows, notes = [], []
-    try:
-        blas.use("mkl")
-        native, why = precision.bf16_support()
-    except PicogptError as e:
-        native, why = False, str(e)
-    if native:
-        convert_dtype(path, bf16_path, "bf16")  # the same weights, rounded
-        bf16 = load(bf16_path)  # MKL selected: the matrices stay bfloat16
-        tokens = picogpt_generate(bf16, n, True)["tokens"]
-        stored = open_model_file(bf16_path).tensors
-        step_bytes = decode_step_bytes(stored)
-        matrices = {name: BFloat16Matrix.of(t) if t.dtype == np.uint16 else t for name, t in stored.items()}
-        rows += [contestant("picogpt mkl bf16, cache", t, partial(blas.use, "mkl", threads=t),
-                            partial(picogpt_generate, bf16, n, True), args.repeats, system="picogpt",
-                            backend="mkl bf16", cache=True, expect=tokens, step_bytes=step_bytes)
+    for backend, dtype in (("mkl", "bf16"), ("onednn", "bf16"), ("onednn", "int8")):
+        try:
+            blas.use(backend)
+            native, why = precision.bf16_support() if dtype == "bf16" else (
+                blas.current()._gemm_int8 is not None, "the backend has no int8 product")
+        except PicogptError as e:
+            native, why = False, str(e)
+        if not native:
+            notes.append(f"picogpt {backend} {dtype}: skipped, {why}")
+            continue
+        kind, reduced_path = f"{backend} {dtype}", Path(folder) / f"{dtype}.dat"
+        if not reduced_path.exists():
+            convert_dtype(path, reduced_path, dtype)  # the same weights, rounded or quantized
+        model = load(reduced_path, quiet=True)  # the backend selected: the matrices stay bfloat16 or int8
+        assert model.precision.native, model.precision.note
+        tokens = picogpt_generate(model, n, True)["tokens"]
+        stored = open_model_file(reduced_path)
+        layers = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+        matrices = {"wte": model.params["wte"]}  # as loaded: bfloat16 or int8 matrices, in the model's order
+        matrices.update({f"h{i}/{part}/{layer}/w": block[part][layer]["w"]
+                         for i, block in enumerate(model.params["blocks"]) for part, layer in layers})
+        rows += [contestant(f"picogpt {kind}, cache", t, partial(blas.use, backend, threads=t),
+                            partial(picogpt_generate, model, n, True), args.repeats, system="picogpt",
+                            backend=kind, cache=True, expect=tokens, step_bytes=decode_step_bytes(stored.tensors))
                  for t in args.threads]
-        rows += [contestant("mkl bf16 products alone", t, partial(blas.use, "mkl", threads=t),
+        rows += [contestant(f"{kind} products alone", t, partial(blas.use, backend, threads=t),
                             partial(decode_products, matrices, 3), args.repeats, system="products",
-                            backend="mkl bf16") for t in args.threads]
+                            backend=kind) for t in args.threads]
         for t in args.process_threads:
-            cmd = [sys.executable, "-m", "picogpt", PROMPT, "-n", str(n), "--model", str(bf16_path), "--threads",
-                   str(t), "--backend", "mkl"]
-            rows.append(contestant("picogpt bf16 process", t, lambda: None, partial(child_process, cmd, t),
-                                   args.process_repeats, system="picogpt bf16 process", expect=decode(tokens) + "\n"))
-    else:
-        notes.append(f"picogpt mkl bf16: skipped, {why}")
+            cmd = [sys.executable, "-m", "picogpt", PROMPT, "-n", str(n), "--model", str(reduced_path), "--threads",
+                   str(t), "--backend", backend]
+            rows.append(contestant(f"picogpt {kind} process", t, lambda: None, partial(child_process, cmd, t),
+                                   args.process_repeats, system=f"picogpt {dtype} process", backend=kind,
+                                   expect=decode(tokens) + "\n"))
+        t = max(args.threads)
+        for size in args.batch_sizes:  # each prompt as it comes out alone from this precision
+            alone = picogpt_batch(model, batch_prompts(size), n, together=False)["batch_tokens"]
+            rows.append(contestant(f"batch of {size}, together, {kind}", t, partial(blas.use, backend, threads=t),
+                                   partial(picogpt_batch, model, batch_prompts(size), n, True), args.no_cache_repeats,
+                                   system="batch reduced", backend=kind, batch=size, together=True, expect=alone))
     blas.use("numpy")
     _, flags = blas.cpu_features()
     if {"avx512_bf16", "amx_bf16"} & flags or os.environ.get(precision.BF16_ENV) == "native":
@@ -273,7 +290,7 @@ def decode_step_bytes(tensors):
     return sum(t.nbytes for t in tensors.values()) - tensors["wpe"].nbytes + tensors["wpe"][0].nbytes
 
 
-def contestants(model, hf, path, mf, args, n, bf16_path=None):
+def contestants(model, hf, path, mf, args, n, reduced_folder=None):
     """Every contestant of one section, in the order each round runs them; and notes (backends skipped, why)."""
     import torch
     rows, notes, available = [], [], []
@@ -331,8 +348,8 @@ def contestants(model, hf, path, mf, args, n, bf16_path=None):
             rows.append(contestant(f"batch of {size}, together, mkl", t, partial(blas.use, "mkl", threads=t),
                                    partial(picogpt_batch, model, batch_prompts(size), n, True), args.no_cache_repeats,
                                    system="batch mkl", batch=size, together=True))
-    if bf16_path is not None:
-        more_rows, more_notes = bf16_contestants(hf, path, bf16_path, args, n)
+    if reduced_folder is not None:
+        more_rows, more_notes = reduced_contestants(hf, path, reduced_folder, args, n)
         rows, notes = rows + more_rows, notes + more_notes
     blas.use("numpy")
     return rows, notes
@@ -378,8 +395,12 @@ def summarize(rows, mf, n):
              decode_step_bytes=decode_step_bytes(tensors),
              kv_cache_bytes=2 * h["n_layer"] * (len(PROMPT_IDS) + n) * h["n_embd"] * 4)  # the positions filled
     seconds = {id(c): median([run["seconds"] for run in c["runs"]]) for c in rows}
-    refs = {(c["system"], c["threads"]): seconds[id(c)] for c in rows if c.get("cache", True)}
-    s["bf16_decode_step_bytes"] = next((c["step_bytes"] for c in rows if "step_bytes" in c), None)
+    by_name = {}  # (name, threads): seconds; a name says everything that sets a row apart (cache, backend...)
+    for c in rows:
+        if (c["name"], c["threads"]) in by_name:  # a ratio must never come from the wrong row
+            raise AssertionError(f"two benchmark rows are named {c['name']!r} at {c['threads']} threads")
+        by_name[c["name"], c["threads"]] = seconds[id(c)]
+    s["reduced_step_bytes"] = {c["backend"]: c["step_bytes"] for c in rows if "step_bytes" in c}
     products = {}  # (backend, threads): seconds of a decode step's matrix products alone
     for c in rows:
         if c["system"] in ("bandwidth", "products"):
@@ -404,16 +425,19 @@ def summarize(rows, mf, n):
         if mkl is not None:
             s["batches"][-1].update(mkl_together_s=seconds[id(mkl)], mkl_tokens_per_s=size * n / seconds[id(mkl)],
                                     mkl_runs=[r["seconds"] for r in mkl["runs"]])
+        for c in (c for c in rows if c["system"] == "batch reduced" and c["batch"] == size):
+            s["batches"][-1].setdefault("reduced", {})[c["backend"]] = dict(
+                together_s=seconds[id(c)], tokens_per_s=size * n / seconds[id(c)],
+                runs=[r["seconds"] for r in c["runs"]])
     s["explain"] = []
     for c in (c for c in rows if c["system"] == "explain"):
         forward = next(f for f in rows if f["system"] == "forward" and f["n_prompt"] == c["n_prompt"])
         s["explain"].append(dict(tokens=c["n_prompt"], threads=c["threads"], explain_s=seconds[id(c)],
                                  forward_s=seconds[id(forward)], bytes=c["runs"][0]["bytes"],
                                  runs=[r["seconds"] for r in c["runs"]], forward_runs=[r["seconds"] for r in forward["runs"]]))
-    for c in (c for c in rows if c["system"] not in ("bandwidth", "products", "batch", "batch mkl", "explain", "forward")):
-        reference = ("PyTorch process" if c["system"].endswith("process") else
-                     "PyTorch beam" if c["system"] in ("beam", "PyTorch beam") else "PyTorch")
-        ref = refs.get((reference, c["threads"]))
+    for c in (c for c in rows if c["system"] not in ("bandwidth", "products", "batch", "batch mkl", "batch reduced",
+                                                     "explain", "forward")):
+        ref = by_name.get((reference_row(c), c["threads"]))
         row = {k: v for k, v in c.items() if k not in ("setup", "run")}
         row.update(median_s=seconds[id(c)], ratio=ref and seconds[id(c)] / ref, tokens_per_s=n / seconds[id(c)])
         if c["system"].endswith("process"):
@@ -430,9 +454,19 @@ def summarize(rows, mf, n):
     return s
 
 
+def reference_row(c):
+    """The name of the PyTorch row a row's ratio is taken against: the process, the beam search, or the
+    cached loop (never the uncached one), at the same thread count."""
+    if c["system"].endswith("process"):
+        return "PyTorch process"
+    if c["system"] in ("beam", "PyTorch beam"):
+        return f"PyTorch beam {BEAMS}"
+    return "PyTorch, cache"
+
+
 def targets(s, h):
     """(what, target, passed) for the issue's targets; the loop and step ones for the best backend."""
-    yield from bf16_targets(s)
+    yield from reduced_targets(s)
     for e in s["explain"]:
         fixed = e["explain_s"] - 2 * e["forward_s"]
         yield f"explain page, {e['tokens']} tokens, {e['threads']}t: {e['explain_s']:.2f} s = 2 x the forward pass " \
@@ -440,8 +474,19 @@ def targets(s, h):
     for r in (r for r in s["rows"] if r["system"] == "beam" and r["ratio"] is not None):
         yield f"beam search ({BEAMS} beams), {r['threads']}t: {r['ratio']:.2f}x Hugging Face's generate", \
             f"<= {BEAM}x", r["ratio"] <= BEAM
+    sizes = {b["batch"]: b for b in s["batches"]}
+    if 1 in sizes and BATCH_SIZE in sizes:  # each way of running the batch against its own batch of 1
+        one, many = sizes[1], sizes[BATCH_SIZE]
+        kinds = [("numpy", one["tokens_per_s"], many["tokens_per_s"])]
+        if "mkl_tokens_per_s" in many:
+            kinds.append(("mkl", one["mkl_tokens_per_s"], many["mkl_tokens_per_s"]))
+        kinds += [(kind, one["reduced"][kind]["tokens_per_s"], x["tokens_per_s"])
+                  for kind, x in many.get("reduced", {}).items()]
+        for kind, single, batched in kinds:
+            yield f"batch of {BATCH_SIZE}, {kind}, {many['threads']}t: {batched / single:.2f}x batch 1's tokens/s", \
+                f">= {BATCH}x", batched / single >= BATCH
     for t in sorted({d["threads"] for d in s["decode_steps"]}):
-        steps = [d for d in s["decode_steps"] if d["threads"] == t and "bf16" not in d["backend"]]
+        steps = [d for d in s["decode_steps"] if d["threads"] == t and d["backend"] in blas.BACKENDS]  # float32
         best = min(steps, key=lambda d: d["loop_s"])
         if best["ratio"] is not None:
             yield f"cached loop, {best['backend']}, {t}t: {best['ratio']:.2f}x PyTorch's", f"<= {LOOP}x", \
@@ -460,25 +505,32 @@ def targets(s, h):
         yield f"peak memory {p['peak_rss_bytes'] / 1e6:.0f} MB: {x:.2f}x model + KV cache", f"<= {MEMORY}x", x <= MEMORY
 
 
-def bf16_targets(s):
-    """The bfloat16 targets, where the bf16 rows ran: against float32 picogpt, the bf16 floor, PyTorch."""
-    loops = {(r["system"], r.get("backend"), r["threads"]): r["median_s"] for r in s["rows"]}
-    for d in [d for d in s["decode_steps"] if d["backend"] == "mkl bf16"]:
-        t = d["threads"]
-        f32 = min((x for x in s["decode_steps"] if x["threads"] == t and "bf16" not in x["backend"]),
+def reduced_targets(s):
+    """The reduced-precision targets, where their rows ran: each decode step against float32 picogpt's and its
+    own floor, bfloat16 loops against PyTorch's (cached) loops, and each process's peak memory against the
+    float32 process's."""
+    loops = {(r["name"], r["threads"]): r["median_s"] for r in s["rows"]}
+    for d in [d for d in s["decode_steps"] if d["backend"] not in blas.BACKENDS]:  # "mkl bf16", "onednn int8"
+        t, dtype = d["threads"], d["backend"].split()[-1]
+        f32 = min((x for x in s["decode_steps"] if x["threads"] == t and x["backend"] in blas.BACKENDS),
                   key=lambda x: x["decode_step_s"])
         x = d["decode_step_s"] / f32["decode_step_s"]
-        yield f"bf16 decode step, {t}t: {x:.2f}x picogpt {f32['backend']} float32's", f"<= {BF16_STEP}x", x <= BF16_STEP
+        if dtype == "bf16":
+            yield f"{d['backend']} decode step, {t}t: {x:.2f}x picogpt {f32['backend']} float32's", \
+                f"<= {BF16_STEP}x", x <= BF16_STEP
+        floor_target = BF16_FLOOR if dtype == "bf16" else INT8_FLOOR[min(t, 2)]
         x = d["decode_step_s"] / d["floor_s"]
-        yield f"bf16 decode step, {t}t: {x:.2f}x the bf16 floor", f"<= {BF16_FLOOR}x", x <= BF16_FLOOR
-        for ref, target in (("PyTorch bf16", BF16_VS_TORCH_BF16), ("PyTorch", BF16_VS_TORCH)):
-            if (ref, None, t) in loops:
-                x = d["loop_s"] / loops[ref, None, t]
-                yield f"bf16 loop, {t}t: {x:.2f}x {ref}'s", f"<= {target}x", x <= target
-    procs = {r["system"]: r for r in s["rows"] if r["system"].endswith("process")}
-    if "picogpt bf16 process" in procs and "picogpt process" in procs:
-        x = procs["picogpt bf16 process"]["peak_rss_bytes"] / procs["picogpt process"]["peak_rss_bytes"]
-        yield f"bf16 process peak memory: {x:.2f}x float32's", f"<= {BF16_MEMORY}x", x <= BF16_MEMORY
+        yield f"{d['backend']} decode step, {t}t: {x:.2f}x the {dtype} floor", f"<= {floor_target}x", x <= floor_target
+        if dtype == "bf16":
+            for ref, target in (("PyTorch bf16, cache", BF16_VS_TORCH_BF16), ("PyTorch, cache", BF16_VS_TORCH)):
+                if (ref, t) in loops:
+                    x = d["loop_s"] / loops[ref, t]
+                    yield f"{d['backend']} loop, {t}t: {x:.2f}x {ref.split(',')[0]}'s", f"<= {target}x", x <= target
+    f32 = next((r for r in s["rows"] if r["name"] == "picogpt process"), None)
+    for r in (r for r in s["rows"] if r["system"] in ("picogpt bf16 process", "picogpt int8 process") and f32):
+        target = BF16_MEMORY if "bf16" in r["system"] else INT8_MEMORY
+        x = r["peak_rss_bytes"] / f32["peak_rss_bytes"]
+        yield f"{r['backend']} process peak memory: {x:.2f}x float32's", f"<= {target}x", x <= target
 
 
 def print_section(title, s, notes, n):
@@ -496,15 +548,14 @@ def print_section(title, s, notes, n):
         print(f"read bandwidth, {t}t: {s['bandwidth'][t] / 1e9:.1f} GB/s, the best of NumPy's BLAS reading a "
               f"{s['bandwidth_matrix_bytes'] / 2**20:.0f} MiB float32 matrix once ({each} GB/s)")
     print(f"a decode step reads {s['decode_step_bytes'] / 1e6:.1f} MB of weights (all but wpe's unused rows)"
-          + (f"; {s['bf16_decode_step_bytes'] / 1e6:.1f} MB with bf16 matrices" if s["bf16_decode_step_bytes"] else "")
-          + ":")
+          + "".join(f"; {b / 1e6:.1f} MB {kind.split()[-1]}" for kind, b in s["reduced_step_bytes"].items()) + ":")
     for d in s["decode_steps"]:
         floor = d["floor_s"]
         print(f"  picogpt {d['backend']}, {d['threads']}t: floor {1e3 * floor:.1f} ms; decode step "
               f"{1e3 * d['decode_step_s']:.1f} ms ({d['decode_step_s'] / floor:.2f}x the floor, "
               f"{floor / d['decode_step_s']:.0%} of bandwidth); its matrix products alone "
-              f"{1e3 * d['products_s']:.1f} ms ({d['products_s'] / floor:.2f}x); "
-              f"prefill {1e3 * d['prefill_s']:.0f} ms")
+              f"{1e3 * d['products_s']:.1f} ms ({d['products_s'] / floor:.2f}x), the rest of the step "
+              f"{1e3 * (d['decode_step_s'] - d['products_s']):.1f} ms; prefill {1e3 * d['prefill_s']:.0f} ms")
     print("  (matrix products alone: the same weights times one row, back to back, with nothing else between)")
     print(f"model {s['model_bytes'] / 1e6:.1f} MB + KV cache {s['kv_cache_bytes'] / 1e6:.1f} MB "
           f"({len(PROMPT_IDS)} + {n} positions)")
@@ -521,6 +572,10 @@ def print_section(title, s, notes, n):
                      f"{b['mkl_tokens_per_s'] / s['batches'][0]['mkl_tokens_per_s']:>11.2f}x" if mkl else ""))
         if mkl:
             print("  (mkl: the same batches through --backend mkl; vs batch 1: its tokens/s over batch 1's)")
+        for kind in s["batches"][0].get("reduced", {}):
+            one = s["batches"][0]["reduced"][kind]["tokens_per_s"]
+            print(f"  {kind}: " + ", ".join(f"batch {b['batch']} {b['reduced'][kind]['tokens_per_s']:.1f} tokens/s "
+                                           f"({b['reduced'][kind]['tokens_per_s'] / one:.2f}x)" for b in s["batches"]))
     for e in s["explain"]:
         print(f"explain page, {e['tokens']} tokens, {e['threads']}t: {e['explain_s']:.3f} s, {e['bytes'] / 1e6:.2f} MB "
               f"({e['explain_s'] / e['forward_s']:.1f}x the plain forward pass of the prompt, {e['forward_s']:.3f} s)")
@@ -579,7 +634,7 @@ def run(**options):
     warmup = 1
     if args.quick:
         args.sizes, args.tokens, args.repeats, args.no_cache_repeats, args.process_repeats = "tiny", 4, 1, 1, 1
-        args.process_threads, args.batch_sizes, warmup = args.process_threads[-1:], [1, 3], 0
+        args.process_threads, args.batch_sizes, warmup = args.process_threads[-1:], [1, BATCH_SIZE], 0
         args.corpus_docs = min(args.corpus_docs, 40)
     import transformers
     transformers.logging.set_verbosity_error()
@@ -605,7 +660,9 @@ def run(**options):
             if args.only_corpus:
                 continue
             expected = hf_generate(hf, PROMPT_IDS, n, use_cache=True)
-            rows, notes = contestants(model, hf, path, mf, args, n, bf16_path=Path(tmp) / f"{size}-bf16.dat")
+            reduced_folder = Path(tmp) / f"{size}-reduced"
+            reduced_folder.mkdir()
+            rows, notes = contestants(model, hf, path, mf, args, n, reduced_folder=reduced_folder)
             # A batch must give each prompt what it gets alone, which for the full prompt is PyTorch's.
             batches = {size: picogpt_batch(model, batch_prompts(size), n, together=False)["batch_tokens"]
                        for size in args.batch_sizes}
