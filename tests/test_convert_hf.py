@@ -448,3 +448,15 @@ def test_without_safetensors_the_error_says_what_to_install(small, tmp_path, mon
                        match=r"needs safetensors, which is not installed: .* -m pip install 'safetensors>=0.4'$"):
         convert_hf_checkpoint(small[0], tmp_path / "model.dat")
     assert not (tmp_path / "model.dat").exists()
+
+
+def test_convert_hf_to_int8(small, tmp_path, capsys):
+    """--dtype int8: every matrix within half a step of its unit's scale, the error reported."""
+    folder, tensors, _ = small
+    assert convert_hf_main([str(folder), "--out", str(tmp_path / "model.dat"), "--dtype", "int8"]) == 0
+    assert "int8 weights: " in capsys.readouterr().err
+    opened = open_model_file(tmp_path / "model.dat")
+    assert opened.weight_dtype == "int8" and set(opened.quantization_errors) == {
+        name for name in tensors if name == "wte" or name.endswith("/w")}
+    for name, array in opened.float32_tensors():
+        np.testing.assert_allclose(array, tensors[name], atol=np.abs(tensors[name]).max() / 127 / 2 * 1.001)

@@ -167,3 +167,21 @@ def test_without_tensorflow_nothing_is_downloaded(mirror, tmp_path, capsys, monk
         status = convert_tf_main(["--models-dir", str(tmp_path), "--base-url", server.url, "--no-progress"])
         assert server.requests == []
     assert status == 1 and "-m pip install 'tensorflow-cpu>=2.15'" in capsys.readouterr().err
+
+
+def test_download_and_convert_to_int8_reports_the_error(mirror, tmp_path, capsys):
+    """--dtype int8: the same download, the matrices quantized (a quarter of their bytes), the error said."""
+    import numpy as np
+    from picogpt.modelfile import open_model_file
+    root, tf_variables = mirror
+    with serve_directory(root) as server:
+        status = convert_tf_main(["--model-size", "124M", "--models-dir", str(tmp_path / "models"),
+                                  "--base-url", server.url, "--no-progress", "--dtype", "int8"])
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "wrote" in err and "int8 weights: " in err and "% error (median over 9 matrices" in err
+    opened = open_model_file(tmp_path / "models" / "124M" / "model.dat")
+    assert opened.weight_dtype == "int8"
+    for name, array in opened.float32_tensors():
+        expected = to_model_dat_names(tf_variables)[name]
+        np.testing.assert_allclose(array, expected, atol=np.abs(expected).max() / 127 / 2 * 1.001)
