@@ -72,8 +72,8 @@ run: $(VENV)/.installed
 		$${MAKE_MODELS_DIR:+--models-dir "$$MAKE_MODELS_DIR"} -- "$$MAKE_PROMPT"
 
 # GPT-2 MODEL (124M, 355M, 774M or 1558M; default 124M) into the per-user models folder, or MODELS_DIR;
-# BASE_URL names a mirror; DTYPE=bf16 stores the weights in bfloat16. A cut download resumes when the same
-# command is run again.
+# BASE_URL names a mirror; DTYPE=bf16 or DTYPE=int8 stores the weight matrices in bfloat16 or int8. A cut
+# download resumes when the same command is run again.
 fetch: $(VENV)/.installed-convert
 	@$(PY) -m picogpt convert-tf --model-size "$${MAKE_MODEL:-124M}" \
 		$${MAKE_MODELS_DIR:+--models-dir "$$MAKE_MODELS_DIR"} $${MAKE_BASE_URL:+--base-url "$$MAKE_BASE_URL"} \
