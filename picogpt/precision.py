@@ -66,7 +66,7 @@ def asked_for(forced=None):
     return given
 
 
-def pick_backend(weight_dtype):
+def pick_backend(weight_dtype, bf16=None):
     """(backend, why): the fastest backend for weights stored as weight_dtype on this CPU, among those
     installed. The rule, and the measurements behind it (the shared performance notes; tests/test_int8.py's
     module docstring for the int8 figures):
@@ -77,6 +77,7 @@ def pick_backend(weight_dtype):
     - bfloat16 on a CPU with avx512_bf16 or amx_bf16: mkl on Intel (its step 18.5 ms, oneDNN's 18.3), onednn
       elsewhere (MKL widens on AMD: 40x slower); without the instructions, or without either library,
       numpy, the weights widened at load (bfloat16 products are 10-22x slower than float32's there).
+      bf16="widen" (or $PICOGPT_BF16=widen) asks for float32 products: numpy.
     """
     from .blas import cpu_features, mkl_library, onednn_library
     if weight_dtype == "int8":
@@ -84,6 +85,8 @@ def pick_backend(weight_dtype):
             return "onednn", "int8 weights, and oneDNN has the int8 product"
         return "numpy", "int8 weights, but oneDNN (the int8 product) is not installed"
     if weight_dtype == "bf16":
+        if asked_for(bf16) == "widen":
+            return "numpy", "bfloat16 weights, widened as asked (bf16='widen' or $PICOGPT_BF16=widen)"
         vendor, flags = cpu_features()
         found = sorted({"avx512_bf16", "amx_bf16"} & flags)
         if not found:
@@ -116,7 +119,7 @@ def weights_for_backend(opened, bf16=None):
     is the same either way. bf16="widen" or "native" overrides the choice (see bf16_support)."""
     automatic, threads = blas.choosing_automatically()
     if automatic:
-        backend, why = pick_backend(opened.weight_dtype)
+        backend, why = pick_backend(opened.weight_dtype, bf16)
         blas.use_for_model(backend, threads, why)
     if opened.weight_dtype == "int8":
         return _int8_weights(opened)

@@ -274,11 +274,14 @@ def test_onednn_threads_are_openmps():
     ("bf16", "AuthenticAMD", {"avx512_bf16"}, True, False, "numpy"),
 ])
 def test_auto_picks_by_precision_and_cpu(monkeypatch, weight_dtype, vendor, flags, mkl, onednn, expected):
+    monkeypatch.delenv(precision.BF16_ENV, raising=False)
     monkeypatch.setattr(blas, "cpu_features", lambda: (vendor, flags))
     monkeypatch.setattr(blas, "mkl_library", lambda: "libmkl_rt.so.3" if mkl else None)
     monkeypatch.setattr(blas, "onednn_library", lambda: "libdnnl.so.3" if onednn else None)
     backend, why = precision.pick_backend(weight_dtype)
     assert backend == expected and why
+    if weight_dtype == "bf16":  # float32 products asked for
+        assert precision.pick_backend(weight_dtype, "widen")[0] == "numpy"
 
 
 @needs_onednn
