@@ -13,9 +13,11 @@ The modules, bottom to top (each imports only modules above it in this list):
     errors, hints       the one exception type; commands quoted in messages, spelled to work as printed
     shipped, outputs    where the shipped data lies (vocabulary, demo model); outputs written atomically
     bfloat16            bfloat16 weights as uint16 bit patterns: rounding, widening, BFloat16Matrix
+    int8                int8 weights with a scale per output unit; the activations' quantization; Int8Matrix
     tensors             GPT-2's hyper-parameters and tensor names (model.dat's, OpenAI's, Hugging Face's)
     modelfile           the model.dat format: write, map, validate
-    blas, precision     BLAS backends; bfloat16 weights multiplied natively or widened, chosen at load
+    blas, precision     backends (NumPy, CBLAS libraries, oneDNN); the backend a file's weights get (auto), and
+                        bfloat16 and int8 weights multiplied natively or widened, chosen at load
     tokenizer           GPT-2's BPE tokenizer and its vocabulary files
     model               the math: layer_norm, gelu, softmax, attention, mha, mlp, block, gpt2; KV cache
     trace               a tracer of the model's steps; collects hidden states and attention weights
@@ -28,8 +30,11 @@ The modules, bottom to top (each imports only modules above it in this list):
     attention_plot      pictures of attention weights
     hf                  a drop-in for Hugging Face's GPT2LMHeadModel (from_pretrained, forward, generate)
     corpus, corpus_ray  whole corpora, in process or on Ray
+    scheduler           continuous batching: concurrent completions decoded as one batch, joining and leaving
+    serve, serve_ray    `picogpt serve`, OpenAI's completions API (FastAPI, imported only there); on Ray Serve
     explain, explain_page     the data of a forward pass for a learner, and its web page
     reference, parity, bench  the PyTorch reference; the layer-by-layer check and the benchmark against it
+    bench_corpus, bench_serve the benchmark's corpus rows; the server's concurrency benchmark
     cli, commands/      `picogpt` and its subcommands (__main__ runs cli; cli imports a subcommand's module
                         only when it runs)
 

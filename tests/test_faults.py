@@ -107,6 +107,15 @@ def test_unavailable_backends(good_model, capsys):
     assert "no BLAS library at /nonexistent/libblas.so" in err
 
 
+def test_onednn_missing(good_model, capsys, monkeypatch):
+    """--backend onednn without oneDNN's wheel: one line with the command that installs it."""
+    from picogpt import blas
+    monkeypatch.setattr(blas, "onednn_library", lambda: None)
+    err = error_line(capsys, cli.main(["Hi", "--backend", "onednn", "--model", str(good_model)]))
+    assert "no oneDNN library found; install oneDNN's wheel (x86-64 only) with: " in err and "onednn" in err
+    blas.use("numpy")
+
+
 def test_prompt_plus_tokens_beyond_the_context(good_model, capsys):
     err = error_line(capsys, cli.main(["word " * 30, "-n", "5", "--model", str(good_model)]))
     assert "exceed the model's context of 32 tokens" in err

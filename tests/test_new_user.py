@@ -23,6 +23,7 @@ import torch
 from hf_reference import hf_model, random_tensors, write_model_dat
 from picogpt import cli
 from picogpt.commands import arguments
+from picogpt.commands import serve as serve_command
 from picogpt.errors import BadArgument
 from picogpt.scoring import score
 from picogpt.store import load
@@ -66,6 +67,7 @@ KINDS = {
     arguments.non_negative_float: (["0", "2.5"], ["-0.1", "nan", "inf", "-inf"]),
     arguments.probability: (["1", "0.5", "1e-3"], ["0", "1.01", "nan", "-0.5"]),
     arguments.finite_float: (["-1", "0", "2.5"], ["nan", "inf", "x"]),
+    serve_command.port_number: (["0", "8000", "65535"], ["-1", "65536", "80.5", "http"]),
 }
 # a command line each subcommand parses (it is never run: a bad number stops the parser first)
 BASE_ARGV = {"generate": ["generate", "Hi"], "score": ["score", "t.txt"],
@@ -73,7 +75,8 @@ BASE_ARGV = {"generate": ["generate", "Hi"], "score": ["score", "t.txt"],
              "verify": ["verify", "demo"], "convert-tf": ["convert-tf"], "convert-hf": ["convert-hf", "dir"],
              "parity": ["parity"], "bench": ["bench"], "explain": ["explain", "Hi"],
              "score-corpus": ["score-corpus", "d.jsonl", "--out", "o.jsonl"],
-             "complete-corpus": ["complete-corpus", "d.jsonl", "--out", "o.jsonl"]}
+             "complete-corpus": ["complete-corpus", "d.jsonl", "--out", "o.jsonl"],
+             "serve": ["serve"], "serve-bench": ["serve-bench"]}
 
 
 def numeric_options():

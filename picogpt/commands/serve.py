@@ -8,9 +8,11 @@ from pathlib import Path
 from ..errors import BadArgument, PicogptError
 from ..hints import install_command
 from ..shipped import DEMO
-from .arguments import ArgumentParser, add_model_arguments, load_model, positive_int, threads_list
+from .arguments import (ArgumentParser, add_model_arguments, load_model, non_negative_float, number_kind, positive_int,
+                        threads_list)
 
 DEFAULT_PORT = 8000
+port_number = number_kind("a port number from 0 to 65535", int, lambda v: 0 <= v <= 65535)  # 0: a free one
 
 
 def serve_parser(prog):
@@ -19,14 +21,14 @@ def serve_parser(prog):
                        "batch. See docs/serve.md.")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every network)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0: a free one)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0: a free one)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require Authorization: Bearer KEY on /v1/ (default: $PICOGPT_API_KEY; none if unset)")
     p.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model's id in the API (default: the --model given, or its folder's name)")
     p.add_argument("--max-batch", type=positive_int, default=16, metavar="N",
                    help="most choices decoded at once; more wait for a free slot (default: 16)")
-    p.add_argument("--grace", type=float, default=10.0, metavar="S",
+    p.add_argument("--grace", type=non_negative_float, default=10.0, metavar="S",
                    help="on SIGTERM or Ctrl-C, seconds requests in flight have to finish before they are ended "
                         "(default: 10)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
