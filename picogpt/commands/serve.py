@@ -21,7 +21,8 @@ def serve_parser(prog):
                        "batch. See docs/serve.md.")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every network)")
-    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0: a free one)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                   help=f"port (default: {DEFAULT_PORT}; 0: a free one)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require Authorization: Bearer KEY on /v1/ (default: $PICOGPT_API_KEY; none if unset)")
     p.add_argument("--model-name", default=None, metavar="NAME",
