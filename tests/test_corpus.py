@@ -502,6 +502,27 @@ def test_a_text_field_that_no_record_has_stops_the_job_in_one_line(weights, tmp_
     assert run(["score-corpus", str(inputs), "--model", str(path), "--out", str(out), "--text-field", "body"]) == 0
 
 
+def test_the_backend_recorded_is_the_one_that_ran(weights, tmp_path, capsys):
+    """--backend auto records its choice: an output begun with --backend numpy (the default before auto) resumes
+    under auto on a float32 model, and one begun on another backend is refused, naming both."""
+    path = weights[0]
+    inputs = write_jsonl(tmp_path / "d.jsonl", [{"text": f"text {i} " * (i % 5 + 1)} for i in range(150)])
+    out, record = tmp_path / "out.jsonl", tmp_path / "out.jsonl.run.json"
+    argv = ["score-corpus", str(inputs), "--model", str(path), "--out", str(out), "--threads", "1"]
+    assert run(argv + ["--backend", "numpy"]) == 0
+    whole = out.read_bytes()
+    assert json.loads(record.read_text())["settings"]["backend"] == "numpy"
+    out.write_bytes(whole[:len(whole) // 2])
+    assert run(argv) == 0 and out.read_bytes() == whole  # auto: numpy for float32 weights
+    settings = json.loads(record.read_text())
+    settings["settings"]["backend"] = "mkl"
+    record.write_text(json.dumps(settings))
+    out.write_bytes(whole[:len(whole) // 2])
+    capsys.readouterr()
+    assert run(argv) == 1
+    assert 'was made with other settings (backend: "mkl" then, "numpy" now)' in capsys.readouterr().err
+
+
 def test_the_thread_count_is_recorded_and_a_resume_at_another_is_refused(weights, tmp_path, capsys):
     path = weights[0]
     inputs = write_jsonl(tmp_path / "d.jsonl", [{"text": f"text {i} " * (i % 5 + 1)} for i in range(150)])

@@ -82,10 +82,13 @@ def corpus_command(args, task):
     bf16_native = bool(model.precision and model.precision.native)
     # The BLAS threads that compute each product: at another count a score may differ in its last digits.
     threads = (args.threads_per_worker or 1) if args.ray else blas.current().threads
+    # The backend that runs the products (--backend auto's choice for this model, not "auto"): an output begun
+    # when numpy was the default resumes under auto's numpy for a float32 model.
+    ran_on = blas.current().name if args.backend == "auto" else args.backend
     # What made the output, recorded beside it: resuming with any of it changed is refused.
     # (Names as text that is valid Unicode: a name that is not UTF-8 is recorded with \xNN escapes.)
     output.settings = dict(job_options, model=shown(Path(model.path).resolve()),
-                           model_sha256=open_model_file(model.path).sha256.hex(), backend=args.backend,
+                           model_sha256=open_model_file(model.path).sha256.hex(), backend=ran_on,
                            bf16_native=bf16_native, inputs=[shown(corpus.normal_input(i)) for i in args.inputs],
                            input_files=[[shown(f), f.stat().st_size] for f in input_files],  # an edited input
                            text_field=shown(args.text_field), lines=args.lines, chunk_docs=corpus.CHUNK_DOCS,
