@@ -391,6 +391,8 @@ def _load(backend, lib):
     if lib is not None:
         if not os.path.exists(lib) and os.sep in lib:
             raise PicogptError(f"no BLAS library at {lib}; give the path of a CBLAS shared library")
+        if backend == "onednn":  # another build of oneDNN's libdnnl
+            return OneDNN(lib)
         return CBLAS(backend if backend in ("openblas", "mkl") else "cblas", lib)
     if backend == "openblas":
         sources = openblas_sources()

@@ -256,6 +256,15 @@ def test_onednn_bfloat16_product_or_the_reason_it_has_none(monkeypatch):
 
 
 @needs_onednn
+def test_onednn_from_a_named_library(tmp_path):
+    assert blas.use("onednn", lib=blas.onednn_library()).name == "onednn"
+    not_dnnl = tmp_path / "libfake.so"
+    not_dnnl.write_bytes(b"not a library")
+    with pytest.raises(PicogptError, match="cannot load oneDNN's library .*libfake.so"):
+        blas.use("onednn", lib=str(not_dnnl))
+
+
+@needs_onednn
 def test_onednn_threads_are_openmps():
     assert blas.use("onednn", threads=1).threads == 1
     assert "onednn:" in blas.describe() and "oneDNN 3." in blas.describe() and "1 thread" in blas.describe()
