@@ -99,7 +99,10 @@ def run_engine(engine, prompts, n_tokens):
 
 def run_http(url, prompts, n_tokens):
     """The same through the server: one streaming request per prompt, all at once."""
-    import httpx2 as httpx
+    try:  # the HTTP client the openai package is built on: httpx2 in its newer releases, httpx before
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
 
     async def one(client, prompt):
         times = StreamTimes()

@@ -420,6 +420,8 @@ def _load(backend, lib):
 _current = None
 _limits = None  # the threadpoolctl limits in force, kept so they last until the next use()
 _auto = None  # the thread count asked for, while the backend is chosen by each model's precision ("auto")
+_threads = None  # the thread count use() was given (re-applied by limit_this_thread)
+_native = {}  # Int8Matrix / BFloat16Matrix -> the last backend selected that multiplies it (see use())
 
 
 def use(backend="numpy", lib=None, threads=None):
@@ -431,30 +433,63 @@ def use(backend="numpy", lib=None, threads=None):
     threads=N sets the thread count with threadpoolctl (the BLAS's; OpenMP's for oneDNN); None leaves the
     libraries' own counts (undoing earlier limits).
     """
-    global _current, _matmul, _limits, _auto
+    global _current, _matmul, _limits, _auto, _threads
     chosen = _load("numpy" if backend == "auto" else backend, lib)
     if _limits is not None:
         _limits.restore_original_limits()
         _limits = None
     if threads is not None:
         from threadpoolctl import threadpool_limits
-        _limits = threadpool_limits(int(threads), user_api="openmp" if chosen.name == "onednn" else "blas")
+        # oneDNN's products run on OpenMP's threads, attention's on the BLAS's (NumPy): limit both for it
+        _limits = threadpool_limits(int(threads), user_api=None if chosen.name == "onednn" else "blas")
+    _threads = threads
+    if chosen._gemm_int8 is not None:
+        _native[Int8Matrix] = chosen
+    if chosen._gemm_bf16 is not None:
+        _native[BFloat16Matrix] = chosen
     _current, _matmul = chosen, chosen.matmul
     _auto = ("auto", threads) if backend == "auto" and lib is None else None
     return chosen
 
 
+def _routed(chosen):
+    """chosen.matmul, except that an int8 or bfloat16 matrix goes to the backend remembered for it."""
+    def matmul(a, b):
+        native = _native.get(type(b))
+        if native is not None and native is not chosen and getattr(chosen, _PRODUCT[type(b)]) is None:
+            return native.matmul(a, b)
+        return chosen.matmul(a, b)
+    return matmul
+
+
+_PRODUCT = {Int8Matrix: "_gemm_int8", BFloat16Matrix: "_gemm_bf16"}
+
+
+def limit_this_thread():
+    """Apply use()'s thread count in the calling thread too: OpenMP's count (oneDNN's threads) belongs to the
+    thread that sets it, so a thread that runs products (the server's engine) takes it from here."""
+    if _threads is not None and _current is not None and _current.name == "onednn":
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(int(_threads), user_api="openmp")
+
+
 def choosing_automatically():
     """(True, threads) while use("auto") is in force: each loaded model's precision picks the backend."""
+    current()  # a process that has not chosen yet is "auto"
     return (True, _auto[1]) if _auto else (False, None)
 
 
 def use_for_model(backend, threads, why):
     """The automatic choice (picogpt.precision) selects `backend` for a model; auto stays in force."""
-    global _auto
+    global _auto, _matmul
     chosen = use(backend, threads=threads) if current().name != backend else current()
     chosen.chosen_because = why
     _auto = ("auto", threads)
+    if any(native is not chosen for native in _native.values()):
+        # Models loaded earlier with int8 or native bfloat16 weights may still be in use (auto switched to
+        # NumPy for a float32 model loaded since): their products keep going to the backend that multiplies
+        # them. (An explicit use() is obeyed as it is: such a model's products are then widened.)
+        _matmul = _routed(chosen)
     return chosen
 
 

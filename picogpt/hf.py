@@ -232,7 +232,8 @@ def _new_tokens(max_new_tokens, max_length, prompt_len, n_ctx):
 def _cache_differs(folder, cached):
     """Why the model.dat cached in a Hugging Face folder does not hold the folder's weights, or None where
     it does: "stale" (older than the weights, damaged, or other hyper-parameters or values: convert
-    again) or "bf16" (values rounded to bfloat16, as `picogpt convert-hf --dtype bf16` writes them).
+    again), "bf16" (values rounded to bfloat16, as `picogpt convert-hf --dtype bf16` writes them) or "int8"
+    (quantized, as `--dtype int8` writes them).
 
     The values compared are a sample read in milliseconds: every bias, gain and the position embedding
     whole, and the first row of every weight matrix, each widened to float32 on both sides."""
@@ -246,6 +247,8 @@ def _cache_differs(folder, cached):
         return "stale"
     if cache.hparams != read_config(folder)[0]:
         return "stale"
+    if cache.weight_dtype == "int8":  # the user's quantized copy: never compared value by value, never replaced
+        return "int8"
     with ExitStack() as stack:
         for path in weight_files(folder)[0]:
             shard = Shard(path, stack)
@@ -267,6 +270,12 @@ def _load_folder(folder):
     from .convert_hf import convert_hf_checkpoint
     cached = folder / "model.dat"
     why = _cache_differs(folder, cached) if cached.is_file() else "absent"
+    if why == "int8":
+        raise PicogptError(
+            f"{cached} holds {folder}'s weights quantized to int8 (as picogpt convert-hf --dtype int8 writes "
+            f"them), so its logits would differ from transformers' on the folder; load that file as it is with "
+            f"from_pretrained('{cached}'), or replace it with the folder's own weights: "
+            f"{picogpt_command('convert-hf', folder)}")
     if why == "bf16":
         raise PicogptError(
             f"{cached} holds {folder}'s weights rounded to bfloat16 (as picogpt convert-hf --dtype bf16 writes "

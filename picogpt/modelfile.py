@@ -356,7 +356,7 @@ def open_model_file(path, remake_hint=None):
 
     if not isinstance(table, list) or not all(isinstance(e, dict) for e in table):
         raise bad("tensor table is not a list of objects")
-    matrix_dtypes = {e.get("dtype") for e in table if is_matrix(str(e.get("name")))}
+    matrix_dtypes = {e.get("dtype") for e in table if is_matrix(str(e.get("name"))) and isinstance(e.get("dtype"), str)}
     weight = I8 if I8 in matrix_dtypes else BF16 if BF16 in matrix_dtypes else DTYPE
     if FILE_VERSIONS[weight] > version:
         raise bad(f"format version {version} cannot hold {weight} matrices")
@@ -375,6 +375,8 @@ def open_model_file(path, remake_hint=None):
             try:
                 errors[e["name"]] = float(e["error"])
             except (KeyError, TypeError, ValueError):
+                errors[e["name"]] = math.nan
+            if not 0 <= errors[e["name"]] < math.inf:
                 raise bad(f"int8 tensor {e['name']} does not record its quantization error") from None
         if e.get("dtype") not in allowed or e.get("order") != order or e.get("shape") != list(shape):
             raise bad(f"tensor {e['name']} is {e.get('dtype')} {e.get('shape')} order {e.get('order')}, "

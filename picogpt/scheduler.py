@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import blas
 from .errors import PicogptError, first_line, plural
 from .generate import TextStream, next_token_logits
 from .model import gpt2
@@ -302,6 +303,7 @@ class Engine:
     # --- the engine thread
 
     def _run(self):
+        blas.limit_this_thread()  # OpenMP's thread count (oneDNN's) is per thread: --threads, here too
         while True:
             with self.condition:
                 while not (self.waiting or self.rows or self.stopping):
@@ -322,7 +324,8 @@ class Engine:
         self.rows, self.waiting = [], []
 
     def _take_admissible(self):
-        """The waiting completions (oldest first) whose choices fit in the free slots, within one prefill."""
+        """The waiting completions whose choices fit in the free slots, strictly oldest first: one that does not
+        fit yet stops the taking, so that a large request is never passed over for ever by smaller ones."""
         free = self.max_rows - len(self.rows)
         taken = []
         for completion in list(self.waiting):
@@ -332,6 +335,8 @@ class Engine:
                 taken.append(completion)
                 self.waiting.remove(completion)
                 free -= completion.n
+            else:
+                break
         return taken
 
     def _cut_all(self):

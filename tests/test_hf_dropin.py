@@ -478,6 +478,12 @@ def test_a_cached_model_dat_that_is_not_the_folders_weights_is_never_used_silent
     with pytest.raises(PicogptError, match="holds .*'s weights rounded to bfloat16 .* from_pretrained\\('.*model.dat'\\)"):
         hf.GPT2LMHeadModel.from_pretrained(folder)
     assert cached.read_bytes() == before
+    # ... and `--dtype int8`'s, likewise (it was taken for a stale file and converted over)
+    convert_hf_checkpoint(folder, cached, "int8")
+    before = cached.read_bytes()
+    with pytest.raises(PicogptError, match="holds .*'s weights quantized to int8 .* from_pretrained\\('.*dat'\\)"):
+        hf.GPT2LMHeadModel.from_pretrained(folder)
+    assert cached.read_bytes() == before
     # Another model's float32 weights, newer than the folder's: converted again, with the folder's weights.
     write_model_dat(cached, HPARAMS, random_tensors(HPARAMS, seed=7))
     future = time.time() + 100

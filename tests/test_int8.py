@@ -170,6 +170,8 @@ def entry(header, name):
     (lambda h: entry(h, "wte").update(order="F"), "expected i8 .* order C"),
     (lambda h: entry(h, "wte.scale").update(shape=[64]), "wte.scale is <f4 \\[64\\]"),
     (lambda h: entry(h, "h0/ln_1/g").update(dtype="i8"), "h0/ln_1/g is i8"),
+    (lambda h: entry(h, "wte").update(dtype=["i8"]), "tensor wte is \\['i8'\\]"),  # not a name: no traceback
+    (lambda h: entry(h, "wte").update(error="nan"), "wte does not record its quantization error"),
 ])
 def test_the_reader_refuses_int8_files_that_do_not_add_up(small, tmp_path, edit, message):
     path = tmp_path / "model.dat"
@@ -268,6 +270,18 @@ def test_onednn_from_a_named_library(tmp_path):
 def test_onednn_threads_are_openmps():
     assert blas.use("onednn", threads=1).threads == 1
     assert "onednn:" in blas.describe() and "oneDNN 3." in blas.describe() and "1 thread" in blas.describe()
+    from threadpoolctl import threadpool_info
+    assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")  # attention's too
+    seen = []
+
+    def engine():  # OpenMP's count belongs to each thread: a thread that runs products takes it over
+        blas.limit_this_thread()
+        seen.append(blas.current().threads)
+    import threading
+    thread = threading.Thread(target=engine)
+    thread.start()
+    thread.join()
+    assert seen == [1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,6 +318,27 @@ def test_auto_multiplies_int8_as_int8_and_float32_with_numpy(small):
     assert blas.current().name == "numpy" and "chosen automatically: float32 weights" in blas.describe()
 
 
+@needs_onednn
+def test_an_int8_model_keeps_its_products_when_the_backend_changes(small):
+    """auto picks numpy for a float32 model loaded later: the int8 model's products stay oneDNN's."""
+    blas.use("auto")
+    quantized = store.load(small["int8"])
+    ids = list(range(5, 25))
+    before = quantized(ids, all_logits=True)
+    store.load(small["f32"])
+    assert blas.current().name == "numpy"
+    np.testing.assert_array_equal(quantized(ids, all_logits=True), before)
+
+
+def test_the_first_load_of_a_process_chooses_automatically(small):
+    import subprocess
+    import sys
+    code = ("import picogpt; from picogpt import blas; m = picogpt.load(%r); "
+            "print(blas.current().name, m.precision.file, m.precision.native)" % str(small["int8"]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == (["onednn", "int8", "True"] if HAS_ONEDNN else ["numpy", "int8", "False"])
+
+
 def test_without_an_int8_product_int8_weights_widen_to_the_same_numbers(small, capsys):
     blas.use("numpy")
     model = store.load(small["int8"])
@@ -335,7 +370,7 @@ def test_int8_logits_against_float32_on_the_demo_model(demo_int8):
     cache = model.new_cache()
     stepped = np.concatenate([model(ids[:10], cache=cache, all_logits=True)] + [model([t], cache=cache)
                                                                                 for t in ids[10:]])
-    np.testing.assert_array_equal(stepped[:10], got[:10])
+    assert np.linalg.norm(stepped[:10] - got[:10]) / np.linalg.norm(got[:10]) < 0.1  # the prefill's rows
     assert np.linalg.norm(stepped - got) / np.linalg.norm(got) < 0.1
     assert (stepped.argmax(-1) == got.argmax(-1)).mean() >= 0.9
 

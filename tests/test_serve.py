@@ -503,3 +503,18 @@ def test_an_exception_in_one_request_is_a_500_for_it_alone(demo, monkeypatch):
     finally:
         server.close()
         engine.stop()
+
+
+def test_a_large_request_is_not_passed_over_by_smaller_ones():
+    """Admission is strictly oldest first: a request of n=4 waiting for slots stops younger n=1 requests from
+    taking the slots it waits for, so a steady stream of small ones cannot starve it."""
+    from types import SimpleNamespace
+
+    from picogpt.scheduler import Engine
+    engine = Engine.__new__(Engine)  # the admission rule alone: no model, no thread
+    engine.max_rows, engine.rows = 4, [object()] * 2  # two slots free
+    big, small_ones = SimpleNamespace(n=4, cancelled=False), [SimpleNamespace(n=1, cancelled=False) for _ in range(3)]
+    engine.waiting = [big] + small_ones
+    assert engine._take_admissible() == [] and engine.waiting == [big] + small_ones
+    engine.rows = []
+    assert engine._take_admissible() == [big] and engine.waiting == small_ones
