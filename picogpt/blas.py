@@ -326,26 +326,26 @@ class OneDNN(CBLAS):
 _CHAR = {_NOTRANS: b"N", _TRANS: b"T"}
 
 
-def onednn_library():
-    """libdnnl of the `onednn-cpu-gomp` wheel (installed under sys.prefix) or of the system, or None."""
-    names = {"linux": ["libdnnl.so.3", "libdnnl.so"], "darwin": ["libdnnl.3.dylib"],
-             "win32": ["dnnl.dll"]}.get(sys.platform, [])
+def _wheel_library(names, system_name):
+    """A shared library a wheel installs under sys.prefix (lib/ on Linux and macOS, Library/bin on Windows),
+    the first of names[sys.platform] found, else the system's `system_name` (ctypes.util.find_library), or None."""
     for folder in (os.path.join(sys.prefix, "lib"), os.path.join(sys.prefix, "Library", "bin")):
-        for name in names:
+        for name in names.get(sys.platform, []):
             if os.path.exists(os.path.join(folder, name)):
                 return os.path.join(folder, name)
-    return ctypes.util.find_library("dnnl")
+    return ctypes.util.find_library(system_name)
+
+
+def onednn_library():
+    """libdnnl of the `onednn-cpu-gomp` wheel or of the system, or None."""
+    return _wheel_library({"linux": ["libdnnl.so.3", "libdnnl.so"], "darwin": ["libdnnl.3.dylib"],
+                           "win32": ["dnnl.dll"]}, "dnnl")
 
 
 def mkl_library():
-    """libmkl_rt of the `mkl` wheel (installed under sys.prefix) or of the system, or None."""
-    names = {"linux": ["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"], "darwin": ["libmkl_rt.2.dylib"],
-             "win32": ["mkl_rt.2.dll"]}.get(sys.platform, [])
-    for folder in (os.path.join(sys.prefix, "lib"), os.path.join(sys.prefix, "Library", "bin")):
-        for name in names:
-            if os.path.exists(os.path.join(folder, name)):
-                return os.path.join(folder, name)
-    return ctypes.util.find_library("mkl_rt")
+    """libmkl_rt of the `mkl` wheel or of the system, or None."""
+    return _wheel_library({"linux": ["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"],
+                           "darwin": ["libmkl_rt.2.dylib"], "win32": ["mkl_rt.2.dll"]}, "mkl_rt")
 
 
 def cpu_features():
