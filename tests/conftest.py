@@ -28,6 +28,43 @@ def assert_model_dat_holds(path, tensors):
     return model_file
 
 
+def rewrite_header(path, edit):
+    """Edit a model.dat's JSON header in place (same length, checksum untouched): edit(header) changes the
+    parsed header and may return a format version to write instead of the file's."""
+    import json
+    from picogpt.modelfile import PREAMBLE
+    raw = bytearray(path.read_bytes())
+    _, version, header_len, size, digest = PREAMBLE.unpack(raw[:PREAMBLE.size])
+    header = json.loads(raw[PREAMBLE.size:PREAMBLE.size + header_len])
+    version = edit(header) or version
+    raw[PREAMBLE.size:PREAMBLE.size + header_len] = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+    raw[:PREAMBLE.size] = PREAMBLE.pack(b"PICOGPT\0", version, header_len, size, digest)
+    path.write_bytes(bytes(raw))
+
+
+def process_ids(marker):
+    """Ids of the running processes whose command line holds `marker` (bytes): Ray titles an actor's process
+    after its class, so this finds actors and replicas by name."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker in f.read():
+                        pids.append(int(entry))
+            except OSError:  # gone meanwhile
+                pass
+    return pids
+
+
+@pytest.fixture
+def numpy_backend_afterwards():
+    """Leave NumPy's backend selected after the test (a module asks for it with pytestmark usefixtures)."""
+    yield
+    from picogpt import blas
+    blas.use("numpy")
+
+
 @pytest.fixture(scope="session")
 def model_124m_shape(tmp_path_factory):
     """A model.dat of GPT-2 124M's exact shape with random weights (fixed seed), and those weights."""

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import convert_hf_main, convert_tf_main
+from conftest import convert_hf_main, convert_tf_main, rewrite_header
 from hf_reference import random_tensors
 from picogpt import blas, cli, precision, store
 from picogpt.bfloat16 import BFloat16Matrix, isfinite, round_to_bfloat16, widen
@@ -27,17 +27,12 @@ from picogpt.reference import hf_forward, hf_model
 from picogpt.tensors import is_matrix
 
 RTOL = 2e-2
+pytestmark = pytest.mark.usefixtures("numpy_backend_afterwards")  # (conftest)
 HPARAMS = dict(n_vocab=50257, n_ctx=32, n_embd=64, n_head=4, n_layer=2)
 IDS = list(range(1000, 1019))
 HAS_MKL = blas.mkl_library() is not None
 needs_mkl = pytest.mark.skipif(not HAS_MKL, reason="Intel's oneMKL wheel is not installed (pip install mkl; "
                                "x86-64 only)")
-
-
-@pytest.fixture(autouse=True)
-def numpy_backend_afterwards():
-    yield
-    blas.use("numpy")
 
 
 def write(path, hparams, tensors, weight_dtype):
@@ -87,16 +82,6 @@ def test_bf16_files_are_version_2_half_the_size_and_float32_files_stay_version_1
     reference = open_model_file(files["rounded"]).tensors
     for name, tensor in opened.tensors.items():
         np.testing.assert_array_equal(widen(tensor) if tensor.dtype == np.uint16 else tensor, reference[name])
-
-
-def rewrite_header(path, edit):
-    raw = bytearray(path.read_bytes())
-    _, version, header_len, size, digest = PREAMBLE.unpack(raw[:PREAMBLE.size])
-    header = json.loads(raw[PREAMBLE.size:PREAMBLE.size + header_len])
-    version = edit(header) or version
-    raw[PREAMBLE.size:PREAMBLE.size + header_len] = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
-    raw[:PREAMBLE.size] = PREAMBLE.pack(b"PICOGPT\0", version, header_len, size, digest)
-    path.write_bytes(bytes(raw))
 
 
 @pytest.mark.parametrize("edit, message", [

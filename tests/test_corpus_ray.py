@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from conftest import process_ids
 from hf_reference import random_tensors, write_model_dat
 from picogpt.cli import main
 
@@ -66,16 +67,7 @@ def test_ray_writes_the_in_process_file_byte_for_byte(cluster, model_path, tmp_p
 
 def chunk_worker_pids():
     """Process ids of the running ChunkWorker actors (Ray titles an actor's process after its class)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"ChunkWorker" in f.read():
-                        pids.append(int(entry))
-            except OSError:  # gone meanwhile
-                pass
-    return pids
+    return process_ids(b"ChunkWorker")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the actors' processes in /proc (Linux)")

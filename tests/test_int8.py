@@ -19,6 +19,7 @@ import struct
 import numpy as np
 import pytest
 
+from conftest import rewrite_header
 from hf_reference import random_tensors
 from picogpt import blas, cli, int8, precision, store
 from picogpt.errors import PicogptError
@@ -30,16 +31,11 @@ from picogpt.shipped import demo_model_path
 from picogpt.tensors import is_matrix
 from picogpt.tokenizer import EOT, encode
 
+pytestmark = pytest.mark.usefixtures("numpy_backend_afterwards")  # (conftest)
 HPARAMS = dict(n_vocab=300, n_ctx=32, n_embd=64, n_head=4, n_layer=2)
 HAS_ONEDNN = blas.onednn_library() is not None
 needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="oneDNN's wheel is not installed (pip install "
                                   "onednn-cpu-gomp; x86-64 only)")
-
-
-@pytest.fixture(autouse=True)
-def numpy_backend_afterwards():
-    yield
-    blas.use("numpy")
 
 
 @pytest.fixture(scope="module")
@@ -146,16 +142,6 @@ def test_int8_converts_back_to_float32_as_scale_times_value(small, tmp_path):
             expected = opened.tensors[name] * (scale[:, None] if name == "wte" else scale)
             np.testing.assert_array_equal(tensor, expected.astype(np.float32))
             np.testing.assert_allclose(tensor, small["tensors"][name], atol=float(scale.max()) / 2 * 1.001)
-
-
-def rewrite_header(path, edit):
-    raw = bytearray(path.read_bytes())
-    _, version, header_len, size, digest = PREAMBLE.unpack(raw[:PREAMBLE.size])
-    header = json.loads(raw[PREAMBLE.size:PREAMBLE.size + header_len])
-    version = edit(header) or version
-    raw[PREAMBLE.size:PREAMBLE.size + header_len] = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
-    raw[:PREAMBLE.size] = PREAMBLE.pack(b"PICOGPT\0", version, header_len, size, digest)
-    path.write_bytes(bytes(raw))
 
 
 def entry(header, name):

@@ -18,6 +18,7 @@ except ImportError:
     httpx = pytest.importorskip("httpx")
 
 import picogpt  # noqa: E402
+from conftest import process_ids  # noqa: E402
 from picogpt import serve_ray  # noqa: E402
 from picogpt.generate import complete  # noqa: E402
 from picogpt.scheduler import wait_until  # noqa: E402
@@ -44,16 +45,7 @@ def deployed():
 
 def replica_pids():
     """Process ids of the running replicas (Ray titles an actor's process after its class: ServeReplica:APP:NAME)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"ServeReplica:picogpt:PicogptServer" in f.read():
-                        pids.append(int(entry))
-            except OSError:  # gone meanwhile
-                pass
-    return pids
+    return process_ids(b"ServeReplica:picogpt:PicogptServer")
 
 
 def ask(url, prompt, n_tokens=12):
