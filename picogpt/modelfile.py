@@ -60,7 +60,7 @@ from . import bfloat16, int8
 from .errors import PicogptError, plural
 from .outputs import not_a_file, replace_onto, temp_file_beside
 from .hints import picogpt_command
-from .tensors import check_hparams, gpt2_tensor_specs, is_matrix
+from .tensors import check_hparams, gpt2_tensor_specs, is_matrix, output_axis
 
 MAGIC = b"PICOGPT\0"
 VERSION = 3  # the newest this module reads and writes; float32-only files are still written as 1
@@ -88,11 +88,6 @@ def remake_hint_default():
 _ITEMSIZE = {DTYPE: 4, BF16: 2, I8: 1}
 
 
-def n_out(name, shape):
-    """How many output units a weight matrix has: a linear [n_in, n_out]'s columns, `wte`'s rows (tokens)."""
-    return shape[0] if name == "wte" else shape[1]
-
-
 def _specs(hparams, weight_dtype):
     """{name: (shape, order, dtype)} of every tensor a file of these hparams and weight type holds, in file
     order: int8 matrices output-major (the other order) and each followed by its scales."""
@@ -103,8 +98,8 @@ def _specs(hparams, weight_dtype):
         elif weight_dtype == BF16:
             specs[name] = (shape, order, BF16)
         else:
-            specs[name] = (shape, "C" if name == "wte" else "F", I8)
-            specs[name + SCALE] = ((n_out(name, shape),), "C", DTYPE)
+            specs[name] = (shape, "C" if output_axis(name) == 0 else "F", I8)  # rows = output units on disk
+            specs[name + SCALE] = ((shape[output_axis(name)],), "C", DTYPE)  # one per output unit
     return specs
 
 
@@ -291,7 +286,7 @@ class ModelFile:
             if tensor.dtype == np.uint16:
                 yield name, bfloat16.widen(tensor)
             elif tensor.dtype == np.int8:
-                yield name, int8.widen(tensor, self.tensors[name + SCALE], 0 if name == "wte" else 1)
+                yield name, int8.widen(tensor, self.tensors[name + SCALE], output_axis(name))
             else:
                 yield name, tensor
 

@@ -14,6 +14,7 @@ from . import bfloat16, blas, int8
 from .errors import PicogptError
 from .hints import install_command
 from .modelfile import SCALE
+from .tensors import output_axis
 
 BF16_ENV = "PICOGPT_BF16"  # "native" or "widen": overrides bf16_support()'s choice (tests, or a user who measured)
 
@@ -112,8 +113,8 @@ class Precision(NamedTuple):
 
 
 def weights_for_backend(opened, bf16=None):
-    """The tensors to compute with, and how: a bfloat16 file's matrices stay bfloat16 (BFloat16Matrix,
-    half the memory) where the selected BLAS multiplies bfloat16 natively on this CPU
+    """The tensors to compute with, and how (an int8 file's: _int8_weights): a bfloat16 file's matrices stay
+    bfloat16 (BFloat16Matrix, half the memory) where the selected BLAS multiplies bfloat16 natively on this CPU
     (bf16_support), and are widened to float32 once, here, otherwise: exact, never failing, at the
     cost of float32's memory (the file's mapping is then let go: every tensor is copied). The model's code
     is the same either way. bf16="widen" or "native" overrides the choice (see bf16_support)."""
@@ -144,11 +145,11 @@ def _int8_weights(opened):
     matrices = {name[:-len(SCALE)]: t for name, t in opened.tensors.items() if name.endswith(SCALE)}
     rest = {name: t for name, t in opened.tensors.items() if not name.endswith(SCALE) and name not in matrices}
     if blas.current()._gemm_int8 is not None:
-        tensors = {name: int8.Int8Matrix(opened.tensors[name], scale, out_axis=0 if name == "wte" else 1)
+        tensors = {name: int8.Int8Matrix(opened.tensors[name], scale, out_axis=output_axis(name))
                    for name, scale in matrices.items()}
         return {**rest, **tensors}, Precision("int8", True, f"int8 weights, multiplied as int8 by "
                                                             f"{blas.current().name} (activations quantized per row)")
-    tensors = {name: int8.widen(opened.tensors[name], scale, 0 if name == "wte" else 1)
+    tensors = {name: int8.widen(opened.tensors[name], scale, output_axis(name))
                for name, scale in matrices.items()}
     extra = sum(t.size for t in tensors.values()) * 3
     return {**{n: np.array(t) for n, t in rest.items()}, **tensors}, Precision(

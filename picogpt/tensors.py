@@ -47,6 +47,12 @@ def is_matrix(name):
     return name == "wte" or name.endswith("/w")
 
 
+def output_axis(name):
+    """The axis of a weight matrix's output units: a linear layer's [n_in, n_out] columns (1), `wte`'s rows (0,
+    one per token: the output projection multiplies by wte.T). An int8 matrix's scales run along it."""
+    return 0 if name == "wte" else 1
+
+
 def gpt2_tensor_specs(hparams):
     """{name: (shape, order)} of every tensor a GPT-2 model.dat holds, in file order.
 
