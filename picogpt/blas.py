@@ -390,7 +390,8 @@ def _load(backend, lib):
         return CBLAS("accelerate", lib or ACCELERATE)
     if lib is not None:
         if not os.path.exists(lib) and os.sep in lib:
-            raise PicogptError(f"no BLAS library at {lib}; give the path of a CBLAS shared library")
+            raise PicogptError(f"no BLAS library at {lib}; give the path of "
+                               + ("oneDNN's libdnnl" if backend == "onednn" else "a CBLAS shared library"))
         if backend == "onednn":  # another build of oneDNN's libdnnl
             return OneDNN(lib)
         return CBLAS(backend if backend in ("openblas", "mkl") else "cblas", lib)
